@@ -1,0 +1,81 @@
+//! Streams one fragment body into staging, frame by frame: skips the bytes the session already
+//! holds, enforces the byte count the range announced, and gives up on a body that stalls.
+
+use std::pin::pin;
+use std::time::Duration;
+
+use bytes::Buf;
+use http_body::Body;
+
+use crate::staging::{DynPart, StagingError};
+
+/// Why a body did not deliver exactly the announced bytes.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("no body data arrived for {0:?}")]
+    Idle(Duration),
+    #[error("reading the body failed (client gone?)")]
+    Client(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the body is longer than its Content-Range")]
+    TooLong,
+    #[error("the body ended {missing} bytes early")]
+    TooShort { missing: u64 },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+}
+
+/// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
+///
+/// Returns how many bytes were handed to `part` and whether the body was complete. The
+/// bytes handed over before an error are genuine data at the right offsets, so the caller may
+/// keep them once `part` is finished.
+pub(crate) async fn copy_fragment<B>(
+    body: B,
+    mut skip: u64,
+    len: u64,
+    part: &mut dyn DynPart,
+    idle: Duration,
+) -> (u64, Result<(), BodyError>)
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = pin!(body);
+    let mut written = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(
+            idle,
+            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
+        )
+        .await
+        {
+            Err(_) => return (written, Err(BodyError::Idle(idle))),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return (written, Err(BodyError::Client(e.into()))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let mut chunk = data.copy_to_bytes(data.remaining());
+        let dropped = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+        chunk.advance(dropped);
+        skip -= dropped as u64;
+        if chunk.is_empty() {
+            continue;
+        }
+        if chunk.len() as u64 > len - written {
+            return (written, Err(BodyError::TooLong));
+        }
+        let n = chunk.len() as u64;
+        if let Err(e) = part.write(chunk).await {
+            return (written, Err(e.into()));
+        }
+        written += n;
+    }
+    let missing = skip + (len - written);
+    if missing > 0 {
+        return (written, Err(BodyError::TooShort { missing }));
+    }
+    (written, Ok(()))
+}

@@ -1,0 +1,308 @@
+//! URL path → destination under the upload root. Pure: no filesystem access.
+//!
+//! The path is percent-decoded exactly once and split on `/`; every component must be a plain
+//! file name. `..`, `.`, backslashes, NUL and control characters, `:` (drive prefixes and NTFS
+//! streams), Windows device names and the server's own reserved folders are refused, so no
+//! request can name anything outside the root.
+
+use std::path::{Path, PathBuf};
+
+use http::StatusCode;
+use percent_encoding::percent_decode_str;
+
+use crate::protocol::{Ack, ErrorContext, Hresult};
+
+/// A validated destination: one or more plain components, relative to the upload root.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Destination(String);
+
+impl Destination {
+    /// The destination as a `/`-separated relative path, e.g. `inbox/report.bin`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The destination's path under `root`.
+    pub fn under(&self, root: &Path) -> PathBuf {
+        let mut path = root.to_path_buf();
+        path.extend(self.0.split('/'));
+        path
+    }
+
+    /// Re-validates a destination read back from a store.
+    pub fn from_stored(s: &str, reserved: &[String]) -> Result<Self, DestinationError> {
+        let mut out = String::with_capacity(s.len());
+        for component in s.split('/') {
+            push_component(&mut out, component, reserved)?;
+        }
+        Ok(Self(out))
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a URL cannot be an upload destination.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DestinationError {
+    /// The URL is not below the layer's prefix.
+    #[error("the URL is outside the upload prefix")]
+    OutsidePrefix,
+    /// The URL names the upload root itself, which is a directory.
+    #[error("the URL names a directory")]
+    Directory,
+    /// A component is not a plain file name.
+    #[error("invalid path: {0}")]
+    Invalid(&'static str),
+    /// The URL names a folder the server keeps for itself (staging, session records).
+    #[error("the path is reserved for the server")]
+    Reserved,
+}
+
+impl DestinationError {
+    /// The Ack for this error: 403 `E_ACCESSDENIED` for reserved folders, 400 `E_INVALIDARG`
+    /// otherwise.
+    pub fn ack(&self) -> Ack {
+        match self {
+            Self::Reserved => Ack::error(
+                StatusCode::FORBIDDEN,
+                Hresult::E_ACCESSDENIED,
+                ErrorContext::RemoteFile,
+            ),
+            _ => Ack::error(
+                StatusCode::BAD_REQUEST,
+                Hresult::E_INVALIDARG,
+                ErrorContext::RemoteFile,
+            ),
+        }
+    }
+}
+
+/// Maps a request path (no query) below `prefix` to a destination.
+///
+/// `prefix` is `/` or a path like `/upload` (no trailing slash needed). `reserved` lists first
+/// components that requests may not name (the staging folder, e.g. `.bits`), compared
+/// case-insensitively because the destination may live on a case-insensitive filesystem.
+pub fn from_url_path(
+    path: &str,
+    prefix: &str,
+    reserved: &[String],
+) -> Result<Destination, DestinationError> {
+    let rest = strip_prefix(path, prefix).ok_or(DestinationError::OutsidePrefix)?;
+    let decoded = percent_decode_str(rest)
+        .decode_utf8()
+        .map_err(|_| DestinationError::Invalid("not UTF-8 after percent-decoding"))?;
+    let mut out = String::with_capacity(decoded.len());
+    // Empty components (`a//b`, a trailing `/`) carry no name; a path of only those is the
+    // root directory.
+    for component in decoded.split('/').filter(|c| !c.is_empty()) {
+        push_component(&mut out, component, reserved)?;
+    }
+    if out.is_empty() {
+        return Err(DestinationError::Directory);
+    }
+    if decoded.ends_with('/') {
+        return Err(DestinationError::Directory);
+    }
+    Ok(Destination(out))
+}
+
+/// Whether `path` lies at or below `prefix`, and the remainder if so.
+pub(crate) fn strip_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let prefix = prefix.trim_end_matches('/');
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+fn push_component(
+    out: &mut String,
+    component: &str,
+    reserved: &[String],
+) -> Result<(), DestinationError> {
+    check_component(component)?;
+    if out.is_empty() && reserved.iter().any(|r| r.eq_ignore_ascii_case(component)) {
+        return Err(DestinationError::Reserved);
+    }
+    if !out.is_empty() {
+        out.push('/');
+    }
+    out.push_str(component);
+    Ok(())
+}
+
+fn check_component(c: &str) -> Result<(), DestinationError> {
+    use DestinationError::Invalid;
+    if c.is_empty() {
+        return Err(Invalid("empty path component"));
+    }
+    if c == "." || c == ".." {
+        return Err(Invalid("`.` and `..` are not allowed"));
+    }
+    if c.len() > 255 {
+        return Err(Invalid("a path component is longer than 255 bytes"));
+    }
+    if c.chars().any(|ch| ch.is_control()) {
+        return Err(Invalid("control characters are not allowed"));
+    }
+    if c.contains(['\\', ':', '*', '?', '"', '<', '>', '|']) {
+        return Err(Invalid("characters that are invalid in Windows file names"));
+    }
+    if c.ends_with(['.', ' ']) {
+        return Err(Invalid("a name may not end with a dot or a space"));
+    }
+    let stem = c.split('.').next().unwrap_or(c).trim_end();
+    let device = |name: &str| stem.eq_ignore_ascii_case(name);
+    let numbered = |base: &str| {
+        stem.len() == base.len() + 1
+            && stem[..base.len()].eq_ignore_ascii_case(base)
+            && stem.as_bytes()[base.len()].is_ascii_digit()
+    };
+    if ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+        .iter()
+        .any(|d| device(d))
+        || numbered("COM")
+        || numbered("LPT")
+    {
+        return Err(Invalid("Windows device names are not allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reserved() -> Vec<String> {
+        vec![".bits".into()]
+    }
+
+    fn map(path: &str) -> Result<String, DestinationError> {
+        from_url_path(path, "/", &reserved()).map(|d| d.0)
+    }
+
+    #[test]
+    fn plain_paths() {
+        assert_eq!(map("/report.bin").unwrap(), "report.bin");
+        assert_eq!(map("/inbox/report.bin").unwrap(), "inbox/report.bin");
+        assert_eq!(map("/a//b.bin").unwrap(), "a/b.bin");
+        assert_eq!(map("/my%20file.bin").unwrap(), "my file.bin");
+        assert_eq!(map("/caf%C3%A9.txt").unwrap(), "café.txt");
+        assert_eq!(map("/.hidden").unwrap(), ".hidden");
+        assert_eq!(map("/a.b.c").unwrap(), "a.b.c");
+        assert_eq!(map("/console.txt").unwrap(), "console.txt");
+        assert_eq!(map("/com10").unwrap(), "com10");
+    }
+
+    #[test]
+    fn decodes_exactly_once() {
+        // %252e%252e decodes once to %2e%2e, a harmless literal name.
+        assert_eq!(map("/%252e%252e/x").unwrap(), "%2e%2e/x");
+    }
+
+    #[test]
+    fn traversal_and_bad_names() {
+        for path in [
+            "/../etc/passwd",
+            "/a/../../b",
+            "/%2e%2e/x",
+            "/%2E%2E%2Fetc%2Fpasswd",
+            "/a/%2e/b",
+            "/a\\b",
+            "/a%5c..%5cb",
+            "/x%00.bin",
+            "/C:/windows",
+            "/c%3a%5cwindows",
+            "/file.txt:stream",
+            "/a%0ab",
+            "/trailing.",
+            "/trailing%20",
+            "/CON",
+            "/con.txt",
+            "/Lpt1.log",
+            "/nul",
+            "/COM9",
+            "/%ff%fe",
+            "/what?",
+        ] {
+            assert!(
+                matches!(map(path), Err(DestinationError::Invalid(_))),
+                "{path} -> {:?}",
+                map(path)
+            );
+        }
+        let long = format!("/{}", "a".repeat(256));
+        assert!(map(&long).is_err());
+        assert!(map(&format!("/{}", "a".repeat(255))).is_ok());
+    }
+
+    #[test]
+    fn directories() {
+        assert_eq!(map("/"), Err(DestinationError::Directory));
+        assert_eq!(map(""), Err(DestinationError::Directory));
+        assert_eq!(map("//"), Err(DestinationError::Directory));
+        assert_eq!(map("/inbox/"), Err(DestinationError::Directory));
+    }
+
+    #[test]
+    fn reserved_folder() {
+        assert_eq!(map("/.bits/parts/x"), Err(DestinationError::Reserved));
+        assert_eq!(map("/.BITS/x"), Err(DestinationError::Reserved));
+        assert_eq!(map("/%2ebits/x"), Err(DestinationError::Reserved));
+        assert_eq!(map("/.bits"), Err(DestinationError::Reserved));
+        assert_eq!(map("/x/.bits").unwrap(), "x/.bits");
+        assert_eq!(map("/.bitsy").unwrap(), ".bitsy");
+    }
+
+    #[test]
+    fn prefixes() {
+        let r = reserved();
+        assert_eq!(
+            from_url_path("/upload/a.bin", "/upload", &r).unwrap().0,
+            "a.bin"
+        );
+        assert_eq!(
+            from_url_path("/upload/a.bin", "/upload/", &r).unwrap().0,
+            "a.bin"
+        );
+        assert_eq!(
+            from_url_path("/uploads/a.bin", "/upload", &r),
+            Err(DestinationError::OutsidePrefix)
+        );
+        assert_eq!(
+            from_url_path("/upload", "/upload", &r),
+            Err(DestinationError::Directory)
+        );
+        assert_eq!(strip_prefix("/a/b", "/"), Some("/a/b"));
+        assert_eq!(strip_prefix("/ab", "/a"), None);
+    }
+
+    #[test]
+    fn under_root() {
+        let d = map("/a/b.bin").unwrap();
+        let d = Destination(d);
+        assert_eq!(d.under(Path::new("/srv")), PathBuf::from("/srv/a/b.bin"));
+        assert_eq!(Destination::from_stored("a/b.bin", &reserved()), Ok(d));
+        assert!(Destination::from_stored("../x", &reserved()).is_err());
+        assert!(Destination::from_stored(".bits/x", &reserved()).is_err());
+    }
+
+    #[test]
+    fn acks() {
+        assert_eq!(
+            DestinationError::Reserved.ack().status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            DestinationError::Invalid("x").ack().status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            DestinationError::Directory.ack().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

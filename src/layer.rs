@@ -1,0 +1,223 @@
+//! [`BitsLayer`] and its builder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use crate::config::{CommitPoint, Config, ConfigError};
+use crate::handler::Shared;
+use crate::service::BitsService;
+use crate::staging::{DynStaging, LocalStaging, Staging};
+use crate::store::{DynStore, FileStore, SessionStore};
+use crate::sweeper::Sweeper;
+
+/// A tower layer that turns the service it wraps into a BITS upload server.
+///
+/// `BITS_POST` requests under the prefix are handled by the layer; every other request passes
+/// through untouched. Cloning is cheap and every clone shares one session state, so the same
+/// layer may be applied to many routes.
+///
+/// ```no_run
+/// use axum::{Router, routing::get};
+/// use axum_bits::BitsLayer;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let bits = BitsLayer::builder("./uploads")
+///     .max_upload_size(10 << 30)
+///     .build()?;
+/// tokio::spawn(bits.sweeper().run());
+/// let app = Router::new().route("/", get(|| async { "hello" })).layer(bits);
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// axum::serve(listener, app).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct BitsLayer {
+    shared: Arc<Shared>,
+}
+
+impl BitsLayer {
+    /// Starts a builder for uploads into `root`.
+    ///
+    /// Unless replaced with [`BitsLayerBuilder::staging`] and [`BitsLayerBuilder::store`],
+    /// staged parts live in `root/.bits/parts` ([`LocalStaging`]) and session records in
+    /// `root/.bits/sessions` ([`FileStore`]), so a restarted server resumes open sessions.
+    /// The `.bits` folder can never be an upload destination.
+    pub fn builder(root: impl Into<PathBuf>) -> BitsLayerBuilder {
+        BitsLayerBuilder {
+            root: root.into(),
+            config: Config::default(),
+            store: None,
+            staging: None,
+        }
+    }
+
+    /// The expiry sweeper for this layer's sessions. Spawn [`Sweeper::run`].
+    pub fn sweeper(&self) -> Sweeper {
+        Sweeper {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BitsLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitsLayer")
+            .field("config", &self.shared.config.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for BitsLayer {
+    type Service = BitsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BitsService::new(inner, self.shared.clone())
+    }
+}
+
+/// Configures a [`BitsLayer`]. Each setter names the IIS setting it mirrors, if any.
+#[must_use]
+pub struct BitsLayerBuilder {
+    root: PathBuf,
+    config: Config,
+    store: Option<Box<dyn DynStore>>,
+    staging: Option<Box<dyn DynStaging>>,
+}
+
+impl std::fmt::Debug for BitsLayerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitsLayerBuilder")
+            .field("root", &self.root)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BitsLayerBuilder {
+    /// Only `BITS_POST` requests whose path is at or below `prefix` are handled; the rest of
+    /// the path (below the prefix) names the destination under the root. Default: `/`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.prefix = prefix.into();
+        self
+    }
+
+    /// Largest file accepted, in bytes (`BITSMaximumUploadSize`). A first Fragment announcing
+    /// more is refused with 500 + `BG_E_TOO_LARGE`. Default: unlimited; set it.
+    pub fn max_upload_size(mut self, bytes: u64) -> Self {
+        self.config.max_upload_size = bytes;
+        self
+    }
+
+    /// How long a session may go without a successful packet before the sweeper deletes it
+    /// (`BITSSessionTimeout`). Default: 14 days.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.config.session_timeout = timeout;
+        self
+    }
+
+    /// Whether an upload may replace an existing file (`BITSAllowOverwrites`). Checked at
+    /// Create-Session and again at the commit. Default: false.
+    pub fn allow_overwrites(mut self, allow: bool) -> Self {
+        self.config.allow_overwrites = allow;
+        self
+    }
+
+    /// Largest fragment body accepted, in bytes; larger ones get a plain 413 so that the
+    /// client re-sends smaller fragments. Windows sends up to 13 MB. Default: 16 MiB;
+    /// minimum 5 KiB.
+    pub fn max_fragment_size(mut self, bytes: u64) -> Self {
+        self.config.max_fragment_size = bytes;
+        self
+    }
+
+    /// Most sessions open at once; Create-Session beyond it gets 503 (the client retries
+    /// later). Default: 1024.
+    pub fn max_sessions(mut self, sessions: usize) -> Self {
+        self.config.max_sessions = sessions;
+        self
+    }
+
+    /// How long a fragment body may deliver no data before the server gives up on it (the
+    /// bytes that did arrive are kept). Default: 60 seconds.
+    pub fn body_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.body_idle_timeout = timeout;
+        self
+    }
+
+    /// The host name clients must use for the rest of a session (`BITSHostId`), sent as
+    /// `BITS-Host-Id` on Create-Session. A bare host: no scheme, no port. Default: unset.
+    pub fn host_id(mut self, host: impl Into<String>) -> Self {
+        self.config.host_id = Some(host.into());
+        self
+    }
+
+    /// After how long a client that cannot reach the host id may fall back to the original
+    /// host (`BITSHostIdFallbackTimeout`), sent as `BITS-Host-Id-Fallback-Timeout` with the
+    /// host id. Default: unset (the client never falls back).
+    pub fn host_id_fallback_timeout(mut self, timeout: Duration) -> Self {
+        self.config.host_id_fallback_timeout = Some(timeout.as_secs());
+        self
+    }
+
+    /// When a finished file is moved to its destination. Default:
+    /// [`CommitPoint::LastFragment`], as IIS.
+    pub fn commit_point(mut self, point: CommitPoint) -> Self {
+        self.config.commit_point = point;
+        self
+    }
+
+    /// How often [`Sweeper::run`] looks for expired sessions. Default: hourly.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.config.sweep_interval = interval;
+        self
+    }
+
+    /// Whether the default staging creates a destination's missing folders (IIS answers 404).
+    /// Ignored when a staging is supplied. Default: false.
+    pub fn create_directories(mut self, create: bool) -> Self {
+        self.config.create_directories = create;
+        self
+    }
+
+    /// Where session records live. Default: a [`FileStore`] in `root/.bits/sessions`.
+    pub fn store(mut self, store: impl SessionStore) -> Self {
+        self.store = Some(Box::new(store));
+        self
+    }
+
+    /// Where bytes wait and how files are committed. Default: [`LocalStaging`] in `root`.
+    pub fn staging(mut self, staging: impl Staging) -> Self {
+        self.staging = Some(Box::new(staging));
+        self
+    }
+
+    /// Checks the configuration, opens the default store and staging if needed, and builds the
+    /// layer.
+    pub fn build(self) -> Result<BitsLayer, ConfigError> {
+        let config = self.config.validate()?;
+        let staging = match self.staging {
+            Some(staging) => staging,
+            None => Box::new(
+                LocalStaging::new(&self.root)
+                    .map_err(ConfigError::Staging)?
+                    .create_directories(config.create_directories),
+            ),
+        };
+        let store = match self.store {
+            Some(store) => store,
+            None => Box::new(FileStore::open(self.root.join(".bits").join("sessions"))?),
+        };
+        Ok(BitsLayer {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                staging,
+                locks: Default::default(),
+                create_lock: Default::default(),
+            }),
+        })
+    }
+}

@@ -1,0 +1,72 @@
+//! # axum-bits
+//!
+//! A BITS upload server as a tower layer. BITS (Background Intelligent Transfer Service) is
+//! the transfer service built into Windows: `bitsadmin /transfer job /upload URL FILE` and
+//! `Start-BitsTransfer -TransferType Upload` send a file in resumable fragments with the
+//! `BITS_POST` method. Add [`BitsLayer`] to an axum `Router` (or any tower stack) and those
+//! uploads land, complete and atomically, in a folder of your choice; every other request
+//! reaches your app untouched.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use axum_bits::BitsLayer;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let bits = BitsLayer::builder("./uploads")
+//!         .max_upload_size(4 << 30)
+//!         .build()?;
+//!     // Expired sessions are deleted by a future you spawn; the crate starts no tasks.
+//!     tokio::spawn(bits.sweeper().run());
+//!
+//!     let app = Router::new()
+//!         .route("/", get(|| async { "BITS uploads welcome" }))
+//!         .layer(bits);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     axum::serve(listener, app).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## How it fits together
+//!
+//! A request flows one way: [`BitsService`] picks out `BITS_POST`; [`protocol`] parses the
+//! packet (pure); [`session::machine`] decides what it does (pure); the handler carries that
+//! out against a [`store::SessionStore`] (session records) and a [`staging::Staging`]
+//! (part files and the final commit); [`protocol::Ack`] is the answer.
+//!
+//! ## Guarantees
+//!
+//! * Every packet gets an Ack; every client-caused failure is an error Ack with the status,
+//!   `BITS-Error-Code` and `BITS-Error-Context` the protocol prescribes.
+//! * An acknowledged byte is in the part file, and a restarted process finds it.
+//! * A destination file is absent or complete: files are committed by an atomic rename, and
+//!   an existing file is never replaced unless overwrites are allowed.
+//! * No request names anything outside the upload root (see [`destination`]).
+//!
+//! ## Feature flags
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | (none yet) | the memory and file stores and local staging are always compiled |
+
+mod body;
+mod config;
+pub mod destination;
+mod future;
+mod handler;
+mod layer;
+mod lock;
+pub mod protocol;
+mod service;
+pub mod session;
+pub mod staging;
+pub mod store;
+mod sweeper;
+
+pub use config::{CommitPoint, ConfigError};
+pub use future::{ResponseBody, ResponseFuture};
+pub use layer::{BitsLayer, BitsLayerBuilder};
+pub use service::BitsService;
+pub use session::{Owner, SessionId};
+pub use sweeper::{SweepReport, Sweeper};

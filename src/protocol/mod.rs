@@ -1,0 +1,25 @@
+//! The BITS upload protocol on the wire: packet parsing and Ack building.
+//!
+//! Everything in this module is pure: it takes [`http::request::Parts`] or header values and
+//! returns values. No I/O happens here, which is why it is public and fuzzed: a client
+//! implementation or a test harness can use the same parsers.
+
+mod ack;
+mod error;
+pub mod headers;
+mod method;
+mod packet;
+mod range;
+
+pub use ack::{Ack, ErrorContext, Hresult};
+pub use error::ProtocolError;
+pub use method::{BITS_POST, is_bits_post};
+pub use packet::{CreateSession, Fragment, Packet, PacketType, SessionHeader, negotiate_protocol};
+pub use range::FragmentRange;
+
+/// The one upload protocol that exists: "BITS 1.5 Upload Protocol", in its canonical braced form.
+pub const UPLOAD_PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
+
+/// Header values longer than this are rejected with 400 + `E_INVALIDARG` (Windows servers'
+/// limit, [MC-BUP] note 2).
+pub const MAX_HEADER_VALUE_LEN: usize = 4096;

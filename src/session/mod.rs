@@ -1,0 +1,265 @@
+//! Sessions: ids, the record a [`SessionStore`](crate::store::SessionStore) keeps, and the pure
+//! transition function in [`machine`].
+
+pub mod machine;
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// A session id: a random (v4) GUID, braced and upper-case as IIS sends it, e.g.
+/// `{A0FF5911-4144-45B3-BF27-27AFC8EC8A67}`.
+///
+/// It doubles as a capability, so it is generated from a cryptographically random source.
+/// Parsing accepts any case and optional braces, so lookups are case-insensitive; ids that are
+/// not GUIDs can never name a session (and never reach a file name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SessionId(uuid::Uuid);
+
+impl SessionId {
+    /// A new random id.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+
+    /// Parses an id as a client echoes it: braces optional, any case, surrounding whitespace
+    /// ignored. Only the hyphenated GUID form is accepted.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let inner = s
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(s);
+        if inner.len() != 36 {
+            return None;
+        }
+        uuid::Uuid::try_parse(inner).ok().map(Self)
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = uuid::Uuid::encode_buffer();
+        f.write_str(self.0.braced().encode_upper(&mut buf))
+    }
+}
+
+impl From<SessionId> for String {
+    fn from(id: SessionId) -> Self {
+        id.to_string()
+    }
+}
+
+impl TryFrom<String> for SessionId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s).ok_or_else(|| format!("not a session id: {s:?}"))
+    }
+}
+
+/// Who a request acts for. An authentication layer that runs before the BITS layer inserts it
+/// into the request extensions; a session created with an owner answers only to requests of
+/// the same owner (others are told the session does not exist).
+///
+/// ```
+/// use axum_bits::Owner;
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(Owner::new("alice"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner(String);
+
+impl Owner {
+    /// An owner identified by a stable name (a user name, a subject id).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+
+    /// The owner's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a session is in its life cycle (protocol reference, section 8.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Fragments are arriving.
+    Receiving,
+    /// Every byte has arrived; the file is committed or waiting for its commit point.
+    Complete,
+    /// Closed by the client: staged data is gone. Kept as a tombstone so that repeats get
+    /// consistent answers.
+    Closed,
+    /// Cancelled by the client: staged data is gone. Kept as a tombstone.
+    Cancelled,
+}
+
+/// Everything the server keeps about one session.
+///
+/// Records are plain data (serde) so that any store can keep them. `revision` is bumped by
+/// every change and is what [`SessionStore::update`](crate::store::SessionStore::update)
+/// compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionRecord {
+    /// The session id.
+    pub id: SessionId,
+    /// Bumped on every update; the compare-and-set token.
+    pub revision: u64,
+    /// Destination relative to the upload root, `/`-separated, already validated.
+    pub destination: String,
+    /// The request target of Create-Session (path and query), as sent.
+    pub request_url: String,
+    /// The owner, if an authentication layer supplied one.
+    pub owner: Option<Owner>,
+    /// `Content-Name` from Create-Session, if the client sent one (informational).
+    pub content_name: Option<String>,
+    /// Total size, fixed by the first Fragment.
+    pub total: Option<u64>,
+    /// Contiguous bytes held from offset 0: the next byte the server expects.
+    pub received: u64,
+    /// Life-cycle phase.
+    pub phase: Phase,
+    /// Whether the file has been moved to its destination.
+    pub committed: bool,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Last successful packet for the session, milliseconds since the Unix epoch. Expiry is
+    /// measured from here.
+    pub updated_ms: u64,
+}
+
+impl SessionRecord {
+    /// A fresh record in [`Phase::Receiving`].
+    pub fn new(
+        id: SessionId,
+        destination: String,
+        request_url: String,
+        owner: Option<Owner>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            revision: 0,
+            destination,
+            request_url,
+            owner,
+            content_name: None,
+            total: None,
+            received: 0,
+            phase: Phase::Receiving,
+            committed: false,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
+    /// Whether the session is still open (not closed, cancelled or expired).
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Receiving | Phase::Complete)
+    }
+
+    /// Whether the session still claims its destination: it is open and its file has not been
+    /// committed. Stores refuse to create a second session for a claimed destination.
+    pub fn holds_destination(&self) -> bool {
+        self.is_open() && !self.committed
+    }
+
+    /// Whether the session has had no successful packet since `cutoff_ms`.
+    pub fn is_idle_since(&self, cutoff_ms: u64) -> bool {
+        self.updated_ms < cutoff_ms
+    }
+
+    /// Whether `owner` may act on this session.
+    pub fn is_owned_by(&self, owner: Option<&Owner>) -> bool {
+        match &self.owner {
+            None => true,
+            Some(mine) => owner == Some(mine),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_format_and_parse() {
+        let id = SessionId::new();
+        let s = id.to_string();
+        assert_eq!(s.len(), 38);
+        assert!(s.starts_with('{') && s.ends_with('}'));
+        assert_eq!(s, s.to_uppercase());
+        assert_eq!(SessionId::parse(&s), Some(id));
+        assert_eq!(SessionId::parse(&s.to_lowercase()), Some(id));
+        assert_eq!(SessionId::parse(&s[1..37]), Some(id));
+        assert_eq!(SessionId::parse(&format!(" {s} ")), Some(id));
+    }
+
+    #[test]
+    fn id_rejects_non_guids() {
+        for s in [
+            "",
+            "{}",
+            "{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F4}",
+            "{6F1C2B7E0D4A4C559B8E2A7D3C1E9F40}",
+            "6F1C2B7E0D4A4C559B8E2A7D3C1E9F40",
+            "{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40",
+            "../../etc/passwd",
+            "{urn:uuid:6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40}",
+        ] {
+            assert_eq!(SessionId::parse(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| SessionId::new()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let mut r = SessionRecord::new(
+            SessionId::new(),
+            "a/b.bin".into(),
+            "/a/b.bin?x=1".into(),
+            Some(Owner::new("alice")),
+            42,
+        );
+        r.total = Some(10);
+        r.received = 5;
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<SessionRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn ownership() {
+        let mut r = SessionRecord::new(SessionId::new(), "x".into(), "/x".into(), None, 0);
+        assert!(r.is_owned_by(None));
+        assert!(r.is_owned_by(Some(&Owner::new("bob"))));
+        r.owner = Some(Owner::new("alice"));
+        assert!(r.is_owned_by(Some(&Owner::new("alice"))));
+        assert!(!r.is_owned_by(Some(&Owner::new("bob"))));
+        assert!(!r.is_owned_by(None));
+    }
+}

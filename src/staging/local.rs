@@ -1,0 +1,555 @@
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::{PartWriter, Staging, StagingError, private_file, sync_dir};
+use crate::destination::Destination;
+use crate::session::SessionId;
+
+/// Part files in a folder on the destination's filesystem, committed by rename.
+///
+/// Each open session has `<staging dir>/<session id>.part`. Fragments are written at the
+/// session's offset through a small write buffer (never the whole fragment) on the blocking
+/// thread pool, overlapping disk writes with network reads. A commit truncates the part to
+/// the file's size, fsyncs it, moves it into place and fsyncs the destination's folder:
+/// without overwrites by a hard link (which fails if the destination exists, so a file that
+/// appeared meanwhile is never replaced) followed by an unlink; with overwrites by a rename.
+///
+/// Because the rename must not cross filesystems, [`LocalStaging::new`] refuses a staging
+/// folder on a different device from the upload root.
+#[derive(Debug, Clone)]
+pub struct LocalStaging {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Clone)]
+struct Inner {
+    root: PathBuf,
+    parts: PathBuf,
+    create_directories: bool,
+    sync_data: bool,
+    buffer_size: usize,
+}
+
+/// Write buffer per fragment in flight; two of them alternate.
+const DEFAULT_BUFFER: usize = 256 * 1024;
+
+impl LocalStaging {
+    /// Staging under `root/.bits/parts`, committing into `root`. Creates both folders.
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        let parts = root.join(".bits").join("parts");
+        Self::with_staging_dir(root, parts)
+    }
+
+    /// Staging in `parts`, committing into `root`. Both must be on the same filesystem.
+    pub fn with_staging_dir(
+        root: impl Into<PathBuf>,
+        parts: impl Into<PathBuf>,
+    ) -> io::Result<Self> {
+        let (root, parts) = (root.into(), parts.into());
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&parts)?;
+        same_filesystem(&root, &parts)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                parts,
+                create_directories: false,
+                sync_data: false,
+                buffer_size: DEFAULT_BUFFER,
+            }),
+        })
+    }
+
+    /// Creates missing folders of a destination at commit time instead of refusing the upload
+    /// with 404 (IIS refuses). Default: off.
+    pub fn create_directories(self, on: bool) -> Self {
+        self.map(|inner| inner.create_directories = on)
+    }
+
+    /// Fsyncs part data after every fragment, before its Ack (power-loss durability; costs
+    /// one fsync per fragment). Default: off, which survives process crashes.
+    pub fn sync_data(self, on: bool) -> Self {
+        self.map(|inner| inner.sync_data = on)
+    }
+
+    /// The upload root.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The folder part files live in.
+    pub fn staging_dir(&self) -> &Path {
+        &self.inner.parts
+    }
+
+    fn map(self, f: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        f(&mut inner);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn part(&self, id: SessionId) -> PathBuf {
+        self.inner.parts.join(format!("{id}.part"))
+    }
+}
+
+#[cfg(unix)]
+fn same_filesystem(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(a)?.dev() == std::fs::metadata(b)?.dev() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "staging folder {} is not on the same filesystem as the upload root {}",
+                b.display(),
+                a.display()
+            ),
+        ))
+    }
+}
+
+#[cfg(not(unix))]
+fn same_filesystem(_: &Path, _: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StagingError> + Send + 'static,
+) -> Result<T, StagingError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StagingError::Io(io::Error::other(e)))?
+}
+
+/// Walks the destination's folders below the root. Each must be a real directory (never a
+/// symbolic link, which could lead outside the root). A missing one is an error unless
+/// `create` is set, in which case it is created.
+fn check_parents(
+    root: &Path,
+    destination: &Destination,
+    create: bool,
+) -> Result<PathBuf, StagingError> {
+    let path = destination.under(root);
+    let mut dir = root.to_path_buf();
+    let parents: Vec<_> = destination.as_str().split('/').collect();
+    for name in &parents[..parents.len() - 1] {
+        dir.push(name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(StagingError::Forbidden),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Err(StagingError::ParentMissing);
+                }
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if !std::fs::symlink_metadata(&dir)?.is_dir() {
+                            return Err(StagingError::Forbidden);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    debug_assert!(
+        path.components()
+            .all(|c| !matches!(c, Component::ParentDir))
+    );
+    Ok(path)
+}
+
+fn check_target(path: &Path, overwrite: bool) -> Result<(), StagingError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(StagingError::IsDirectory),
+        Ok(_) if !overwrite => Err(StagingError::DestinationExists),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Staging for LocalStaging {
+    type Part = LocalPart;
+
+    async fn check_destination(
+        &self,
+        destination: &Destination,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        let inner = self.inner.clone();
+        let destination = destination.clone();
+        blocking(move || {
+            let path = match check_parents(&inner.root, &destination, false) {
+                Err(StagingError::ParentMissing) if inner.create_directories => return Ok(()),
+                other => other?,
+            };
+            check_target(&path, overwrite)
+        })
+        .await
+    }
+
+    async fn create(&self, id: SessionId) -> Result<(), StagingError> {
+        let path = self.part(id);
+        blocking(move || Ok(private_file(&path).map(drop)?)).await
+    }
+
+    async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
+        match tokio::fs::metadata(self.part(id)).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn open(&self, id: SessionId, offset: u64) -> Result<LocalPart, StagingError> {
+        let path = self.part(id);
+        let file = blocking(move || {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            Ok(options.open(&path)?)
+        })
+        .await?;
+        Ok(LocalPart {
+            file: Arc::new(file),
+            offset,
+            buffer: Vec::with_capacity(self.inner.buffer_size),
+            spare: None,
+            capacity: self.inner.buffer_size,
+            in_flight: None,
+            sync_data: self.inner.sync_data,
+        })
+    }
+
+    async fn commit(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        let inner = self.inner.clone();
+        let part = self.part(id);
+        let destination = destination.clone();
+        blocking(move || {
+            let file = match std::fs::OpenOptions::new().write(true).open(&part) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StagingError::PartMissing);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let len = file.metadata()?.len();
+            if len < total {
+                return Err(StagingError::Incomplete { len, total });
+            }
+            if len > total {
+                // Bytes past the end can only be the tail of an interrupted write.
+                file.set_len(total)?;
+            }
+            // Parts are private while staged; a finished file gets ordinary permissions.
+            #[cfg(unix)]
+            std::fs::set_permissions(&part, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            file.sync_all()?;
+            drop(file);
+
+            let path = check_parents(&inner.root, &destination, inner.create_directories)?;
+            check_target(&path, overwrite)?;
+            if overwrite {
+                std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?;
+            } else {
+                match std::fs::hard_link(&part, &path) {
+                    Ok(()) => std::fs::remove_file(&part)?,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(StagingError::DestinationExists);
+                    }
+                    // Filesystems without hard links: the check above is the best we have.
+                    Err(_) => std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?,
+                }
+            }
+            if let Some(dir) = path.parent() {
+                sync_dir(dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
+        match tokio::fs::remove_file(self.part(id)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
+        let mut ids = Vec::new();
+        let mut dir = tokio::fs::read_dir(&self.inner.parts).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(SessionId::parse)
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+fn target_error(e: io::Error, path: &Path) -> StagingError {
+    if path.is_dir() {
+        StagingError::IsDirectory
+    } else {
+        e.into()
+    }
+}
+
+/// Writes a fragment's new bytes into a part file: fills a buffer, hands it to the blocking
+/// pool, and fills a second one while the first is written.
+#[derive(Debug)]
+pub struct LocalPart {
+    file: Arc<std::fs::File>,
+    offset: u64,
+    buffer: Vec<u8>,
+    spare: Option<Vec<u8>>,
+    capacity: usize,
+    in_flight: Option<JoinHandle<io::Result<Vec<u8>>>>,
+    sync_data: bool,
+}
+
+impl LocalPart {
+    async fn wait(&mut self) -> Result<(), StagingError> {
+        if let Some(task) = self.in_flight.take() {
+            let mut buffer = task.await.map_err(io::Error::other)??;
+            buffer.clear();
+            self.spare = Some(buffer);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), StagingError> {
+        self.wait().await?;
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(self.capacity));
+        let data = std::mem::replace(&mut self.buffer, next);
+        let (file, offset) = (self.file.clone(), self.offset);
+        self.offset += data.len() as u64;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            write_all_at(&file, &data, offset)?;
+            Ok(data)
+        }));
+        Ok(())
+    }
+}
+
+impl PartWriter for LocalPart {
+    async fn write(&mut self, mut chunk: Bytes) -> Result<(), StagingError> {
+        while !chunk.is_empty() {
+            let room = self.capacity - self.buffer.len();
+            let take = room.min(chunk.len());
+            self.buffer.extend_from_slice(&chunk.split_to(take));
+            if self.buffer.len() >= self.capacity {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), StagingError> {
+        self.flush().await?;
+        self.wait().await?;
+        if self.sync_data {
+            let file = self.file.clone();
+            blocking(move || Ok(file.sync_data()?)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &std::fs::File, data: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, data, offset)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::from_url_path;
+
+    fn dest(path: &str) -> Destination {
+        from_url_path(path, "/", &[".bits".into()]).unwrap()
+    }
+
+    async fn write_part(staging: &LocalStaging, id: SessionId, offset: u64, data: &[u8]) {
+        let mut part = staging.open(id, offset).await.unwrap();
+        for chunk in data.chunks(1000) {
+            part.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        part.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn write_commit_no_clobber() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+        staging.create(id).await.unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7) as u8).collect();
+        write_part(&staging, id, 0, &data[..300_000]).await;
+        write_part(&staging, id, 300_000, &data[300_000..]).await;
+        assert_eq!(staging.len(id).await.unwrap(), Some(700_000));
+        assert_eq!(staging.list().await.unwrap(), vec![id]);
+
+        let d = dest("/out.bin");
+        staging.check_destination(&d, false).await.unwrap();
+        staging.commit(id, &d, 700_000, false).await.unwrap();
+        assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
+        assert_eq!(staging.len(id).await.unwrap(), None);
+        assert!(matches!(
+            staging.check_destination(&d, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+
+        let other = SessionId::new();
+        write_part(&staging, other, 0, b"new").await;
+        assert!(matches!(
+            staging.commit(other, &d, 3, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+        assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
+        staging.commit(other, &d, 3, true).await.unwrap();
+        assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), b"new");
+    }
+
+    #[tokio::test]
+    async fn commit_truncates_stray_tail_and_refuses_short_parts() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"hello world").await;
+        assert!(matches!(
+            staging.commit(id, &dest("/a"), 20, false).await,
+            Err(StagingError::Incomplete { len: 11, total: 20 })
+        ));
+        staging.commit(id, &dest("/a"), 5, false).await.unwrap();
+        assert_eq!(std::fs::read(root.path().join("a")).unwrap(), b"hello");
+        assert!(matches!(
+            staging.commit(id, &dest("/b"), 5, false).await,
+            Err(StagingError::PartMissing)
+        ));
+        staging.discard(id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn destination_checks() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        std::fs::create_dir(root.path().join("dir")).unwrap();
+        std::fs::write(root.path().join("file"), b"x").unwrap();
+        assert!(matches!(
+            staging.check_destination(&dest("/dir"), true).await,
+            Err(StagingError::IsDirectory)
+        ));
+        assert!(matches!(
+            staging.check_destination(&dest("/missing/x"), false).await,
+            Err(StagingError::ParentMissing)
+        ));
+        assert!(matches!(
+            staging.check_destination(&dest("/file/x"), false).await,
+            Err(StagingError::Forbidden)
+        ));
+        staging
+            .check_destination(&dest("/dir/x"), false)
+            .await
+            .unwrap();
+        staging
+            .check_destination(&dest("/file"), true)
+            .await
+            .unwrap();
+
+        let creating = staging.clone().create_directories(true);
+        creating
+            .check_destination(&dest("/new/deep/x"), false)
+            .await
+            .unwrap();
+        let id = SessionId::new();
+        write_part(&creating, id, 0, b"abc").await;
+        creating
+            .commit(id, &dest("/new/deep/x"), 3, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("new/deep/x")).unwrap(),
+            b"abc"
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn symlinks_are_never_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
+        assert!(matches!(
+            staging.check_destination(&dest("/escape/x"), true).await,
+            Err(StagingError::Forbidden)
+        ));
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"abc").await;
+        assert!(matches!(
+            staging.commit(id, &dest("/escape/x"), 3, true).await,
+            Err(StagingError::Forbidden)
+        ));
+        assert!(!outside.path().join("x").exists());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+        staging.create(id).await.unwrap();
+        let mode = std::fs::metadata(staging.part(id))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,279 @@
+//! Where the bytes of open sessions wait, and how a finished file reaches its destination:
+//! the [`Staging`] trait and [`LocalStaging`].
+
+mod local;
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+
+use bytes::Bytes;
+use http::StatusCode;
+
+pub use local::LocalStaging;
+
+use crate::destination::Destination;
+use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::session::SessionId;
+use crate::store::BoxFuture;
+
+/// Keeps one part file per open session and commits it to its destination.
+///
+/// Contract:
+/// * a part is written only at offsets the handler chooses (the session's `received`), so
+///   its length may exceed `received` after a crash but never holds gaps below it;
+/// * [`Staging::commit`] is atomic: afterwards the destination holds exactly `total` bytes of
+///   the part, or is untouched; without `overwrite` an existing destination is never replaced;
+/// * [`Staging::discard`] is idempotent and never touches a destination.
+pub trait Staging: Send + Sync + 'static {
+    /// The writer [`Staging::open`] returns.
+    type Part: PartWriter;
+
+    /// Checks, before a session is created, that `destination` may be uploaded: its folder
+    /// exists, it is not a directory, and it does not exist unless `overwrite`.
+    fn check_destination(
+        &self,
+        destination: &Destination,
+        overwrite: bool,
+    ) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// Creates the (empty) part for a new session.
+    fn create(&self, id: SessionId) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// The part's current length, or `None` if it does not exist.
+    fn len(&self, id: SessionId) -> impl Future<Output = Result<Option<u64>, StagingError>> + Send;
+
+    /// Opens the part for writing at `offset`.
+    fn open(
+        &self,
+        id: SessionId,
+        offset: u64,
+    ) -> impl Future<Output = Result<Self::Part, StagingError>> + Send;
+
+    /// Moves the first `total` bytes of the part to `destination`, atomically.
+    fn commit(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// Deletes the part if it exists.
+    fn discard(&self, id: SessionId) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// Ids of every part present (for recovery scans).
+    fn list(&self) -> impl Future<Output = Result<Vec<SessionId>, StagingError>> + Send;
+}
+
+/// Writes consecutive bytes into a part, from the offset it was opened at.
+pub trait PartWriter: Send + 'static {
+    /// Appends `chunk`. May buffer; bytes are only guaranteed to be in the part after
+    /// [`PartWriter::finish`].
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// Writes out everything buffered. After `Ok`, every byte passed to `write` is in the part
+    /// and would be found there by a restarted process.
+    fn finish(self) -> impl Future<Output = Result<(), StagingError>> + Send;
+}
+
+/// A staging operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StagingError {
+    /// The destination exists and overwrites are not allowed.
+    #[error("the destination exists and may not be overwritten")]
+    DestinationExists,
+    /// The destination is a directory.
+    #[error("the destination is a directory")]
+    IsDirectory,
+    /// A folder on the way to the destination does not exist.
+    #[error("the destination's folder does not exist")]
+    ParentMissing,
+    /// The path to the destination goes through a symbolic link or a file.
+    #[error("the destination path is not allowed")]
+    Forbidden,
+    /// The session's part is gone.
+    #[error("the session's staged data is missing")]
+    PartMissing,
+    /// The part is shorter than the file it should commit.
+    #[error("the staged data holds {len} bytes, fewer than the {total} expected")]
+    Incomplete {
+        /// Bytes in the part.
+        len: u64,
+        /// Bytes expected.
+        total: u64,
+    },
+    /// An I/O error.
+    #[error("staging I/O failed")]
+    Io(#[from] io::Error),
+}
+
+impl StagingError {
+    /// The Ack for this error: 403 for an existing destination or a forbidden path, 400 for a
+    /// directory, 404 for a missing folder, 500 with the disk-full HRESULT when out of space,
+    /// and a transient 500 otherwise.
+    pub fn ack(&self) -> Ack {
+        let (status, code) = match self {
+            Self::DestinationExists | Self::Forbidden => {
+                (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
+            }
+            Self::IsDirectory => (StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
+            Self::ParentMissing => (StatusCode::NOT_FOUND, Hresult::PATH_NOT_FOUND),
+            Self::Io(e) if is_disk_full(e) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, Hresult::DISK_FULL)
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
+        };
+        Ack::error(status, code, ErrorContext::RemoteFile)
+    }
+
+    /// Whether the server, not the client, is at fault (worth an error log line).
+    pub fn is_server_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Io(_) | Self::PartMissing | Self::Incomplete { .. }
+        )
+    }
+}
+
+/// Whether an error (or its source chain) is "no space left" or "quota exceeded".
+pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            // ENOSPC and EDQUOT on Linux; ERROR_DISK_FULL and ERROR_HANDLE_DISK_FULL on Windows.
+            if io.kind() == io::ErrorKind::StorageFull
+                || io.kind() == io::ErrorKind::QuotaExceeded
+                || matches!(io.raw_os_error(), Some(28 | 122) if cfg!(unix))
+                || matches!(io.raw_os_error(), Some(39 | 112) if cfg!(windows))
+            {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Creates (or truncates) a file readable and writable by the owner only.
+pub(crate) fn private_file(path: &Path) -> io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Fsyncs a directory so a rename or link in it is durable. A no-op where directories cannot
+/// be opened (Windows).
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Object-safe mirror of [`Staging`].
+pub(crate) trait DynStaging: Send + Sync {
+    fn check_destination<'a>(
+        &'a self,
+        destination: &'a Destination,
+        overwrite: bool,
+    ) -> BoxFuture<'a, Result<(), StagingError>>;
+    fn create(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn len(&self, id: SessionId) -> BoxFuture<'_, Result<Option<u64>, StagingError>>;
+    fn open(
+        &self,
+        id: SessionId,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<Box<dyn DynPart>, StagingError>>;
+    fn commit<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> BoxFuture<'a, Result<(), StagingError>>;
+    fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+}
+
+pub(crate) trait DynPart: Send {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>>;
+}
+
+impl<P: PartWriter> DynPart for P {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(PartWriter::write(self, chunk))
+    }
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
+        Box::pin(PartWriter::finish(*self))
+    }
+}
+
+impl<T: Staging> DynStaging for T {
+    fn check_destination<'a>(
+        &'a self,
+        destination: &'a Destination,
+        overwrite: bool,
+    ) -> BoxFuture<'a, Result<(), StagingError>> {
+        Box::pin(Staging::check_destination(self, destination, overwrite))
+    }
+    fn create(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(Staging::create(self, id))
+    }
+    fn len(&self, id: SessionId) -> BoxFuture<'_, Result<Option<u64>, StagingError>> {
+        Box::pin(Staging::len(self, id))
+    }
+    fn open(
+        &self,
+        id: SessionId,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<Box<dyn DynPart>, StagingError>> {
+        Box::pin(async move {
+            let part = Staging::open(self, id, offset).await?;
+            Ok(Box::new(part) as Box<dyn DynPart>)
+        })
+    }
+    fn commit<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> BoxFuture<'a, Result<(), StagingError>> {
+        Box::pin(Staging::commit(self, id, destination, total, overwrite))
+    }
+    fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(Staging::discard(self, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_full_detection() {
+        let full = io::Error::from_raw_os_error(if cfg!(unix) { 28 } else { 112 });
+        assert!(is_disk_full(&full));
+        assert!(!is_disk_full(&io::Error::other("x")));
+        let wrapped =
+            crate::store::StoreError::backend(io::Error::from(io::ErrorKind::StorageFull));
+        assert!(is_disk_full(&wrapped));
+        assert_eq!(
+            StagingError::Io(full).ack().error_code().map(|e| e.0),
+            Some(Hresult::DISK_FULL)
+        );
+        assert_eq!(
+            StagingError::ParentMissing.ack().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            StagingError::DestinationExists.ack().status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+}

@@ -1,0 +1,276 @@
+use std::collections::HashMap;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::{SessionStore, StoreError};
+use crate::lock::KeyedLock;
+use crate::session::{SessionId, SessionRecord};
+
+/// Keeps one JSON file per session in a directory, so open sessions survive a restart.
+///
+/// Each write goes to a temporary file that is renamed over the record, so a crash leaves
+/// either the old or the new record, never a torn one. Reads are served from an index built
+/// when the store is opened and kept in step with every write, so a Fragment costs one small
+/// file write and no read.
+///
+/// By default records are not fsynced: the rename is atomic in the page cache, which is what a
+/// process crash needs, and the handler never lets a record's offset run ahead of the staged
+/// data it finds. [`FileStore::with_fsync`] adds an fsync of the file and its directory per
+/// write, for power-loss durability.
+///
+/// One directory belongs to one server process at a time; to share sessions between nodes use
+/// a shared backend.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    inner: Arc<Inner>,
+    fsync: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    index: Mutex<Index>,
+    locks: KeyedLock<SessionId>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    records: HashMap<SessionId, SessionRecord>,
+    holders: HashMap<String, SessionId>,
+}
+
+impl Index {
+    fn reindex(&mut self, old: Option<&SessionRecord>, new: Option<&SessionRecord>) {
+        if let Some(old) = old.filter(|r| r.holds_destination()) {
+            if self.holders.get(&old.destination) == Some(&old.id) {
+                self.holders.remove(&old.destination);
+            }
+        }
+        if let Some(new) = new.filter(|r| r.holds_destination()) {
+            self.holders.insert(new.destination.clone(), new.id);
+        }
+    }
+
+    fn put(&mut self, record: SessionRecord) {
+        let old = self.records.get(&record.id).cloned();
+        self.reindex(old.as_ref(), Some(&record));
+        self.records.insert(record.id, record);
+    }
+}
+
+impl FileStore {
+    /// Opens (creating if needed) a store in `dir` and loads every record in it. Leftover
+    /// temporary files from a crash are removed; unreadable records are skipped with a warning.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(StoreError::backend)?;
+        let mut index = Index::default();
+        for entry in std::fs::read_dir(&dir).map_err(StoreError::backend)? {
+            let path = entry.map_err(StoreError::backend)?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            match read_record(&path) {
+                Ok(record) if SessionId::parse(stem) == Some(record.id) => index.put(record),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "record name does not match its id; skipped")
+                }
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "unreadable session record; skipped")
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                index: Mutex::new(index),
+                locks: KeyedLock::default(),
+            }),
+            fsync: false,
+        })
+    }
+
+    /// Fsyncs every record file and its directory after writing it (power-loss durability).
+    pub fn with_fsync(self, fsync: bool) -> Self {
+        Self { fsync, ..self }
+    }
+
+    /// The directory the records live in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.inner
+            .index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn path(&self, id: SessionId) -> PathBuf {
+        self.inner.dir.join(format!("{id}.json"))
+    }
+
+    async fn write(&self, record: &SessionRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(StoreError::backend)?;
+        let path = self.path(record.id);
+        let fsync = self.fsync;
+        blocking(move || write_atomically(&path, &json, fsync)).await
+    }
+}
+
+impl SessionStore for FileStore {
+    async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
+        let _guard = self.inner.locks.lock(record.id).await;
+        {
+            let mut index = self.index();
+            if index.records.contains_key(&record.id) {
+                return Err(StoreError::AlreadyExists);
+            }
+            if record.holds_destination() {
+                if let Some(&holder) = index.holders.get(&record.destination) {
+                    return Err(StoreError::DestinationBusy { holder });
+                }
+            }
+            // Reserve the id and destination before the write, so a concurrent create sees
+            // them; undone below if the write fails.
+            index.put(record.clone());
+        }
+        if let Err(error) = self.write(record).await {
+            let mut index = self.index();
+            let old = index.records.remove(&record.id);
+            index.reindex(old.as_ref(), None);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.index().records.get(&id).cloned())
+    }
+
+    async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
+        let _guard = self.inner.locks.lock(record.id).await;
+        match self.index().records.get(&record.id) {
+            None => return Err(StoreError::NotFound),
+            Some(current) if current.revision != expected => return Err(StoreError::Conflict),
+            Some(_) => {}
+        }
+        self.write(record).await?;
+        self.index().put(record.clone());
+        Ok(())
+    }
+
+    async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
+        let _guard = self.inner.locks.lock(id).await;
+        if !self.index().records.contains_key(&id) {
+            return Ok(false);
+        }
+        let path = self.path(id);
+        blocking(move || match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await?;
+        let mut index = self.index();
+        let old = index.records.remove(&id);
+        index.reindex(old.as_ref(), None);
+        Ok(true)
+    }
+
+    async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        Ok(self.index().records.values().cloned().collect())
+    }
+
+    async fn count_open(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .index()
+            .records
+            .values()
+            .filter(|r| r.is_open())
+            .count())
+    }
+}
+
+async fn blocking<F>(f: F) -> Result<(), StoreError>
+where
+    F: FnOnce() -> io::Result<()> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(StoreError::backend)?
+        .map_err(StoreError::backend)
+}
+
+fn read_record(path: &Path) -> io::Result<SessionRecord> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(io::Error::other)
+}
+
+fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = crate::staging::private_file(&tmp)?;
+    file.write_all(contents)?;
+    if fsync {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if fsync {
+        if let Some(dir) = path.parent() {
+            crate::staging::sync_dir(dir)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::record;
+
+    #[tokio::test]
+    async fn contract() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::tests::contract(&FileStore::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cas_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        super::super::tests::cas_race(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_and_ignores_junk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap().with_fsync(true);
+        let mut r = record("x/y.bin");
+        store.create(&r).await.unwrap();
+        r.revision = 1;
+        r.received = 42;
+        store.update(0, &r).await.unwrap();
+        std::fs::write(dir.path().join("garbage.json"), b"{not json").unwrap();
+        std::fs::write(dir.path().join("half.json.tmp"), b"{").unwrap();
+        drop(store);
+
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(store.load(r.id).await.unwrap(), Some(r.clone()));
+        assert!(!dir.path().join("half.json.tmp").exists());
+        assert!(matches!(
+            store.create(&record("x/y.bin")).await,
+            Err(StoreError::DestinationBusy { .. })
+        ));
+        assert!(store.remove(r.id).await.unwrap());
+        assert!(!dir.path().join(format!("{}.json", r.id)).exists());
+    }
+}

@@ -1,0 +1,308 @@
+//! Where session records live: the [`SessionStore`] trait and its built-in backends.
+//!
+//! A store keeps [`SessionRecord`]s and must make two operations atomic, because several
+//! requests (and, with shared backends, several processes) may touch one session:
+//!
+//! * **create-if-absent**: [`SessionStore::create`] fails if the id exists, or if another
+//!   session that [holds its destination](SessionRecord::holds_destination) already uses the
+//!   same destination;
+//! * **compare-and-set**: [`SessionStore::update`] replaces a record only if the stored
+//!   revision still equals the one the caller read. This is how the received offset advances
+//!   without lost updates; a plain get/put pair would lose them.
+//!
+//! # Implementing a store
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use axum_bits::session::{SessionId, SessionRecord};
+//! use axum_bits::store::{SessionStore, StoreError};
+//!
+//! #[derive(Default)]
+//! struct MyStore(Mutex<HashMap<SessionId, SessionRecord>>);
+//!
+//! impl SessionStore for MyStore {
+//!     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
+//!         let mut map = self.0.lock().unwrap();
+//!         if map.contains_key(&record.id) {
+//!             return Err(StoreError::AlreadyExists);
+//!         }
+//!         if let Some(holder) = map.values().find(|r| {
+//!             r.holds_destination() && r.destination == record.destination
+//!         }) {
+//!             return Err(StoreError::DestinationBusy { holder: holder.id });
+//!         }
+//!         map.insert(record.id, record.clone());
+//!         Ok(())
+//!     }
+//!
+//!     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
+//!         Ok(self.0.lock().unwrap().get(&id).cloned())
+//!     }
+//!
+//!     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
+//!         let mut map = self.0.lock().unwrap();
+//!         match map.get_mut(&record.id) {
+//!             None => Err(StoreError::NotFound),
+//!             Some(current) if current.revision != expected => Err(StoreError::Conflict),
+//!             Some(current) => {
+//!                 *current = record.clone();
+//!                 Ok(())
+//!             }
+//!         }
+//!     }
+//!
+//!     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
+//!         Ok(self.0.lock().unwrap().remove(&id).is_some())
+//!     }
+//!
+//!     async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
+//!         Ok(self.0.lock().unwrap().values().cloned().collect())
+//!     }
+//! }
+//!
+//! let layer = axum_bits::BitsLayer::builder(std::env::temp_dir().join("doc-custom-store"))
+//!     .store(MyStore::default())
+//!     .build()
+//!     .unwrap();
+//! # drop(layer);
+//! ```
+
+mod file;
+mod memory;
+
+use std::future::Future;
+
+use http::StatusCode;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::session::{SessionId, SessionRecord};
+
+/// Keeps session records. See the [module docs](self) for the atomicity contract.
+///
+/// Methods are written as `fn .. -> impl Future + Send`; implement them with `async fn`.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new record.
+    ///
+    /// Fails with [`StoreError::AlreadyExists`] if the id is taken and with
+    /// [`StoreError::DestinationBusy`] if another record that holds its destination has the
+    /// same `destination`. Both checks and the insert are one atomic step.
+    fn create(&self, record: &SessionRecord)
+    -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The record for `id`, if any.
+    fn load(
+        &self,
+        id: SessionId,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + Send;
+
+    /// Replaces the record with `record.id` if its stored revision equals `expected`
+    /// (compare-and-set); otherwise [`StoreError::Conflict`], or [`StoreError::NotFound`] if
+    /// there is none. The caller bumps `record.revision`.
+    fn update(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes the record; `Ok(false)` if there was none.
+    fn remove(&self, id: SessionId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Every record, open sessions and tombstones alike (used by the expiry sweeper).
+    fn list(&self) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send;
+
+    /// How many sessions are open. The default counts [`SessionStore::list`]; backends with
+    /// an index should answer directly.
+    fn count_open(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        async move { Ok(self.list().await?.iter().filter(|r| r.is_open()).count()) }
+    }
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `create` with an id that exists.
+    #[error("a session with this id already exists")]
+    AlreadyExists,
+    /// `create` for a destination another open session is uploading.
+    #[error("the destination is being uploaded by session {holder}")]
+    DestinationBusy {
+        /// The session holding the destination.
+        holder: SessionId,
+    },
+    /// `update` lost a race: the record changed since it was read.
+    #[error("the session record changed concurrently")]
+    Conflict,
+    /// `update` of a record that does not exist.
+    #[error("no such session record")]
+    NotFound,
+    /// The backend failed (I/O, connection, serialization).
+    #[error("session store backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Wraps a backend error.
+    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(error.into())
+    }
+
+    /// The Ack for this error: 409 for a busy destination (transient), 500 +
+    /// `BG_E_SESSION_NOT_FOUND` for a vanished record, and a transient 500 otherwise (disk
+    /// full gets its own HRESULT).
+    pub fn ack(&self) -> Ack {
+        let (status, code) = match self {
+            Self::DestinationBusy { .. } => (StatusCode::CONFLICT, Hresult::SHARING_VIOLATION),
+            Self::NotFound => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Hresult::BG_E_SESSION_NOT_FOUND,
+            ),
+            Self::Backend(e) if crate::staging::is_disk_full(e.as_ref()) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, Hresult::DISK_FULL)
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
+        };
+        Ack::error(status, code, ErrorContext::RemoteFile)
+    }
+}
+
+/// Object-safe mirror of [`SessionStore`], so the layer can hold any store behind one type.
+pub(crate) trait DynStore: Send + Sync {
+    fn create<'a>(&'a self, record: &'a SessionRecord) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn load(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
+    fn update<'a>(
+        &'a self,
+        expected: u64,
+        record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn remove(&self, id: SessionId) -> BoxFuture<'_, Result<bool, StoreError>>;
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+    fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
+}
+
+pub(crate) type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl<T: SessionStore> DynStore for T {
+    fn create<'a>(&'a self, record: &'a SessionRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(SessionStore::create(self, record))
+    }
+    fn load(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        Box::pin(SessionStore::load(self, id))
+    }
+    fn update<'a>(
+        &'a self,
+        expected: u64,
+        record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(SessionStore::update(self, expected, record))
+    }
+    fn remove(&self, id: SessionId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(SessionStore::remove(self, id))
+    }
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(SessionStore::list(self))
+    }
+    fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(SessionStore::count_open(self))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Behaviour every store must show; run against each backend below.
+
+    use super::*;
+    use crate::session::{Phase, SessionRecord};
+
+    pub(crate) fn record(dest: &str) -> SessionRecord {
+        SessionRecord::new(SessionId::new(), dest.into(), format!("/{dest}"), None, 1)
+    }
+
+    pub(crate) async fn contract(store: &impl SessionStore) {
+        let a = record("a.bin");
+        store.create(&a).await.unwrap();
+        assert!(matches!(
+            store.create(&a).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        let same_dest = record("a.bin");
+        assert!(matches!(
+            store.create(&same_dest).await,
+            Err(StoreError::DestinationBusy { holder }) if holder == a.id
+        ));
+        assert_eq!(store.load(a.id).await.unwrap(), Some(a.clone()));
+        assert_eq!(store.load(SessionId::new()).await.unwrap(), None);
+        assert_eq!(store.count_open().await.unwrap(), 1);
+
+        let mut next = a.clone();
+        next.revision = 1;
+        next.received = 100;
+        store.update(0, &next).await.unwrap();
+        assert!(matches!(
+            store.update(0, &next).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.load(a.id).await.unwrap().unwrap().received, 100);
+        let ghost = record("ghost");
+        assert!(matches!(
+            store.update(0, &ghost).await,
+            Err(StoreError::NotFound)
+        ));
+
+        // A committed or closed session releases its destination.
+        let mut closed = next.clone();
+        closed.revision = 2;
+        closed.phase = Phase::Closed;
+        store.update(1, &closed).await.unwrap();
+        store.create(&same_dest).await.unwrap();
+        assert_eq!(store.count_open().await.unwrap(), 1);
+        assert_eq!(store.list().await.unwrap().len(), 2);
+
+        assert!(store.remove(a.id).await.unwrap());
+        assert!(!store.remove(a.id).await.unwrap());
+        assert_eq!(store.load(a.id).await.unwrap(), None);
+        assert!(store.remove(same_dest.id).await.unwrap());
+        assert!(store.list().await.unwrap().is_empty());
+    }
+
+    /// Many tasks advance one record by compare-and-set; no update may be lost.
+    pub(crate) async fn cas_race(store: std::sync::Arc<impl SessionStore>) {
+        let r = record("race.bin");
+        store.create(&r).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            let id = r.id;
+            tasks.push(tokio::spawn(async move {
+                let mut wins = 0u64;
+                for _ in 0..25 {
+                    loop {
+                        let mut current = store.load(id).await.unwrap().unwrap();
+                        let expected = current.revision;
+                        current.revision += 1;
+                        current.received += 1;
+                        match store.update(expected, &current).await {
+                            Ok(()) => {
+                                wins += 1;
+                                break;
+                            }
+                            Err(StoreError::Conflict) => tokio::task::yield_now().await,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                wins
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        assert_eq!(total, 200);
+        assert_eq!(store.load(r.id).await.unwrap().unwrap().received, 200);
+    }
+}
