@@ -1,0 +1,177 @@
+//! A BITS upload server on a local folder.
+//!
+//! ```text
+//! cargo run --release --example server -- [--listen 127.0.0.1:8080] [--root ./uploads]
+//!     [--max-upload-size BYTES] [--session-timeout SECS] [--allow-overwrites]
+//!     [--notify-url URL --notify-type reference|value] [--host-id ID --host-id-fallback-timeout SECS]
+//!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
+//! ```
+//!
+//! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin`. Sessions persist under
+//! `ROOT/.bits`, so a restarted server resumes them. Ctrl-C or SIGTERM stops it cleanly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use axum_bits::store::MemoryStore;
+use axum_bits::{BitsLayer, CommitPoint};
+use clap::{Parser, ValueEnum};
+
+/// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
+/// or `Start-BitsTransfer -TransferType Upload`.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Folder uploads land in (`BITS_POST /a/b.bin` → ROOT/a/b.bin).
+    #[arg(long, default_value = "./uploads")]
+    root: PathBuf,
+    /// Largest file accepted, in bytes (IIS: BITSMaximumUploadSize). Default: unlimited.
+    #[arg(long, value_name = "BYTES")]
+    max_upload_size: Option<u64>,
+    /// Seconds a session may be idle before it is deleted (IIS: BITSSessionTimeout).
+    #[arg(long, value_name = "SECS", default_value_t = 14 * 24 * 3600)]
+    session_timeout: u64,
+    /// Let uploads replace existing files (IIS: BITSAllowOverwrites).
+    #[arg(long)]
+    allow_overwrites: bool,
+    /// Server-application notification URL (IIS: BITSServerNotificationURL).
+    #[arg(long, value_name = "URL", requires = "notify_type")]
+    notify_url: Option<String>,
+    /// How the application is notified (IIS: BITSServerNotificationType).
+    #[arg(long, value_enum, requires = "notify_url")]
+    notify_type: Option<NotifyType>,
+    /// Host clients must use for the rest of a session (IIS: BITSHostId).
+    #[arg(long, value_name = "ID")]
+    host_id: Option<String>,
+    /// Seconds before a client may fall back from the host id (IIS: BITSHostIdFallbackTimeout).
+    #[arg(long, value_name = "SECS", requires = "host_id")]
+    host_id_fallback_timeout: Option<u64>,
+    /// When a finished upload is moved into place.
+    #[arg(long, value_enum, default_value_t = CommitOn::LastFragment)]
+    commit_on: CommitOn,
+    /// Where session records live: file (ROOT/.bits/sessions), memory, sqlite:PATH,
+    /// postgres://.., redis://..
+    #[arg(long, default_value = "file")]
+    store: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum NotifyType {
+    Reference,
+    Value,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CommitOn {
+    LastFragment,
+    Close,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,axum_bits=info".into()),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            let mut source = error.source();
+            while let Some(e) = source {
+                eprintln!("  caused by: {e}");
+                source = e.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.notify_url.is_some() {
+        return Err(
+            "--notify-url/--notify-type (upload-reply notifications) are not supported \
+                    yet; they arrive with upload-reply support"
+                .into(),
+        );
+    }
+    let mut builder = BitsLayer::builder(&args.root)
+        .session_timeout(Duration::from_secs(args.session_timeout))
+        .allow_overwrites(args.allow_overwrites)
+        .commit_point(match args.commit_on {
+            CommitOn::LastFragment => CommitPoint::LastFragment,
+            CommitOn::Close => CommitPoint::CloseSession,
+        });
+    if let Some(bytes) = args.max_upload_size {
+        builder = builder.max_upload_size(bytes);
+    }
+    if let Some(host) = &args.host_id {
+        builder = builder.host_id(host);
+    }
+    if let Some(secs) = args.host_id_fallback_timeout {
+        builder = builder.host_id_fallback_timeout(Duration::from_secs(secs));
+    }
+    builder = match args.store.as_str() {
+        "file" => builder,
+        "memory" => builder.store(MemoryStore::new()),
+        other => {
+            return Err(format!(
+                "--store {other}: only `file` and `memory` are available in this build \
+                 (SQLite, PostgreSQL and Redis stores are not implemented yet)"
+            )
+            .into());
+        }
+    };
+    let bits = builder.build()?;
+    tokio::spawn(bits.sweeper().run());
+
+    let app = Router::new()
+        .route(
+            "/",
+            get(|| async { "axum-bits: BITS_POST a file to any path to upload it\n" }),
+        )
+        .layer(bits);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        root = %args.root.display(),
+        store = %args.store,
+        "BITS upload server ready"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
