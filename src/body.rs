@@ -79,3 +79,34 @@ where
     }
     (written, Ok(()))
 }
+
+/// Reads and discards a body the server refused, so the connection stays usable and the
+/// client reliably reads the Ack: closing a socket with unread request bytes makes TCP reset
+/// the connection, which can destroy the response before the client reads it (and a client
+/// that never sees a 413 never learns to shrink its fragments).
+///
+/// Gives up, leaving the connection to be closed, after `limit` bytes, an error, or `idle`
+/// without data.
+pub(crate) async fn drain<B: Body>(body: B, limit: u64, idle: Duration) -> bool {
+    let mut body = pin!(body);
+    let mut seen = 0u64;
+    loop {
+        match tokio::time::timeout(
+            idle,
+            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
+        )
+        .await
+        {
+            Ok(None) => return true,
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    seen += data.remaining() as u64;
+                    if seen > limit {
+                        return false;
+                    }
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
+}

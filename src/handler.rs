@@ -7,7 +7,7 @@ use http::{HeaderValue, Request, StatusCode, request::Parts};
 use http_body::Body;
 use tracing::Instrument;
 
-use crate::body::{BodyError, copy_fragment};
+use crate::body::{BodyError, copy_fragment, drain};
 use crate::config::{CommitPoint, ValidConfig};
 use crate::destination::{self, Destination, DestinationError};
 use crate::lock::{KeyedGuard, KeyedLock};
@@ -101,6 +101,25 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = request.into_parts();
+    let mut body = Some(body);
+    let ack = dispatch(&shared, parts, &mut body).await;
+    if let Some(unread) = body {
+        let limit = DRAIN_LIMIT.max(shared.config.max_fragment_size);
+        drain(unread, limit, shared.config.body_idle_timeout).await;
+    }
+    ack
+}
+
+/// Bodies of refused requests up to this size are read and dropped to keep the connection.
+const DRAIN_LIMIT: u64 = 32 << 20;
+
+/// Parses the packet and runs it. Takes the body out of `body` only if it reads it.
+async fn dispatch<B>(shared: &Shared, parts: Parts, body: &mut Option<B>) -> Ack
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let packet = match Packet::parse(&parts) {
         Ok(packet) => packet,
         Err(error) => {
@@ -125,16 +144,16 @@ where
     let work = async move {
         match packet {
             Packet::Ping => Ack::ok(),
-            Packet::CreateSession(create) => create_session(&shared, &parts, create, owner).await,
+            Packet::CreateSession(create) => create_session(shared, &parts, create, owner).await,
             Packet::Fragment(fragment) => {
-                handle_fragment(&shared, fragment, owner.as_ref(), body).await
+                handle_fragment(shared, fragment, owner.as_ref(), body).await
             }
             Packet::CloseSession(id) => {
-                let result = close_session(&shared, &id, owner.as_ref()).await;
+                let result = close_session(shared, &id, owner.as_ref()).await;
                 finish(result).session_id(id.value().clone())
             }
             Packet::CancelSession(id) => {
-                let result = cancel_session(&shared, &id, owner.as_ref()).await;
+                let result = cancel_session(shared, &id, owner.as_ref()).await;
                 finish(result).session_id(id.value().clone())
             }
         }
@@ -238,7 +257,7 @@ async fn handle_fragment<B>(
     shared: &Shared,
     fragment: Fragment,
     owner: Option<&Owner>,
-    body: B,
+    body: &mut Option<B>,
 ) -> Ack
 where
     B: Body + Send,
@@ -259,7 +278,7 @@ async fn write_fragment<B>(
     shared: &Shared,
     fragment: &Fragment,
     owner: Option<&Owner>,
-    body: B,
+    body: &mut Option<B>,
     received: &mut Option<u64>,
 ) -> Result<Ack, Failure>
 where
@@ -297,6 +316,9 @@ where
     };
 
     let mut part = shared.staging.open(id, write.offset).await?;
+    let Some(body) = body.take() else {
+        return Err(BodyError::TooShort { missing: write.len }.into());
+    };
     let (written, copied) = copy_fragment(
         body,
         write.skip,

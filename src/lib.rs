@@ -50,6 +50,8 @@
 //! |---|---|
 //! | (none yet) | the memory and file stores and local staging are always compiled |
 
+#![warn(clippy::unwrap_used)]
+
 mod body;
 mod config;
 pub mod destination;
