@@ -1,8 +1,8 @@
-use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::index::Index;
 use super::{SessionStore, StoreError};
 use crate::lock::KeyedLock;
 use crate::session::{SessionId, SessionRecord};
@@ -32,31 +32,6 @@ struct Inner {
     dir: PathBuf,
     index: Mutex<Index>,
     locks: KeyedLock<SessionId>,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    records: HashMap<SessionId, SessionRecord>,
-    holders: HashMap<String, SessionId>,
-}
-
-impl Index {
-    fn reindex(&mut self, old: Option<&SessionRecord>, new: Option<&SessionRecord>) {
-        if let Some(old) = old.filter(|r| r.holds_destination()) {
-            if self.holders.get(&old.destination) == Some(&old.id) {
-                self.holders.remove(&old.destination);
-            }
-        }
-        if let Some(new) = new.filter(|r| r.holds_destination()) {
-            self.holders.insert(new.destination.clone(), new.id);
-        }
-    }
-
-    fn put(&mut self, record: SessionRecord) {
-        let old = self.records.get(&record.id).cloned();
-        self.reindex(old.as_ref(), Some(&record));
-        self.records.insert(record.id, record);
-    }
 }
 
 impl FileStore {
@@ -130,38 +105,25 @@ impl SessionStore for FileStore {
         let _guard = self.inner.locks.lock(record.id).await;
         {
             let mut index = self.index();
-            if index.records.contains_key(&record.id) {
-                return Err(StoreError::AlreadyExists);
-            }
-            if record.holds_destination() {
-                if let Some(&holder) = index.holders.get(&record.destination) {
-                    return Err(StoreError::DestinationBusy { holder });
-                }
-            }
+            index.check_create(record)?;
             // Reserve the id and destination before the write, so a concurrent create sees
             // them; undone below if the write fails.
             index.put(record.clone());
         }
         if let Err(error) = self.write(record).await {
-            let mut index = self.index();
-            let old = index.records.remove(&record.id);
-            index.reindex(old.as_ref(), None);
+            self.index().remove(record.id);
             return Err(error);
         }
         Ok(())
     }
 
     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.index().records.get(&id).cloned())
+        Ok(self.index().get(id).cloned())
     }
 
     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
         let _guard = self.inner.locks.lock(record.id).await;
-        match self.index().records.get(&record.id) {
-            None => return Err(StoreError::NotFound),
-            Some(current) if current.revision != expected => return Err(StoreError::Conflict),
-            Some(_) => {}
-        }
+        self.index().check_update(expected, record)?;
         self.write(record).await?;
         self.index().put(record.clone());
         Ok(())
@@ -169,7 +131,7 @@ impl SessionStore for FileStore {
 
     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
         let _guard = self.inner.locks.lock(id).await;
-        if !self.index().records.contains_key(&id) {
+        if !self.index().contains(id) {
             return Ok(false);
         }
         let path = self.path(id);
@@ -178,23 +140,16 @@ impl SessionStore for FileStore {
             _ => Ok(()),
         })
         .await?;
-        let mut index = self.index();
-        let old = index.records.remove(&id);
-        index.reindex(old.as_ref(), None);
+        self.index().remove(id);
         Ok(true)
     }
 
     async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        Ok(self.index().records.values().cloned().collect())
+        Ok(self.index().records())
     }
 
     async fn count_open(&self) -> Result<usize, StoreError> {
-        Ok(self
-            .index()
-            .records
-            .values()
-            .filter(|r| r.is_open())
-            .count())
+        Ok(self.index().count_open())
     }
 }
 

@@ -1,6 +1,6 @@
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::index::Index;
 use super::{SessionStore, StoreError};
 use crate::session::{SessionId, SessionRecord};
 
@@ -11,14 +11,7 @@ use crate::session::{SessionId, SessionRecord};
 /// [`FileStore`]: super::FileStore
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    records: HashMap<SessionId, SessionRecord>,
-    /// destination → the session holding it.
-    holders: HashMap<String, SessionId>,
+    index: Mutex<Index>,
 }
 
 impl MemoryStore {
@@ -27,70 +20,40 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Inner {
-    /// Keeps `holders` in step with a record that is being stored or removed.
-    fn reindex(&mut self, old: Option<&SessionRecord>, new: Option<&SessionRecord>) {
-        if let Some(old) = old.filter(|r| r.holds_destination()) {
-            if self.holders.get(&old.destination) == Some(&old.id) {
-                self.holders.remove(&old.destination);
-            }
-        }
-        if let Some(new) = new.filter(|r| r.holds_destination()) {
-            self.holders.insert(new.destination.clone(), new.id);
-        }
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl SessionStore for MemoryStore {
     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if inner.records.contains_key(&record.id) {
-            return Err(StoreError::AlreadyExists);
-        }
-        if record.holds_destination() {
-            if let Some(&holder) = inner.holders.get(&record.destination) {
-                return Err(StoreError::DestinationBusy { holder });
-            }
-        }
-        inner.reindex(None, Some(record));
-        inner.records.insert(record.id, record.clone());
+        let mut index = self.index();
+        index.check_create(record)?;
+        index.put(record.clone());
         Ok(())
     }
 
     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.lock().records.get(&id).cloned())
+        Ok(self.index().get(id).cloned())
     }
 
     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let old = match inner.records.get(&record.id) {
-            None => return Err(StoreError::NotFound),
-            Some(current) if current.revision != expected => return Err(StoreError::Conflict),
-            Some(current) => current.clone(),
-        };
-        inner.reindex(Some(&old), Some(record));
-        inner.records.insert(record.id, record.clone());
+        let mut index = self.index();
+        index.check_update(expected, record)?;
+        index.put(record.clone());
         Ok(())
     }
 
     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let old = inner.records.remove(&id);
-        inner.reindex(old.as_ref(), None);
-        Ok(old.is_some())
+        Ok(self.index().remove(id).is_some())
     }
 
     async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        Ok(self.lock().records.values().cloned().collect())
+        Ok(self.index().records())
     }
 
     async fn count_open(&self) -> Result<usize, StoreError> {
-        Ok(self.lock().records.values().filter(|r| r.is_open()).count())
+        Ok(self.index().count_open())
     }
 }
 

@@ -69,6 +69,7 @@
 //! ```
 
 mod file;
+mod index;
 mod memory;
 
 use std::future::Future;
