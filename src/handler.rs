@@ -231,7 +231,14 @@ async fn create_session(
             if shared.store.count_open().await? >= config.max_sessions {
                 return Err(Failure::TooManySessions);
             }
-            shared.store.create(&record).await?;
+            match shared.store.create(&record).await {
+                Err(StoreError::DestinationBusy { holder })
+                    if take_over_abandoned(shared, holder, record.owner.as_ref()).await? =>
+                {
+                    shared.store.create(&record).await?;
+                }
+                other => other?,
+            }
         }
         if let Err(error) = shared.staging.create(id).await {
             if let Err(e) = shared.store.remove(id).await {
@@ -251,6 +258,37 @@ async fn create_session(
     }
     .await;
     finish(result)
+}
+
+/// How long a session that never received a byte must be idle before a new Create-Session
+/// for the same destination (by the same owner) may replace it.
+const ABANDONED_AFTER_MS: u64 = 30_000;
+
+/// A client whose Create-Session Ack was lost retries Create-Session; its first session then
+/// holds the destination and would answer 409 until it expired (days). A holder of the same
+/// owner that never received a byte and has been idle for a while is such an orphan: cancel
+/// it so the new session can proceed. Returns whether the destination was freed.
+async fn take_over_abandoned(
+    shared: &Shared,
+    holder: SessionId,
+    owner: Option<&Owner>,
+) -> Result<bool, Failure> {
+    let _guard = shared.locks.lock(holder).await;
+    let Some(mut stale) = shared.store.load(holder).await? else {
+        return Ok(false);
+    };
+    let abandoned = stale.phase == Phase::Receiving
+        && stale.total.is_none()
+        && stale.received == 0
+        && stale.owner.as_ref() == owner
+        && stale.is_idle_since(now_ms().saturating_sub(ABANDONED_AFTER_MS));
+    if !abandoned {
+        return Ok(false);
+    }
+    shared.staging.discard(holder).await?;
+    save(shared, &mut stale, |r| r.phase = Phase::Cancelled).await?;
+    tracing::info!(%holder, "replaced a session that never received a byte");
+    Ok(true)
 }
 
 async fn handle_fragment<B>(
