@@ -15,7 +15,7 @@ use crate::protocol::{
     Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, SessionHeader, headers,
 };
 use crate::session::machine::{
-    self, CancelDecision, CloseDecision, FragmentDecision, Limits, Refusal,
+    self, CancelDecision, CloseDecision, FragmentDecision, Limits, Refusal, Write,
 };
 use crate::session::{Owner, Phase, SessionId, SessionRecord, now_ms};
 use crate::staging::{DynStaging, StagingError};
@@ -347,22 +347,47 @@ where
         max_upload_size: config.max_upload_size,
         max_fragment_size: config.max_fragment_size,
     };
-    let write = match machine::fragment(&record, &fragment.range, &limits) {
+    match machine::fragment(&record, &fragment.range, &limits) {
         FragmentDecision::Refuse(refusal) => return Err(refusal.into()),
-        FragmentDecision::Duplicate => return Ok(Ack::ok()),
-        FragmentDecision::Write(write) => write,
-    };
+        FragmentDecision::Duplicate => {}
+        FragmentDecision::Write(write) => {
+            let Some(body) = body.take() else {
+                return Err(BodyError::TooShort { missing: write.len }.into());
+            };
+            store_fragment(shared, &mut record, write, body, received).await?;
+        }
+    }
+    // Also reached by a re-sent final fragment after a commit that failed (say, the
+    // destination appeared meanwhile): the commit is retried rather than the upload
+    // reported as done.
+    if record.phase == Phase::Complete
+        && !record.committed
+        && config.commit_point == CommitPoint::LastFragment
+    {
+        commit(shared, &mut record).await?;
+    }
+    Ok(Ack::ok())
+}
 
-    let mut part = shared.staging.open(id, write.offset).await?;
-    let Some(body) = body.take() else {
-        return Err(BodyError::TooShort { missing: write.len }.into());
-    };
+/// Streams the new bytes of a fragment into the part and advances the record.
+async fn store_fragment<B>(
+    shared: &Shared,
+    record: &mut SessionRecord,
+    write: Write,
+    body: B,
+    received: &mut Option<u64>,
+) -> Result<(), Failure>
+where
+    B: Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut part = shared.staging.open(record.id, write.offset).await?;
     let (written, copied) = copy_fragment(
         body,
         write.skip,
         write.len,
         part.as_mut(),
-        config.body_idle_timeout,
+        shared.config.body_idle_timeout,
     )
     .await;
     let flushed = part.finish().await;
@@ -374,7 +399,7 @@ where
             // client resumes from it through BITS-Received-Content-Range.
             let keep = !matches!(error, BodyError::TooLong) && flushed.is_ok() && written > 0;
             if keep {
-                save(shared, &mut record, |r| {
+                save(shared, record, |r| {
                     r.total = Some(write.total);
                     r.received = write.offset + written;
                 })
@@ -384,8 +409,7 @@ where
             return Err(error.into());
         }
     }
-
-    save(shared, &mut record, |r| {
+    save(shared, record, |r| {
         r.total = Some(write.total);
         r.received = write.end();
         if write.completes() {
@@ -396,11 +420,8 @@ where
     *received = Some(record.received);
     if write.completes() {
         tracing::info!(bytes = write.total, "all bytes received");
-        if config.commit_point == CommitPoint::LastFragment {
-            commit(shared, &mut record).await?;
-        }
     }
-    Ok(Ack::ok())
+    Ok(())
 }
 
 /// Moves a complete session's file to its destination and records that it did.

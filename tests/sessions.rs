@@ -1,5 +1,5 @@
-//! A Create-Session whose Ack was lost is retried by the client; the orphaned first session must
-//! not block the destination for the whole session timeout.
+//! Session edge cases: retried Create-Session after a lost Ack, commit retried after a
+//! failed commit.
 
 mod common;
 
@@ -71,4 +71,37 @@ async fn idle_session_with_bytes_keeps_its_destination() {
             .received(),
         Some(10)
     );
+}
+
+#[tokio::test]
+async fn failed_commit_is_retried_by_the_resent_final_fragment() {
+    let server = TestServer::start(|b| b).await;
+    let client = server.client();
+    let sid = client.create_ok("/h.bin").await;
+    let bytes = data(3000, 4);
+    client
+        .fragment("/h.bin", &sid, 0, &bytes[..1000], 3000)
+        .await
+        .assert_ok();
+    // Another process creates the destination meanwhile: the commit must not clobber it.
+    std::fs::write(server.root.join("h.bin"), b"someone else").unwrap();
+    let reply = client
+        .fragment("/h.bin", &sid, 1000, &bytes[1000..], 3000)
+        .await;
+    reply.assert_error(403, "0x80070005");
+    assert_eq!(reply.received(), Some(3000));
+    assert_eq!(
+        std::fs::read(server.root.join("h.bin")).unwrap(),
+        b"someone else"
+    );
+
+    // Once the obstacle is gone, the client's retry of the final fragment commits.
+    std::fs::remove_file(server.root.join("h.bin")).unwrap();
+    client
+        .fragment("/h.bin", &sid, 1000, &bytes[1000..], 3000)
+        .await
+        .assert_ok();
+    assert_eq!(std::fs::read(server.root.join("h.bin")).unwrap(), bytes);
+    client.close("/h.bin", &sid).await.assert_ok();
+    assert!(common::parts(&server.root).is_empty());
 }
