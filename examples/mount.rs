@@ -10,11 +10,11 @@
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
-use axum::Router;
 use axum_bits::{BitsLayer, Owner};
 
 /// Stand-in for real authentication: whoever the request says it is.
@@ -48,7 +48,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(middleware::from_fn(authenticate));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-    println!("uploads under http://{}/upload/ land in {}", listener.local_addr()?, root.display());
+    println!(
+        "uploads under http://{}/upload/ land in {}",
+        listener.local_addr()?,
+        root.display()
+    );
     axum::serve(listener, app).await?;
     Ok(())
 }

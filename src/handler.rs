@@ -101,9 +101,15 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = request.into_parts();
+    // A client that waits for "100 Continue" has sent no body yet; reading it would ask for
+    // bytes the server is about to refuse.
+    let expects_continue = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut body = Some(body);
     let ack = dispatch(&shared, parts, &mut body).await;
-    if let Some(unread) = body {
+    if let Some(unread) = body.filter(|_| !expects_continue) {
         let limit = DRAIN_LIMIT.max(shared.config.max_fragment_size);
         drain(unread, limit, shared.config.body_idle_timeout).await;
     }
