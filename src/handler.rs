@@ -12,7 +12,7 @@ use crate::config::{CommitPoint, ValidConfig};
 use crate::destination::{self, Destination, DestinationError};
 use crate::lock::{KeyedGuard, KeyedLock};
 use crate::protocol::{
-    Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, SessionHeader, headers,
+    Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, SessionHeader, headers,
 };
 use crate::session::machine::{
     self, CancelDecision, CloseDecision, FragmentDecision, Limits, Refusal, Write,
@@ -135,7 +135,11 @@ where
                 .get(headers::BITS_SESSION_ID)
                 .filter(|v| v.len() <= crate::protocol::MAX_HEADER_VALUE_LEN)
                 .cloned();
-            return error.ack().maybe_session_id(echo);
+            let mut ack = error.ack();
+            if let Some(received) = offset_of_fragment(shared, &parts).await {
+                ack = ack.received(received);
+            }
+            return ack.maybe_session_id(echo);
         }
     };
     let owner = parts.extensions.get::<Owner>().cloned();
@@ -165,6 +169,19 @@ where
         }
     };
     work.instrument(span).await
+}
+
+/// The session's offset for a Fragment whose headers are malformed but whose session exists,
+/// so that its error Ack, like every Fragment Ack, reports `BITS-Received-Content-Range`.
+async fn offset_of_fragment(shared: &Shared, parts: &Parts) -> Option<u64> {
+    let ty = parts.headers.get(headers::BITS_PACKET_TYPE)?;
+    if PacketType::parse(ty.as_bytes()) != Some(PacketType::Fragment) {
+        return None;
+    }
+    let id = parts.headers.get(headers::BITS_SESSION_ID)?.to_str().ok()?;
+    let owner = parts.extensions.get::<Owner>();
+    let record = shared.store.load(SessionId::parse(id)?).await.ok()??;
+    (record.is_open() && record.is_owned_by(owner)).then_some(record.received)
 }
 
 fn finish(result: Result<Ack, Failure>) -> Ack {
@@ -208,6 +225,11 @@ async fn save(
     shared.store.update(record.revision, &next).await?;
     *record = next;
     Ok(())
+}
+
+/// Records a successful packet that changed nothing else, so the session timer restarts.
+async fn touch(shared: &Shared, record: &mut SessionRecord) -> Result<(), StoreError> {
+    save(shared, record, |_| {}).await
 }
 
 async fn create_session(
@@ -354,8 +376,15 @@ where
         max_fragment_size: config.max_fragment_size,
     };
     match machine::fragment(&record, &fragment.range, &limits) {
-        FragmentDecision::Refuse(refusal) => return Err(refusal.into()),
-        FragmentDecision::Duplicate => {}
+        FragmentDecision::Refuse(refusal) => {
+            if refusal == Refusal::NotFound {
+                // A session that is gone has no offset to report.
+                *received = None;
+            }
+            return Err(refusal.into());
+        }
+        // A re-sent fragment is a successful packet: it resets the session timer.
+        FragmentDecision::Duplicate => touch(shared, &mut record).await?,
         FragmentDecision::Write(write) => {
             let Some(body) = body.take() else {
                 return Err(BodyError::TooShort { missing: write.len }.into());
@@ -400,9 +429,15 @@ where
     match (copied, flushed) {
         (Ok(()), Ok(())) => {}
         (Err(BodyError::Staging(e)), _) | (Ok(()), Err(e)) => return Err(e.into()),
+        // Every byte of the range arrived before the body failed (a reset after the last
+        // frame): the fragment is whole, so it counts in full and may complete the file.
+        (Err(error), Ok(())) if written == write.len => {
+            tracing::debug!(%error, "body failed after its last byte; fragment kept");
+        }
         (Err(error), flushed) => {
             // Keep the prefix that did arrive: it is genuine data at the right offsets, and the
-            // client resumes from it through BITS-Received-Content-Range.
+            // client resumes from it through BITS-Received-Content-Range. It is shorter than
+            // the range, so it never completes the file.
             let keep = !matches!(error, BodyError::TooLong) && flushed.is_ok() && written > 0;
             if keep {
                 save(shared, record, |r| {
@@ -461,7 +496,10 @@ async fn close_session(
         }
         CloseDecision::Commit => commit(shared, &mut record).await?,
         CloseDecision::Release => shared.staging.discard(record.id).await?,
-        CloseDecision::Repeat => return Ok(Ack::ok()),
+        CloseDecision::Repeat => {
+            touch(shared, &mut record).await?;
+            return Ok(Ack::ok());
+        }
         CloseDecision::Refuse(refusal) => return Err(refusal.into()),
     }
     save(shared, &mut record, |r| r.phase = Phase::Closed).await?;
@@ -476,7 +514,10 @@ async fn cancel_session(
 ) -> Result<Ack, Failure> {
     let (_guard, mut record) = open_session(shared, header, owner).await?;
     match machine::cancel(&record) {
-        CancelDecision::Repeat => return Ok(Ack::ok()),
+        CancelDecision::Repeat => {
+            touch(shared, &mut record).await?;
+            return Ok(Ack::ok());
+        }
         CancelDecision::Discard => shared.staging.discard(record.id).await?,
     }
     save(shared, &mut record, |r| r.phase = Phase::Cancelled).await?;

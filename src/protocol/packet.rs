@@ -133,7 +133,11 @@ impl Packet {
             }
             PacketType::CreateSession => {
                 bodyless(headers)?;
-                negotiate_protocol(headers.get(h::BITS_SUPPORTED_PROTOCOLS))?;
+                // Several header lines are one comma-separated list.
+                let offered = headers.get_all(h::BITS_SUPPORTED_PROTOCOLS);
+                if !offered.iter().any(|v| negotiate_protocol(Some(v)).is_ok()) {
+                    negotiate_protocol(offered.iter().next())?;
+                }
                 Ok(Self::CreateSession(CreateSession {
                     content_name: content_name(headers),
                 }))
@@ -394,6 +398,17 @@ mod tests {
         assert_eq!(
             parse(&[("BITS-Packet-Type", "Create-Session")]),
             Err(ProtocolError::NoSupportedProtocol { offered: None })
+        );
+        assert!(
+            parse(&[
+                ("BITS-Packet-Type", "Create-Session"),
+                (
+                    "BITS-Supported-Protocols",
+                    "{00000000-0000-0000-0000-000000000000}"
+                ),
+                ("BITS-Supported-Protocols", UPLOAD_PROTOCOL),
+            ])
+            .is_ok()
         );
         assert_eq!(
             parse(&[

@@ -1,0 +1,489 @@
+//! Crash and restart with a real second server process on the same directories.
+//!
+//! The test binary re-executes itself: the `child_server` test serves the BITS layer on an
+//! ephemeral port when `AXUM_BITS_CHILD_ROOT` is set (and does nothing otherwise). The tests
+//! upload part of a file, SIGKILL the child (between fragments and in the middle of a
+//! fragment body), start a new child on the same root and let the client resume the way
+//! Windows does: from where it believes it is, following `BITS-Received-Content-Range`
+//! (protocol reference, sections 5.2–5.4, 8 and 16.2).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use axum_bits::BitsLayer;
+use axum_bits::session::{Phase, SessionRecord};
+use axum_bits::store::{FileStore, SessionStore};
+use common::{BitsClient, RawConn, Reply, data};
+
+const CHILD_ENV: &str = "AXUM_BITS_CHILD_ROOT";
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+const FRAG: usize = 256 * KIB;
+
+/// The server half of the self-exec trick. A no-op unless `AXUM_BITS_CHILD_ROOT` is set, in
+/// which case it serves a default `BitsLayer` on that root until it is killed (or its parent
+/// closes its stdin).
+#[test]
+fn child_server() {
+    let Some(root) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    // If the parent test process dies without killing us, its end of our stdin closes.
+    std::thread::spawn(|| {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => std::process::exit(0),
+                Ok(_) => {}
+            }
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let layer = BitsLayer::builder(PathBuf::from(root))
+            .build()
+            .expect("layer");
+        let app = Router::new()
+            .route("/", get(|| async { "child" }))
+            .layer(layer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "LISTENING {addr}").expect("stdout");
+        stdout.flush().expect("flush");
+        drop(stdout);
+        axum::serve(listener, app).await.expect("serve");
+    });
+}
+
+/// A child server process. Killed (SIGKILL) and reaped when dropped, so a failing test
+/// leaves no server behind.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _stdin: ChildStdin,
+}
+
+impl ServerProcess {
+    fn spawn(root: &Path) -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut child = Command::new(exe)
+            .args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child server");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Read every line (so the child never blocks on a full pipe), report the address.
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // libtest may print "test child_server ... " on the same line first.
+                if let Some((_, addr)) = line.split_once("LISTENING ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().parse::<SocketAddr>());
+                    }
+                }
+            }
+        });
+        let mut process = Self {
+            child,
+            addr: "127.0.0.1:1".parse().expect("placeholder"),
+            _stdin: stdin,
+        };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(addr)) => process.addr = addr,
+            other => panic!("child server did not report its address: {other:?}"),
+        }
+        process
+    }
+
+    fn client(&self) -> BitsClient {
+        BitsClient::new(self.addr)
+    }
+
+    /// SIGKILL (on unix `Child::kill` sends SIGKILL) and reap.
+    fn kill(mut self) {
+        self.child.kill().expect("kill child");
+        self.child.wait().expect("reap child");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every session record in the root (only call while no server runs on it).
+async fn records(root: &Path) -> Vec<SessionRecord> {
+    FileStore::open(root.join(".bits").join("sessions"))
+        .expect("open store")
+        .list()
+        .await
+        .expect("list")
+}
+
+fn part_path(root: &Path, sid: &str) -> PathBuf {
+    root.join(".bits").join("parts").join(format!("{sid}.part"))
+}
+
+fn part_len(root: &Path, sid: &str) -> u64 {
+    std::fs::metadata(part_path(root, sid)).map_or(0, |m| m.len())
+}
+
+/// Asserts the first `n` bytes of the session's part equal the source.
+fn assert_part_prefix(root: &Path, sid: &str, source: &[u8], n: u64) {
+    let part = std::fs::read(part_path(root, sid)).expect("part file");
+    let n = usize::try_from(n).expect("usize");
+    assert!(part.len() >= n, "part holds {} < {n} bytes", part.len());
+    assert!(
+        part[..n] == source[..n],
+        "part prefix of {n} bytes differs from the source"
+    );
+}
+
+/// Asserts everything under `.bits` is a closed tombstone: no parts, no temporary files,
+/// every record closed.
+async fn assert_only_closed_tombstones(root: &Path, expected_records: usize) {
+    assert!(
+        common::parts(root).is_empty(),
+        "{:?}",
+        common::leftovers(root)
+    );
+    for file in common::leftovers(root) {
+        assert!(
+            file.extension().is_some_and(|e| e == "json")
+                && file.parent() == Some(root.join(".bits").join("sessions").as_path()),
+            "unexpected leftover {}",
+            file.display()
+        );
+    }
+    let records = records(root).await;
+    assert_eq!(records.len(), expected_records, "{records:?}");
+    for record in &records {
+        assert_eq!(record.phase, Phase::Closed, "{record:?}");
+    }
+}
+
+/// The client's resume loop: sends `frag`-byte fragments starting at `offset`, jumping to
+/// `BITS-Received-Content-Range` after every Ack (200 and 416 alike), until the server holds
+/// everything. Asserts each 200 Ack reports exactly the end of the fragment it answers.
+async fn resume(
+    client: &BitsClient,
+    path: &str,
+    sid: &str,
+    source: &[u8],
+    mut offset: u64,
+    frag: usize,
+) -> Vec<Reply> {
+    let total = source.len() as u64;
+    let mut replies = Vec::new();
+    while offset < total || replies.is_empty() {
+        let start = usize::try_from(offset).expect("usize");
+        let end = (start + frag).min(source.len());
+        let reply = client
+            .fragment(path, sid, offset, &source[start..end], total)
+            .await;
+        reply.assert_ack();
+        let received = reply.received().expect("BITS-Received-Content-Range");
+        match reply.status {
+            // Exactly the fragment's end, unless the server already held more than that.
+            200 => assert!(received >= end as u64, "{reply:?}"),
+            416 => assert!(
+                received < offset,
+                "416 for a fragment at {offset}: {reply:?}"
+            ),
+            _ => panic!("unexpected Ack while resuming: {reply:?}"),
+        }
+        offset = received;
+        replies.push(reply);
+        if offset == total {
+            break;
+        }
+    }
+    replies
+}
+
+fn fragment_head(path: &str, sid: &str, first: usize, len: usize, total: usize) -> Vec<u8> {
+    format!(
+        "BITS_POST {path} HTTP/1.1\r\n\
+         Host: 127.0.0.1\r\n\
+         BITS-Packet-Type: Fragment\r\n\
+         BITS-Session-Id: {sid}\r\n\
+         Content-Range: bytes {first}-{last}/{total}\r\n\
+         Content-Length: {len}\r\n\r\n",
+        last = first + len - 1
+    )
+    .into_bytes()
+}
+
+/// Polls until `check` holds, failing after `limit`.
+async fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn resumes_after_sigkill_between_and_during_fragments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let path = "/big.bin";
+    let source = data(3 * MIB, 42);
+    let total = source.len();
+
+    // First process: five fragments, every Ack exact.
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let sid = client.create_ok(path).await;
+    for i in 0..5 {
+        let first = i * FRAG;
+        let reply = client
+            .fragment(
+                path,
+                &sid,
+                first as u64,
+                &source[first..first + FRAG],
+                total as u64,
+            )
+            .await;
+        reply.assert_ok();
+        assert_eq!(reply.received(), Some((first + FRAG) as u64));
+    }
+    // The client never saw the fifth Ack: it believes the server holds 4 fragments.
+    let acked = 5 * FRAG as u64;
+    let believed = 4 * FRAG as u64;
+    server.kill();
+
+    // Durable state: the record holds the acknowledged offset, the part holds the bytes.
+    let recs = records(root).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].id.to_string(), sid);
+    assert_eq!(recs[0].phase, Phase::Receiving);
+    assert_eq!(recs[0].received, acked);
+    assert_eq!(recs[0].total, Some(total as u64));
+    assert_part_prefix(root, &sid, &source, acked);
+
+    // Second process: re-sent fragments for acknowledged bytes get 200 and the same offset.
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let b = usize::try_from(believed).unwrap();
+    let reply = client
+        .fragment(path, &sid, believed, &source[b..b + FRAG], total as u64)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(acked), "acknowledged offset lost");
+    let reply = client
+        .fragment(path, &sid, 0, &source[..FRAG], total as u64)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(acked), "acknowledged offset lost");
+
+    // A 1 MiB fragment whose body is cut off by a crash: 640 KiB sent, then SIGKILL once the
+    // server has streamed part of it to the part file.
+    let a = usize::try_from(acked).unwrap();
+    let big = MIB;
+    let sent = 640 * KIB;
+    let mut raw = RawConn::connect(server.addr).await;
+    raw.write(&fragment_head(path, &sid, a, big, total)).await;
+    raw.write(&source[a..a + sent]).await;
+    wait_for(Duration::from_secs(10), "the part to grow", || {
+        part_len(root, &sid) >= acked + 256 * KIB as u64
+    })
+    .await;
+    server.kill();
+    drop(raw);
+
+    let recs = records(root).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let durable = recs[0].received;
+    assert!(
+        (acked..=acked + sent as u64).contains(&durable),
+        "record offset {durable} outside [{acked}, {}]",
+        acked + sent as u64
+    );
+    assert_part_prefix(root, &sid, &source, durable);
+
+    // Third process: the client last saw `acked`; it is impatient and first tries a fragment
+    // further on (a gap: 416 with the server's offset), then follows the offsets to the end.
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let ahead = (10 * FRAG) as u64;
+    let reply = client
+        .fragment(
+            path,
+            &sid,
+            ahead,
+            &source[10 * FRAG..11 * FRAG],
+            total as u64,
+        )
+        .await;
+    reply.assert_error(416, "0x0");
+    let resumed_at = reply.received().expect("received on 416");
+    assert!(
+        (acked..=acked + sent as u64).contains(&resumed_at),
+        "server resumed at {resumed_at}, acknowledged {acked}"
+    );
+    assert_eq!(
+        resumed_at, durable,
+        "offset differs from the durable record"
+    );
+    // The client re-sends from its own belief (acked), an overlap if the server kept more.
+    let replies = resume(&client, path, &sid, &source, acked, FRAG).await;
+    assert_eq!(replies.last().unwrap().received(), Some(total as u64));
+    // Committed at the last fragment (default commit point), before Close.
+    assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
+    client.close(path, &sid).await.assert_ok();
+    assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
+    server.kill();
+    assert_only_closed_tombstones(root, 1).await;
+
+    // Fourth process: the tombstone answers repeats consistently (section 8.5).
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    client.close(path, &sid).await.assert_ok();
+    let last = total - FRAG;
+    let reply = client
+        .fragment(path, &sid, last as u64, &source[last..], total as u64)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(total as u64));
+    client.create(path).await.assert_error(403, "0x80070005");
+    server.kill();
+    assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
+    assert_only_closed_tombstones(root, 1).await;
+}
+
+#[tokio::test]
+async fn sigkill_with_half_a_fragment_sent_then_after_the_final_ack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let path = "/half.bin";
+    let source = data(MIB + 12_345, 7);
+    let total = source.len();
+
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let sid = client.create_ok(path).await;
+    client
+        .fragment(path, &sid, 0, &source[..FRAG], total as u64)
+        .await
+        .assert_ok();
+    // Half of the second fragment's body, then the server dies.
+    let mut raw = RawConn::connect(server.addr).await;
+    raw.write(&fragment_head(path, &sid, FRAG, FRAG, total))
+        .await;
+    raw.write(&source[FRAG..FRAG + FRAG / 2]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.kill();
+    drop(raw);
+
+    let recs = records(root).await;
+    assert_eq!(recs.len(), 1);
+    assert!((FRAG as u64..=(FRAG + FRAG / 2) as u64).contains(&recs[0].received));
+
+    // The client re-sends the interrupted fragment and follows the offsets.
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let replies = resume(&client, path, &sid, &source, FRAG as u64, FRAG).await;
+    let final_reply = replies.last().unwrap();
+    assert_eq!(final_reply.received(), Some(total as u64));
+    assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
+    // The final Ack is lost and the server dies before the client's Close-Session.
+    server.kill();
+    assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
+
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let last = total - 5000;
+    let reply = client
+        .fragment(path, &sid, last as u64, &source[last..], total as u64)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(total as u64));
+    client.close(path, &sid).await.assert_ok();
+    server.kill();
+    assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
+    assert_only_closed_tombstones(root, 1).await;
+}
+
+#[tokio::test]
+async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let path = "/lossy.bin";
+    let source = data(MIB + MIB / 2, 9);
+    let total = source.len() as u64;
+
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let sid = client.create_ok(path).await;
+    for first in (0..4 * FRAG).step_by(FRAG) {
+        let reply = client
+            .fragment(
+                path,
+                &sid,
+                first as u64,
+                &source[first..first + FRAG],
+                total,
+            )
+            .await;
+        reply.assert_ok();
+        assert_eq!(reply.received(), Some((first + FRAG) as u64));
+    }
+    server.kill();
+
+    // A power loss took the unsynced tail of the part (the default staging does not fsync
+    // fragments): the part is shorter than the record claims.
+    let kept = 600_000u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(part_path(root, &sid))
+        .unwrap()
+        .set_len(kept)
+        .unwrap();
+
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let first = 4 * FRAG;
+    let reply = client
+        .fragment(
+            path,
+            &sid,
+            first as u64,
+            &source[first..first + FRAG],
+            total,
+        )
+        .await;
+    reply.assert_error(416, "0x0");
+    assert_eq!(reply.received(), Some(kept), "must resume from the data");
+    resume(&client, path, &sid, &source, kept, FRAG).await;
+    client.close(path, &sid).await.assert_ok();
+    server.kill();
+    assert!(std::fs::read(root.join("lossy.bin")).unwrap() == source);
+    assert_only_closed_tombstones(root, 1).await;
+}
