@@ -156,10 +156,11 @@ fn check_component(c: &str) -> Result<(), DestinationError> {
     }
     let stem = c.split('.').next().unwrap_or(c).trim_end();
     let device = |name: &str| stem.eq_ignore_ascii_case(name);
-    let numbered = |base: &str| {
-        stem.len() == base.len() + 1
-            && stem[..base.len()].eq_ignore_ascii_case(base)
-            && stem.as_bytes()[base.len()].is_ascii_digit()
+    // Bytes, not str slices: a name may be any UTF-8, and slicing it at a byte index could
+    // fall inside a character.
+    let numbered = |base: &str| match stem.as_bytes().split_last() {
+        Some((digit, rest)) => rest.eq_ignore_ascii_case(base.as_bytes()) && digit.is_ascii_digit(),
+        None => false,
     };
     if ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
         .iter()
@@ -195,6 +196,13 @@ mod tests {
         assert_eq!(map("/a.b.c").unwrap(), "a.b.c");
         assert_eq!(map("/console.txt").unwrap(), "console.txt");
         assert_eq!(map("/com10").unwrap(), "com10");
+        // Found by the fuzzer: a 4-byte name whose last character is 2 bytes long.
+        assert_eq!(map("/in\u{45A}").unwrap(), "in\u{45A}");
+        assert_eq!(map("/CO\u{45A}").unwrap(), "CO\u{45A}");
+        assert_eq!(
+            map("/\u{45A}\u{45A}\u{45A}").unwrap(),
+            "\u{45A}\u{45A}\u{45A}"
+        );
     }
 
     #[test]
