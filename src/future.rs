@@ -2,14 +2,15 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::protocol::Ack;
+use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::store::BoxFuture;
 
 pin_project! {
@@ -65,7 +66,22 @@ where
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
             KindProj::Bits { future, .. } => {
-                let ack = ready!(future.as_mut().poll(cx));
+                // A bug must not cost the client its connection and its answer: a panic
+                // while handling a packet becomes a transient 500 error Ack.
+                let polled =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+                let ack = match polled {
+                    Ok(poll) => ready!(poll),
+                    Err(_) => {
+                        tracing::error!("BITS packet handler panicked");
+                        *future = Box::pin(std::future::pending());
+                        Ack::error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            Hresult::E_FAIL,
+                            ErrorContext::RemoteFile,
+                        )
+                    }
+                };
                 Poll::Ready(Ok(ack.into_response()))
             }
         }
