@@ -3,7 +3,9 @@
 
 mod common;
 
+use Destination;
 use axum_bits::SessionId;
+use axum_bits::staging::{LocalStaging, Staging, StagingError};
 use axum_bits::store::{FileStore, SessionStore};
 use common::{TestServer, data};
 
@@ -108,54 +110,48 @@ async fn failed_commit_is_retried_by_the_resent_final_fragment() {
 
 /// A staging that delegates to `LocalStaging` but panics when a session is created, standing
 /// in for a bug in a user's backend.
-struct PanickingStaging(axum_bits::staging::LocalStaging);
+struct PanickingStaging(LocalStaging);
 
-impl axum_bits::staging::Staging for PanickingStaging {
-    type Part = <axum_bits::staging::LocalStaging as axum_bits::staging::Staging>::Part;
+impl Staging for PanickingStaging {
+    type Part = <LocalStaging as Staging>::Part;
 
     async fn check_destination(
         &self,
-        destination: &axum_bits::destination::Destination,
+        destination: &Destination,
         overwrite: bool,
-    ) -> Result<(), axum_bits::staging::StagingError> {
+    ) -> Result<(), StagingError> {
         self.0.check_destination(destination, overwrite).await
     }
-    async fn create(&self, _: SessionId) -> Result<(), axum_bits::staging::StagingError> {
+    async fn create(&self, _: SessionId) -> Result<(), StagingError> {
         panic!("bug in a staging backend")
     }
-    async fn len(&self, id: SessionId) -> Result<Option<u64>, axum_bits::staging::StagingError> {
+    async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
         self.0.len(id).await
     }
-    async fn open(
-        &self,
-        id: SessionId,
-        offset: u64,
-    ) -> Result<Self::Part, axum_bits::staging::StagingError> {
+    async fn open(&self, id: SessionId, offset: u64) -> Result<Self::Part, StagingError> {
         self.0.open(id, offset).await
     }
     async fn commit(
         &self,
         id: SessionId,
-        destination: &axum_bits::destination::Destination,
+        destination: &Destination,
         total: u64,
         overwrite: bool,
-    ) -> Result<(), axum_bits::staging::StagingError> {
+    ) -> Result<(), StagingError> {
         self.0.commit(id, destination, total, overwrite).await
     }
-    async fn discard(&self, id: SessionId) -> Result<(), axum_bits::staging::StagingError> {
+    async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
         self.0.discard(id).await
     }
-    async fn list(&self) -> Result<Vec<SessionId>, axum_bits::staging::StagingError> {
+    async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
         self.0.list().await
     }
 }
 
-use axum_bits::staging::Staging as _;
-
 #[tokio::test]
 async fn a_panicking_backend_still_gets_an_error_ack_and_the_server_lives_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let local = axum_bits::staging::LocalStaging::new(tmp.path()).unwrap();
+    let local = LocalStaging::new(tmp.path()).unwrap();
     let server =
         TestServer::start_in(tmp.path(), move |b| b.staging(PanickingStaging(local))).await;
     let client = server.client();
