@@ -3,8 +3,8 @@
 
 mod common;
 
-use Destination;
 use axum_bits::SessionId;
+use axum_bits::destination::Destination;
 use axum_bits::staging::{LocalStaging, Staging, StagingError};
 use axum_bits::store::{FileStore, SessionStore};
 use common::{TestServer, data};
