@@ -301,7 +301,11 @@ async fn take_over_abandoned(
     holder: SessionId,
     owner: Option<&Owner>,
 ) -> Result<bool, Failure> {
-    let _guard = shared.locks.lock(holder).await;
+    // A holder whose lock is taken has a packet in flight: not abandoned. (Waiting for it
+    // here would stall every Create-Session behind the create lock.)
+    let Some(_guard) = shared.locks.try_lock(holder) else {
+        return Ok(false);
+    };
     let Some(mut stale) = shared.store.load(holder).await? else {
         return Ok(false);
     };

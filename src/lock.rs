@@ -38,6 +38,21 @@ impl<K: Hash + Eq + Clone> KeyedLock<K> {
         }
     }
 
+    /// The lock for `key` if nobody holds it right now.
+    pub(crate) fn try_lock(&self, key: K) -> Option<KeyedGuard<K>> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = slots.entry(key.clone()).or_default().clone();
+        match slot.try_lock_owned() {
+            Ok(guard) => Some(KeyedGuard {
+                guard: Some(guard),
+                key,
+                slots: self.slots.clone(),
+            }),
+            // Someone holds it, so the slot stays; nothing to clean up.
+            Err(_) => None,
+        }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.slots
@@ -94,7 +109,12 @@ mod tests {
         let a = locks.lock(1).await;
         let b = locks.lock(2).await;
         assert_eq!(locks.len(), 2);
+        assert!(locks.try_lock(1).is_none());
         drop((a, b));
+        assert_eq!(locks.len(), 0);
+        let c = locks.try_lock(1).unwrap();
+        assert!(locks.try_lock(1).is_none());
+        drop(c);
         assert_eq!(locks.len(), 0);
     }
 }
