@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BitsClient, RawConn, RawResponse, TestServer, data};
+use common::{BitsClient, RawConn, RawResponse, TestServer, data, fragment_head};
 
 /// A small deterministic generator for sizes.
 struct Rng(u64);
@@ -83,19 +83,6 @@ async fn forty_simultaneous_sessions_land_byte_identical() {
             .all(|p| p.extension().is_some_and(|e| e == "json"))
     );
     server.stop().await;
-}
-
-fn fragment_head(path: &str, sid: &str, first: usize, len: usize, total: usize) -> Vec<u8> {
-    format!(
-        "BITS_POST {path} HTTP/1.1\r\n\
-         Host: 127.0.0.1\r\n\
-         BITS-Packet-Type: Fragment\r\n\
-         BITS-Session-Id: {sid}\r\n\
-         Content-Range: bytes {first}-{last}/{total}\r\n\
-         Content-Length: {len}\r\n\r\n",
-        last = first + len - 1
-    )
-    .into_bytes()
 }
 
 fn received(response: &RawResponse) -> u64 {

@@ -21,7 +21,7 @@ use axum::routing::get;
 use axum_bits::BitsLayer;
 use axum_bits::session::{Phase, SessionRecord};
 use axum_bits::store::{FileStore, SessionStore};
-use common::{BitsClient, RawConn, Reply, data};
+use common::{BitsClient, RawConn, Reply, data, fragment_head};
 
 const CHILD_ENV: &str = "AXUM_BITS_CHILD_ROOT";
 const KIB: usize = 1024;
@@ -224,19 +224,6 @@ async fn resume(
         }
     }
     replies
-}
-
-fn fragment_head(path: &str, sid: &str, first: usize, len: usize, total: usize) -> Vec<u8> {
-    format!(
-        "BITS_POST {path} HTTP/1.1\r\n\
-         Host: 127.0.0.1\r\n\
-         BITS-Packet-Type: Fragment\r\n\
-         BITS-Session-Id: {sid}\r\n\
-         Content-Range: bytes {first}-{last}/{total}\r\n\
-         Content-Length: {len}\r\n\r\n",
-        last = first + len - 1
-    )
-    .into_bytes()
 }
 
 /// Polls until `check` holds, failing after `limit`.

@@ -351,6 +351,20 @@ impl BitsClient {
     }
 }
 
+/// The head of a raw Fragment request for `len` bytes at `first` of a `total`-byte file.
+pub fn fragment_head(path: &str, sid: &str, first: usize, len: usize, total: usize) -> Vec<u8> {
+    format!(
+        "BITS_POST {path} HTTP/1.1\r\n\
+         Host: 127.0.0.1\r\n\
+         BITS-Packet-Type: Fragment\r\n\
+         BITS-Session-Id: {sid}\r\n\
+         Content-Range: bytes {first}-{last}/{total}\r\n\
+         Content-Length: {len}\r\n\r\n",
+        last = first + len - 1
+    )
+    .into_bytes()
+}
+
 /// A raw HTTP/1.1 connection: sends exact bytes, parses responses with header case kept.
 pub struct RawConn {
     stream: TcpStream,
