@@ -105,6 +105,10 @@ pub enum Packet {
 impl Packet {
     /// Parses the packet a `BITS_POST` request carries. The method is not checked here.
     ///
+    /// Header values over [`MAX_HEADER_VALUE_LEN`] are refused, except credentials
+    /// (`Authorization`, `Proxy-Authorization`, `Cookie`), which belong to the authentication
+    /// layer.
+    ///
     /// Tolerates what Windows sends: any header casing and order, mixed-case packet types,
     /// `Content-Name` on any packet, a missing `Content-Length` on bodyless packets, a
     /// `BITS-Session-Id` on Ping.
@@ -114,9 +118,19 @@ impl Packet {
 
     /// [`Packet::parse`] over a bare header map.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, ProtocolError> {
+        // Credentials are exempt: they belong to the authentication layer, and Kerberos
+        // tokens in `Authorization` routinely exceed 4 KB.
+        let credential = |name: &http::HeaderName| {
+            [
+                header::AUTHORIZATION,
+                header::PROXY_AUTHORIZATION,
+                header::COOKIE,
+            ]
+            .contains(name)
+        };
         if let Some((name, _)) = headers
             .iter()
-            .find(|(_, value)| value.len() > MAX_HEADER_VALUE_LEN)
+            .find(|(name, value)| value.len() > MAX_HEADER_VALUE_LEN && !credential(name))
         {
             return Err(ProtocolError::HeaderTooLarge(name.as_str().to_owned()));
         }
@@ -549,6 +563,11 @@ mod tests {
         assert_eq!(
             parse(&[("BITS-Packet-Type", "Ping"), ("X-Whatever", &big)]),
             Err(ProtocolError::HeaderTooLarge("x-whatever".into()))
+        );
+        let kerberos = format!("Negotiate {}", "Y".repeat(12_000));
+        assert_eq!(
+            parse(&[("BITS-Packet-Type", "Ping"), ("Authorization", &kerberos)]),
+            Ok(Packet::Ping)
         );
         let edge = "x".repeat(MAX_HEADER_VALUE_LEN);
         assert_eq!(
