@@ -1,5 +1,5 @@
-//! Session edge cases: retried Create-Session after a lost Ack, commit retried after a
-//! failed commit.
+//! Session edge cases: a retried Create-Session after a lost Ack, a commit retried after a
+//! failed commit, and backends that fail (a panic, a full disk).
 
 mod common;
 
@@ -160,4 +160,103 @@ async fn a_panicking_backend_still_gets_an_error_ack_and_the_server_lives_on() {
         .await
         .assert_error(500, "0x80004005");
     client.ping("/p.bin").await.assert_ok();
+}
+
+/// A `LocalStaging` whose disk is "full" while the flag is set.
+#[derive(Clone)]
+struct FullDisk {
+    inner: LocalStaging,
+    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FullPart {
+    inner: <LocalStaging as Staging>::Part,
+    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn no_space() -> StagingError {
+    StagingError::Io(std::io::Error::from_raw_os_error(28))
+}
+
+impl axum_bits::staging::PartWriter for FullPart {
+    async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), StagingError> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(no_space());
+        }
+        self.inner.write(chunk).await
+    }
+    async fn finish(self) -> Result<(), StagingError> {
+        self.inner.finish().await
+    }
+}
+
+impl Staging for FullDisk {
+    type Part = FullPart;
+
+    async fn check_destination(
+        &self,
+        d: &Destination,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        self.inner.check_destination(d, overwrite).await
+    }
+    async fn create(&self, id: SessionId) -> Result<(), StagingError> {
+        self.inner.create(id).await
+    }
+    async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
+        self.inner.len(id).await
+    }
+    async fn open(&self, id: SessionId, offset: u64) -> Result<FullPart, StagingError> {
+        Ok(FullPart {
+            inner: self.inner.open(id, offset).await?,
+            full: self.full.clone(),
+        })
+    }
+    async fn commit(
+        &self,
+        id: SessionId,
+        d: &Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        self.inner.commit(id, d, total, overwrite).await
+    }
+    async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
+        self.inner.discard(id).await
+    }
+    async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
+        self.inner.list().await
+    }
+}
+
+#[tokio::test]
+async fn disk_full_is_a_transient_500_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let staging = FullDisk {
+        inner: LocalStaging::new(tmp.path()).unwrap(),
+        full: full.clone(),
+    };
+    let server = TestServer::start_in(tmp.path(), move |b| b.staging(staging)).await;
+    let client = server.client();
+    let bytes = data(8000, 9);
+    let sid = client.create_ok("/d.bin").await;
+    client
+        .fragment("/d.bin", &sid, 0, &bytes[..3000], 8000)
+        .await
+        .assert_ok();
+
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reply = client
+        .fragment("/d.bin", &sid, 3000, &bytes[3000..], 8000)
+        .await;
+    reply.assert_error(500, "0x80070070");
+    assert_eq!(reply.received(), Some(3000));
+    assert!(!tmp.path().join("d.bin").exists());
+
+    // Space comes back; the client's retry continues from the acknowledged offset.
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    client.send_all("/d.bin", &sid, &bytes, 8000).await;
+    client.close("/d.bin", &sid).await.assert_ok();
+    assert_eq!(std::fs::read(tmp.path().join("d.bin")).unwrap(), bytes);
 }
