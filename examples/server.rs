@@ -24,7 +24,7 @@ use clap::{Parser, ValueEnum};
 /// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
 /// or `Start-BitsTransfer -TransferType Upload`.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
