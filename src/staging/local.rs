@@ -13,7 +13,8 @@ use crate::session::SessionId;
 ///
 /// Each open session has `<staging dir>/<session id>.part`. Fragments are written at the
 /// session's offset through a small write buffer (never the whole fragment) on the blocking
-/// thread pool, overlapping disk writes with network reads. A commit truncates the part to
+/// thread pool, overlapping disk writes with network reads; a large part is flushed to disk
+/// in the background as it grows, so the commit's fsync is short. A commit truncates the part to
 /// the file's size, fsyncs it, moves it into place and fsyncs the destination's folder:
 /// without overwrites by a hard link (which fails if the destination exists, so a file that
 /// appeared meanwhile is never replaced) followed by an unlink; with overwrites by a rename.
@@ -23,6 +24,7 @@ use crate::session::SessionId;
 #[derive(Debug, Clone)]
 pub struct LocalStaging {
     inner: Arc<Inner>,
+    writeback: Arc<Writeback>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +38,51 @@ struct Inner {
 
 /// Write buffer per fragment in flight; two of them alternate.
 const DEFAULT_BUFFER: usize = 256 * 1024;
+
+/// Unsynced bytes of one part after which its writeback to disk starts in the background.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Starts flushing a large part to disk while it is still being uploaded, so that the fsync
+/// of the commit (which the final Ack waits for) has only the tail left to write. At most one
+/// flush per part runs at a time; each is a short blocking task that ends by itself.
+#[derive(Debug, Default)]
+struct Writeback {
+    parts: std::sync::Mutex<std::collections::HashMap<SessionId, Pending>>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    unsynced: u64,
+    flush: Option<JoinHandle<()>>,
+}
+
+impl Writeback {
+    fn wrote(&self, id: SessionId, bytes: u64, file: &Arc<std::fs::File>) {
+        let mut parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pending = parts.entry(id).or_default();
+        pending.unsynced += bytes;
+        if pending.unsynced >= WRITEBACK_EVERY
+            && pending.flush.as_ref().is_none_or(JoinHandle::is_finished)
+        {
+            pending.unsynced = 0;
+            let file = file.clone();
+            // An error here resurfaces in the commit's own fsync, which is what decides.
+            pending.flush = Some(tokio::task::spawn_blocking(move || drop(file.sync_data())));
+        }
+    }
+
+    /// Stops tracking a part; returns its running flush, if any.
+    fn forget(&self, id: SessionId) -> Option<JoinHandle<()>> {
+        let mut parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        parts.remove(&id).and_then(|p| p.flush)
+    }
+}
 
 impl LocalStaging {
     /// Staging under `root/.bits/parts`, committing into `root`. Creates both folders.
@@ -62,6 +109,7 @@ impl LocalStaging {
                 sync_data: false,
                 buffer_size: DEFAULT_BUFFER,
             }),
+            writeback: Arc::default(),
         })
     }
 
@@ -92,6 +140,7 @@ impl LocalStaging {
         f(&mut inner);
         Self {
             inner: Arc::new(inner),
+            writeback: self.writeback,
         }
     }
 
@@ -224,7 +273,10 @@ impl Staging for LocalStaging {
         })
         .await?;
         Ok(LocalPart {
+            id,
             file: Arc::new(file),
+            written: 0,
+            writeback: self.writeback.clone(),
             offset,
             buffer: Vec::with_capacity(self.inner.buffer_size),
             spare: None,
@@ -241,6 +293,9 @@ impl Staging for LocalStaging {
         total: u64,
         overwrite: bool,
     ) -> Result<(), StagingError> {
+        if let Some(flush) = self.writeback.forget(id) {
+            let _ = flush.await;
+        }
         let inner = self.inner.clone();
         let part = self.part(id);
         let destination = destination.clone();
@@ -289,6 +344,7 @@ impl Staging for LocalStaging {
     }
 
     async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
+        self.writeback.forget(id);
         match tokio::fs::remove_file(self.part(id)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -324,7 +380,11 @@ fn target_error(e: io::Error, path: &Path) -> StagingError {
 /// pool, and fills a second one while the first is written.
 #[derive(Debug)]
 pub struct LocalPart {
+    id: SessionId,
     file: Arc<std::fs::File>,
+    /// Bytes handed to the file by this writer.
+    written: u64,
+    writeback: Arc<Writeback>,
     offset: u64,
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
@@ -355,6 +415,7 @@ impl LocalPart {
         let data = std::mem::replace(&mut self.buffer, next);
         let (file, offset) = (self.file.clone(), self.offset);
         self.offset += data.len() as u64;
+        self.written += data.len() as u64;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             write_all_at(&file, &data, offset)?;
             Ok(data)
@@ -382,6 +443,8 @@ impl PartWriter for LocalPart {
         if self.sync_data {
             let file = self.file.clone();
             blocking(move || Ok(file.sync_data()?)).await?;
+        } else {
+            self.writeback.wrote(self.id, self.written, &self.file);
         }
         Ok(())
     }
