@@ -16,7 +16,7 @@
 //!     let bits = BitsLayer::builder("./uploads")
 //!         .max_upload_size(4 << 30)
 //!         .build()?;
-//!     // Expired sessions are deleted by a future you spawn; the crate starts no tasks.
+//!     // Expired sessions are deleted by a future you spawn; the crate runs no background loop of its own.
 //!     tokio::spawn(bits.sweeper().run());
 //!
 //!     let app = Router::new()

@@ -1,4 +1,4 @@
-//! Expiry of idle sessions, as a future the application spawns (the crate starts no tasks).
+//! Expiry of idle sessions, as a future the application spawns (the crate runs no background loop of its own).
 
 use std::sync::Arc;
 
