@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum_bits::SessionId;
 use axum_bits::destination::Destination;
 use axum_bits::staging::{LocalStaging, Staging, StagingError};
@@ -108,80 +111,34 @@ async fn failed_commit_is_retried_by_the_resent_final_fragment() {
     assert!(common::parts(&server.root).is_empty());
 }
 
-/// A staging that delegates to `LocalStaging` but panics when a session is created, standing
-/// in for a bug in a user's backend.
-struct PanickingStaging(LocalStaging);
-
-impl Staging for PanickingStaging {
-    type Part = <LocalStaging as Staging>::Part;
-
-    async fn check_destination(
-        &self,
-        destination: &Destination,
-        overwrite: bool,
-    ) -> Result<(), StagingError> {
-        self.0.check_destination(destination, overwrite).await
-    }
-    async fn create(&self, _: SessionId) -> Result<(), StagingError> {
-        panic!("bug in a staging backend")
-    }
-    async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
-        self.0.len(id).await
-    }
-    async fn open(&self, id: SessionId, offset: u64) -> Result<Self::Part, StagingError> {
-        self.0.open(id, offset).await
-    }
-    async fn commit(
-        &self,
-        id: SessionId,
-        destination: &Destination,
-        total: u64,
-        overwrite: bool,
-    ) -> Result<(), StagingError> {
-        self.0.commit(id, destination, total, overwrite).await
-    }
-    async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
-        self.0.discard(id).await
-    }
-    async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
-        self.0.list().await
-    }
-}
-
-#[tokio::test]
-async fn a_panicking_backend_still_gets_an_error_ack_and_the_server_lives_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let local = LocalStaging::new(tmp.path()).unwrap();
-    let server =
-        TestServer::start_in(tmp.path(), move |b| b.staging(PanickingStaging(local))).await;
-    let client = server.client();
-    client
-        .create("/p.bin")
-        .await
-        .assert_error(500, "0x80004005");
-    client.ping("/p.bin").await.assert_ok();
-}
-
-/// A `LocalStaging` whose disk is "full" while the flag is set.
+/// `LocalStaging` with injected faults, standing in for a failing or buggy backend: it panics
+/// on Create-Session if `panic_on_create`, and its disk is "full" while `full` is set.
 #[derive(Clone)]
-struct FullDisk {
+struct FaultyStaging {
     inner: LocalStaging,
-    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    panic_on_create: bool,
+    full: Arc<AtomicBool>,
 }
 
-struct FullPart {
+impl FaultyStaging {
+    fn new(root: &std::path::Path) -> Self {
+        Self {
+            inner: LocalStaging::new(root).unwrap(),
+            panic_on_create: false,
+            full: Arc::default(),
+        }
+    }
+}
+
+struct FaultyPart {
     inner: <LocalStaging as Staging>::Part,
-    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    full: Arc<AtomicBool>,
 }
 
-fn no_space() -> StagingError {
-    StagingError::Io(std::io::Error::from_raw_os_error(28))
-}
-
-impl axum_bits::staging::PartWriter for FullPart {
+impl axum_bits::staging::PartWriter for FaultyPart {
     async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), StagingError> {
-        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(no_space());
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StagingError::Io(std::io::Error::from_raw_os_error(28)));
         }
         self.inner.write(chunk).await
     }
@@ -190,8 +147,8 @@ impl axum_bits::staging::PartWriter for FullPart {
     }
 }
 
-impl Staging for FullDisk {
-    type Part = FullPart;
+impl Staging for FaultyStaging {
+    type Part = FaultyPart;
 
     async fn check_destination(
         &self,
@@ -201,13 +158,14 @@ impl Staging for FullDisk {
         self.inner.check_destination(d, overwrite).await
     }
     async fn create(&self, id: SessionId) -> Result<(), StagingError> {
+        assert!(!self.panic_on_create, "bug in a staging backend");
         self.inner.create(id).await
     }
     async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
         self.inner.len(id).await
     }
-    async fn open(&self, id: SessionId, offset: u64) -> Result<FullPart, StagingError> {
-        Ok(FullPart {
+    async fn open(&self, id: SessionId, offset: u64) -> Result<FaultyPart, StagingError> {
+        Ok(FaultyPart {
             inner: self.inner.open(id, offset).await?,
             full: self.full.clone(),
         })
@@ -230,13 +188,26 @@ impl Staging for FullDisk {
 }
 
 #[tokio::test]
+async fn a_panicking_backend_still_gets_an_error_ack_and_the_server_lives_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let staging = FaultyStaging {
+        panic_on_create: true,
+        ..FaultyStaging::new(tmp.path())
+    };
+    let server = TestServer::start_in(tmp.path(), move |b| b.staging(staging)).await;
+    let client = server.client();
+    client
+        .create("/p.bin")
+        .await
+        .assert_error(500, "0x80004005");
+    client.ping("/p.bin").await.assert_ok();
+}
+
+#[tokio::test]
 async fn disk_full_is_a_transient_500_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let staging = FullDisk {
-        inner: LocalStaging::new(tmp.path()).unwrap(),
-        full: full.clone(),
-    };
+    let staging = FaultyStaging::new(tmp.path());
+    let full = staging.full.clone();
     let server = TestServer::start_in(tmp.path(), move |b| b.staging(staging)).await;
     let client = server.client();
     let bytes = data(8000, 9);
@@ -246,7 +217,7 @@ async fn disk_full_is_a_transient_500_and_loses_nothing() {
         .await
         .assert_ok();
 
-    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    full.store(true, Ordering::SeqCst);
     let reply = client
         .fragment("/d.bin", &sid, 3000, &bytes[3000..], 8000)
         .await;
@@ -255,7 +226,7 @@ async fn disk_full_is_a_transient_500_and_loses_nothing() {
     assert!(!tmp.path().join("d.bin").exists());
 
     // Space comes back; the client's retry continues from the acknowledged offset.
-    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    full.store(false, Ordering::SeqCst);
     client.send_all("/d.bin", &sid, &bytes, 8000).await;
     client.close("/d.bin", &sid).await.assert_ok();
     assert_eq!(std::fs::read(tmp.path().join("d.bin")).unwrap(), bytes);
