@@ -440,13 +440,11 @@ where
         }
         (Err(error), flushed) => {
             // Keep the prefix that did arrive: it is genuine data at the right offsets, and the
-            // client resumes from it through BITS-Received-Content-Range. It is shorter than
-            // the range, so it never completes the file.
+            // client resumes from it through BITS-Received-Content-Range.
             let keep = !matches!(error, BodyError::TooLong) && flushed.is_ok() && written > 0;
             if keep {
                 save(shared, record, |r| {
-                    r.total = Some(write.total);
-                    r.received = write.offset + written;
+                    r.advance(write.total, write.offset + written)
                 })
                 .await?;
                 *received = Some(record.received);
@@ -454,14 +452,7 @@ where
             return Err(error.into());
         }
     }
-    save(shared, record, |r| {
-        r.total = Some(write.total);
-        r.received = write.end();
-        if write.completes() {
-            r.phase = Phase::Complete;
-        }
-    })
-    .await?;
+    save(shared, record, |r| r.advance(write.total, write.end())).await?;
     *received = Some(record.received);
     if write.completes() {
         tracing::info!(bytes = write.total, "all bytes received");

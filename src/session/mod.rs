@@ -166,6 +166,17 @@ impl SessionRecord {
         }
     }
 
+    /// Records that the part holds `received` contiguous bytes of a `total`-byte file. The
+    /// session becomes [`Phase::Complete`] exactly when all of them are there, whichever path
+    /// (a whole fragment or the kept prefix of a broken one) got it there.
+    pub fn advance(&mut self, total: u64, received: u64) {
+        self.total = Some(total);
+        self.received = received;
+        if received == total && self.phase == Phase::Receiving {
+            self.phase = Phase::Complete;
+        }
+    }
+
     /// Whether the session is still open (not closed, cancelled or expired).
     pub fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Receiving | Phase::Complete)
@@ -250,6 +261,21 @@ mod tests {
         r.received = 5;
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<SessionRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn advance_completes_exactly_at_the_total() {
+        let mut r = SessionRecord::new(SessionId::new(), "x".into(), "/x".into(), None, 0);
+        r.advance(10, 9);
+        assert_eq!(
+            (r.total, r.received, r.phase),
+            (Some(10), 9, Phase::Receiving)
+        );
+        r.advance(10, 10);
+        assert_eq!(r.phase, Phase::Complete);
+        let mut empty = SessionRecord::new(SessionId::new(), "y".into(), "/y".into(), None, 0);
+        empty.advance(0, 0);
+        assert_eq!(empty.phase, Phase::Complete);
     }
 
     #[test]
