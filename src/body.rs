@@ -1,11 +1,11 @@
 //! Streams one fragment body into staging, frame by frame: skips the bytes the session already
 //! holds, enforces the byte count the range announced, and gives up on a body that stalls.
 
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
 use bytes::Buf;
-use http_body::Body;
+use http_body::{Body, Frame};
 
 use crate::staging::{DynPart, StagingError};
 
@@ -22,6 +22,18 @@ pub(crate) enum BodyError {
     TooShort { missing: u64 },
     #[error(transparent)]
     Staging(#[from] StagingError),
+}
+
+/// The body's next frame; `None` when it has ended, `Err` when none arrived within `idle`.
+async fn next_frame<B: Body>(
+    body: &mut Pin<&mut B>,
+    idle: Duration,
+) -> Result<Option<Result<Frame<B::Data>, B::Error>>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(
+        idle,
+        std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
+    )
+    .await
 }
 
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
@@ -43,12 +55,7 @@ where
     let mut body = pin!(body);
     let mut written = 0u64;
     loop {
-        let frame = match tokio::time::timeout(
-            idle,
-            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
-        )
-        .await
-        {
+        let frame = match next_frame(&mut body, idle).await {
             Err(_) => return (written, Err(BodyError::Idle(idle))),
             Ok(None) => break,
             Ok(Some(Err(e))) => return (written, Err(BodyError::Client(e.into()))),
@@ -91,12 +98,7 @@ pub(crate) async fn drain<B: Body>(body: B, limit: u64, idle: Duration) -> bool 
     let mut body = pin!(body);
     let mut seen = 0u64;
     loop {
-        match tokio::time::timeout(
-            idle,
-            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
-        )
-        .await
-        {
+        match next_frame(&mut body, idle).await {
             Ok(None) => return true,
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -371,7 +371,7 @@ where
                 "staged data is shorter than the record; resuming from the data"
             );
             save(shared, &mut record, |r| r.received = held).await?;
-            *received = Some(held);
+            *received = Some(record.received);
         }
     }
 
