@@ -36,6 +36,21 @@ pub enum ConfigError {
     /// `prefix` is not an absolute URL path.
     #[error("invalid prefix {0:?}: expected an absolute path such as /upload")]
     InvalidPrefix(String),
+    /// The notification URL is not an `http://` URL or a relative path of at most 2,200
+    /// characters.
+    #[error("invalid notification URL {url:?}: {reason}")]
+    InvalidNotificationUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `public_origin` is not `http(s)://host[:port]`.
+    #[error("invalid public origin {0:?}: expected scheme://host[:port] with no path")]
+    InvalidPublicOrigin(String),
+    /// The reply folder could not be created.
+    #[error("cannot create the reply folder")]
+    Replies(#[source] std::io::Error),
     /// A limit or timeout is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
@@ -59,6 +74,8 @@ pub(crate) struct Config {
     pub(crate) sweep_interval: Duration,
     pub(crate) create_directories: bool,
     pub(crate) reserved: Vec<String>,
+    pub(crate) completion_policy: crate::completion::CompletionPolicy,
+    pub(crate) public_origin: Option<String>,
 }
 
 impl Default for Config {
@@ -77,6 +94,8 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(60 * 60),
             create_directories: false,
             reserved: vec![".bits".into()],
+            completion_policy: crate::completion::CompletionPolicy::default(),
+            public_origin: None,
         }
     }
 }
@@ -98,6 +117,11 @@ impl Config {
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        if let Some(origin) = &self.public_origin {
+            if !valid_origin(origin) {
+                return Err(ConfigError::InvalidPublicOrigin(origin.clone()));
             }
         }
         let host_id = self
@@ -128,6 +152,17 @@ fn valid_host(host: &str) -> bool {
     }
     host.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// `http(s)://authority` with nothing after the authority.
+fn valid_origin(origin: &str) -> bool {
+    origin.parse::<http::Uri>().ok().is_some_and(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https"))
+            && uri.authority().is_some()
+            && !origin.trim_end_matches('/').ends_with(':')
+            && uri.path_and_query().is_none_or(|pq| pq.as_str() == "/")
+            && origin.matches('/').count() == 2
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +207,27 @@ mod tests {
             &"x".repeat(301),
         ] {
             assert!(!valid_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins() {
+        for ok in [
+            "http://h",
+            "https://files.example.com",
+            "http://10.0.0.1:8080",
+        ] {
+            assert!(valid_origin(ok), "{ok}");
+        }
+        for bad in [
+            "h",
+            "ftp://h",
+            "http://h/x",
+            "http://h/",
+            "https://",
+            "http://h:",
+        ] {
+            assert!(!valid_origin(bad), "{bad}");
         }
     }
 

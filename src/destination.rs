@@ -84,8 +84,9 @@ impl DestinationError {
 
 /// Maps a request path (no query) below `prefix` to a destination.
 ///
-/// `prefix` is `/` or a path like `/upload` (no trailing slash needed). `reserved` lists first
-/// components that requests may not name (the staging folder, e.g. `.bits`), compared
+/// `prefix` is `/` or a path like `/upload` (no trailing slash needed). `reserved` lists
+/// component names that requests may not use at any depth (the staging folder and reply URLs,
+/// e.g. `.bits`), compared
 /// case-insensitively because the destination may live on a case-insensitive filesystem.
 pub fn from_url_path(
     path: &str,
@@ -124,7 +125,7 @@ fn push_component(
     reserved: &[String],
 ) -> Result<(), DestinationError> {
     check_component(component)?;
-    if out.is_empty() && reserved.iter().any(|r| r.eq_ignore_ascii_case(component)) {
+    if reserved.iter().any(|r| r.eq_ignore_ascii_case(component)) {
         return Err(DestinationError::Reserved);
     }
     if !out.is_empty() {
@@ -261,7 +262,9 @@ mod tests {
         assert_eq!(map("/.BITS/x"), Err(DestinationError::Reserved));
         assert_eq!(map("/%2ebits/x"), Err(DestinationError::Reserved));
         assert_eq!(map("/.bits"), Err(DestinationError::Reserved));
-        assert_eq!(map("/x/.bits").unwrap(), "x/.bits");
+        // Reserved at every depth: reply URLs live at `<folder>/.bits/replies/...`.
+        assert_eq!(map("/x/.bits"), Err(DestinationError::Reserved));
+        assert_eq!(map("/x/.Bits/replies/r"), Err(DestinationError::Reserved));
         assert_eq!(map("/.bitsy").unwrap(), ".bitsy");
     }
 

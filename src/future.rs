@@ -10,8 +10,22 @@ use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::file_body::FileBody;
 use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::reply::Download;
 use crate::store::BoxFuture;
+
+/// What the layer answers a request it handles: an Ack for `BITS_POST`, or a reply download.
+pub(crate) enum Answer {
+    Ack(Ack),
+    Download(Download),
+}
+
+impl From<Ack> for Answer {
+    fn from(ack: Ack) -> Self {
+        Self::Ack(ack)
+    }
+}
 
 pin_project! {
     /// Either the inner service's future (pass-through, untouched) or a BITS packet being
@@ -30,7 +44,7 @@ pin_project! {
             future: F,
         },
         Bits {
-            future: BoxFuture<'static, Ack>,
+            future: BoxFuture<'static, Answer>,
             body: PhantomData<fn() -> B>,
         },
     }
@@ -43,7 +57,7 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    pub(crate) fn bits(future: BoxFuture<'static, Ack>) -> Self {
+    pub(crate) fn bits(future: BoxFuture<'static, Answer>) -> Self {
         Self {
             kind: Kind::Bits {
                 future,
@@ -70,26 +84,32 @@ where
                 // while handling a packet becomes a transient 500 error Ack.
                 let polled =
                     std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
-                let ack = match polled {
+                let answer = match polled {
                     Ok(poll) => ready!(poll),
                     Err(_) => {
                         tracing::error!("BITS packet handler panicked");
                         *future = Box::pin(std::future::pending());
-                        Ack::error(
+                        Answer::Ack(Ack::error(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             Hresult::E_FAIL,
                             ErrorContext::RemoteFile,
-                        )
+                        ))
                     }
                 };
-                Poll::Ready(Ok(ack.into_response()))
+                Poll::Ready(Ok(match answer {
+                    Answer::Ack(ack) => ack.into_response(),
+                    Answer::Download(download) => download.map(|body| match body {
+                        Some(body) => ResponseBody::file(body),
+                        None => ResponseBody::default(),
+                    }),
+                }))
             }
         }
     }
 }
 
 pin_project! {
-    /// The inner service's body, or the empty body of an Ack.
+    /// The inner service's body, the empty body of an Ack, or a reply being downloaded.
     pub struct ResponseBody<B> {
         #[pin]
         kind: BodyKind<B>,
@@ -104,6 +124,10 @@ pin_project! {
             body: B,
         },
         Empty,
+        File {
+            #[pin]
+            body: FileBody,
+        },
     }
 }
 
@@ -111,6 +135,12 @@ impl<B> ResponseBody<B> {
     fn inner(body: B) -> Self {
         Self {
             kind: BodyKind::Inner { body },
+        }
+    }
+
+    fn file(body: FileBody) -> Self {
+        Self {
+            kind: BodyKind::File { body },
         }
     }
 }
@@ -123,7 +153,11 @@ impl<B> Default for ResponseBody<B> {
     }
 }
 
-impl<B: Body> Body for ResponseBody<B> {
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Data: From<bytes::Bytes>,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -134,6 +168,16 @@ impl<B: Body> Body for ResponseBody<B> {
         match self.project().kind.project() {
             BodyKindProj::Inner { body } => body.poll_frame(cx),
             BodyKindProj::Empty => Poll::Ready(None),
+            BodyKindProj::File { body } => match ready!(body.poll_frame(cx)) {
+                Some(Ok(frame)) => Poll::Ready(Some(Ok(frame.map_data(B::Data::from)))),
+                // The reply file failed under us. Ending early breaks the declared length, so
+                // the connection is closed and the client resumes with a Range request.
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "reading a reply failed mid-download");
+                    Poll::Ready(None)
+                }
+                None => Poll::Ready(None),
+            },
         }
     }
 
@@ -141,6 +185,7 @@ impl<B: Body> Body for ResponseBody<B> {
         match &self.kind {
             BodyKind::Inner { body } => body.is_end_stream(),
             BodyKind::Empty => true,
+            BodyKind::File { body } => body.is_end_stream(),
         }
     }
 
@@ -148,6 +193,7 @@ impl<B: Body> Body for ResponseBody<B> {
         match &self.kind {
             BodyKind::Inner { body } => body.size_hint(),
             BodyKind::Empty => SizeHint::with_exact(0),
+            BodyKind::File { body } => body.size_hint(),
         }
     }
 }

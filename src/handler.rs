@@ -8,16 +8,23 @@ use http_body::Body;
 use tracing::Instrument;
 
 use crate::body::{BodyError, copy_fragment, drain};
+use crate::completion::{
+    Busy, CompletedUpload, CompletionError, CompletionPolicy, DynCompletion, Reply,
+};
 use crate::config::{CommitPoint, ValidConfig};
 use crate::destination::{self, Destination, DestinationError};
+use crate::hooks::{self, CancelReason, DynHooks, Event, EventKind, Veto};
 use crate::lock::{KeyedGuard, KeyedLock};
 use crate::protocol::{
     Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, SessionHeader, headers,
 };
+use crate::reply::{self, Replies};
 use crate::session::machine::{
     self, CancelDecision, CloseDecision, FragmentDecision, Limits, Refusal, Write,
 };
-use crate::session::{Owner, Phase, SessionId, SessionRecord, now_ms};
+use crate::session::{
+    DeferredState, DeferredStatus, Outcome, Owner, Phase, SessionId, SessionRecord, now_ms,
+};
 use crate::staging::{DynStaging, StagingError};
 use crate::store::{DynStore, StoreError};
 
@@ -31,11 +38,70 @@ pub(crate) struct Shared {
     pub(crate) locks: KeyedLock<SessionId>,
     /// Makes "count open sessions, then create" atomic within this process.
     pub(crate) create_lock: tokio::sync::Mutex<()>,
+    /// The upload-reply handler (in-process or an HTTP notification), if any.
+    pub(crate) completion: Option<Box<dyn DynCompletion>>,
+    /// Reply storage; present exactly when `completion` is.
+    pub(crate) replies: Option<Replies>,
+    /// The application's hooks, if any.
+    pub(crate) hooks: Option<Box<dyn DynHooks>>,
+    /// Wakes the sweeper when a deferred commit is scheduled.
+    pub(crate) wakeup: tokio::sync::Notify,
+    /// Bumped whenever a deferred commit changes state, for waiters.
+    pub(crate) deferred_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Adds an event to the record's outbox, if anyone listens.
+    pub(crate) fn queue(&self, record: &mut SessionRecord, kind: EventKind) {
+        if self.hooks.is_some() {
+            let event = Event::new(record, kind, now_ms());
+            hooks::enqueue(record, event);
+        }
+    }
+
+    /// Delivers the record's outbox and forgets what was delivered. Failures keep the event
+    /// for the sweeper to deliver again; they never fail the packet.
+    pub(crate) async fn deliver(&self, record: &mut SessionRecord) {
+        let Some(hooks) = &self.hooks else { return };
+        if record.outbox.is_empty() {
+            return;
+        }
+        let mut delivered = Vec::new();
+        for event in &record.outbox {
+            match hooks.on_event(event).await {
+                Ok(()) => delivered.push(event.key.clone()),
+                Err(error) => {
+                    tracing::warn!(key = %event.key, %error, "event delivery failed; will retry");
+                    break;
+                }
+            }
+        }
+        if delivered.is_empty() {
+            return;
+        }
+        let mut next = record.clone();
+        next.outbox.retain(|e| !delivered.contains(&e.key));
+        next.revision = record.revision + 1;
+        // Not a packet: the session timer is left alone.
+        match self.store.update(record.revision, &next).await {
+            Ok(()) => *record = next,
+            Err(error) => {
+                tracing::warn!(%error, "cannot record event delivery; events will repeat")
+            }
+        }
+    }
+
+    /// Lets the sweeper and waiters know that a deferred commit changed.
+    pub(crate) fn deferred_touched(&self) {
+        self.deferred_changed
+            .send_modify(|n| *n = n.wrapping_add(1));
+        self.wakeup.notify_one();
+    }
 }
 
 /// Everything that can stop a packet, each mapped to its Ack by its own type.
 #[derive(Debug, thiserror::Error)]
-enum Failure {
+pub(crate) enum Failure {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
@@ -48,6 +114,16 @@ enum Failure {
     Body(#[from] BodyError),
     #[error("the server's session limit is reached")]
     TooManySessions,
+    #[error(transparent)]
+    Vetoed(#[from] Veto),
+    #[error("completion failed: {error}")]
+    Application { ack: Ack, error: CompletionError },
+    #[error("the destination is busy: {error}")]
+    Busy { ack: Ack, error: StagingError },
+    #[error("cannot store the reply")]
+    Reply(#[source] std::io::Error),
+    #[error("upload-reply needs a staging with local paths")]
+    NoLocalPath,
 }
 
 impl Failure {
@@ -76,12 +152,25 @@ impl Failure {
                 Hresult::TOO_MANY_SESSIONS,
                 ErrorContext::RemoteFile,
             ),
+            Self::Vetoed(veto) => veto.ack(),
+            Self::Application { ack, .. } | Self::Busy { ack, .. } => ack.clone(),
+            Self::Reply(e) => StagingError::Io(std::io::Error::new(e.kind(), e.to_string())).ack(),
+            Self::NoLocalPath => Ack::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Hresult::E_FAIL,
+                ErrorContext::RemoteFile,
+            ),
         }
     }
 
     fn log(&self) {
         let server_fault = match self {
             Self::Store(StoreError::Backend(_) | StoreError::Conflict) => true,
+            Self::Reply(_) | Self::NoLocalPath => true,
+            Self::Application { .. } | Self::Busy { .. } => {
+                tracing::warn!(error = %self, source = ?std::error::Error::source(self), "upload not completed");
+                return;
+            }
             Self::Staging(e) | Self::Body(BodyError::Staging(e)) => e.is_server_fault(),
             _ => false,
         };
@@ -239,13 +328,19 @@ async fn create_session(
     owner: Option<Owner>,
 ) -> Ack {
     let config = &shared.config;
+    let reply_mode = shared.completion.is_some();
     let result = async {
         let destination =
             destination::from_url_path(parts.uri.path(), &config.prefix, &config.reserved)?;
-        shared
-            .staging
-            .check_destination(&destination, config.allow_overwrites)
-            .await?;
+        // Upload-reply sessions hand their file to the application; many clients post to one
+        // application URL, so they neither claim nor check the destination up front (a copy
+        // the application asks for is checked at its commit).
+        if !reply_mode {
+            shared
+                .staging
+                .check_destination(&destination, config.allow_overwrites)
+                .await?;
+        }
         let id = SessionId::new();
         let request_url = parts
             .uri
@@ -254,6 +349,13 @@ async fn create_session(
         let mut record =
             SessionRecord::new(id, destination.to_string(), request_url, owner, now_ms());
         record.content_name = create.content_name;
+        record.claims_destination = !reply_mode;
+        record.origin = origin_of(config, parts);
+        if let Some(hooks) = &shared.hooks {
+            hooks
+                .on_create(&Event::new(&record, EventKind::Created, now_ms()))
+                .await?;
+        }
         {
             let _serial = shared.create_lock.lock().await;
             if shared.store.count_open().await? >= config.max_sessions {
@@ -286,6 +388,26 @@ async fn create_session(
     }
     .await;
     finish(result)
+}
+
+/// `scheme://authority` the client addressed: the configured public origin, or the request's
+/// own (absolute-form target, else the `Host` header, over `http`).
+fn origin_of(config: &ValidConfig, parts: &Parts) -> Option<String> {
+    if let Some(origin) = &config.public_origin {
+        return Some(origin.clone());
+    }
+    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    let authority = match parts.uri.authority() {
+        Some(authority) => authority.as_str().to_owned(),
+        None => {
+            let host = parts.headers.get(http::header::HOST)?.to_str().ok()?;
+            host.parse::<http::uri::Authority>()
+                .ok()?
+                .as_str()
+                .to_owned()
+        }
+    };
+    Some(format!("{scheme}://{authority}"))
 }
 
 /// How long a session that never received a byte must be idle before a new Create-Session
@@ -393,19 +515,186 @@ where
             let Some(body) = body.take() else {
                 return Err(BodyError::TooShort { missing: write.len }.into());
             };
-            store_fragment(shared, &mut record, write, body, received).await?;
+            let stored = store_fragment(shared, &mut record, write, body, received).await;
+            shared.deliver(&mut record).await;
+            stored?;
         }
     }
-    // Also reached by a re-sent final fragment after a commit that failed (say, the
-    // destination appeared meanwhile): the commit is retried rather than the upload
-    // reported as done.
-    if record.phase == Phase::Complete
-        && !record.committed
-        && config.commit_point == CommitPoint::LastFragment
-    {
-        commit(shared, &mut record).await?;
+    // Also reached by a re-sent final fragment after a completion that failed (the
+    // application was down, the destination appeared meanwhile): it is retried rather than
+    // the upload reported as done.
+    let ack = if record.phase == Phase::Complete {
+        let finished = finish_upload(shared, &mut record).await;
+        shared.deliver(&mut record).await;
+        finished?
+    } else {
+        Ack::ok()
+    };
+    Ok(ack)
+}
+
+/// Takes a complete session as far as the commit point allows: asks the application (once)
+/// in upload-reply mode, and commits at the last fragment if that is the commit point. The Ack
+/// carries the reply URL in upload-reply mode.
+async fn finish_upload(shared: &Shared, record: &mut SessionRecord) -> Result<Ack, Failure> {
+    let reply_mode = shared.completion.is_some();
+    if reply_mode && record.outcome.is_none() {
+        let outcome = run_completion(shared, record).await?;
+        let copy = outcome.copy_to_destination;
+        save(shared, record, |r| {
+            r.outcome = Some(outcome);
+            if !copy {
+                let size = r.received;
+                shared.queue(
+                    r,
+                    EventKind::Completed {
+                        size,
+                        committed: false,
+                    },
+                );
+            }
+        })
+        .await?;
+        tracing::info!(copy, "application answered");
     }
-    Ok(Ack::ok())
+    if machine::needs_commit(record, reply_mode)
+        && shared.config.commit_point == CommitPoint::LastFragment
+    {
+        commit_or_defer(shared, record).await?;
+    }
+    let mut ack = Ack::ok();
+    if let Some(outcome) = &record.outcome {
+        let url = HeaderValue::from_str(&outcome.reply_url)
+            .map_err(|_| invalid_answer("the reply URL is not a valid header value"))?;
+        ack = ack.reply_url(url);
+    }
+    Ok(ack)
+}
+
+fn invalid_answer(why: &str) -> Failure {
+    let error = CompletionError::InvalidAnswer(why.to_owned());
+    Failure::Application {
+        ack: error.ack(&CompletionPolicy::RetryLater),
+        error,
+    }
+}
+
+/// Hands a complete upload to the completion handler and stores its reply.
+async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outcome, Failure> {
+    let (Some(handler), Some(replies)) = (&shared.completion, &shared.replies) else {
+        return Err(Failure::NoLocalPath);
+    };
+    let staged_path = shared.staging.path(record.id).ok_or(Failure::NoLocalPath)?;
+    let origin = record.origin.as_deref().unwrap_or("");
+    let upload = CompletedUpload {
+        session_id: record.id,
+        url: format!("{origin}{}", record.request_url),
+        destination: record.destination.clone(),
+        staged_path,
+        reply_path: replies.path(record.id),
+        size: record.received,
+        owner: record.owner.clone(),
+    };
+    let policy = shared.config.completion_policy;
+    let completion = handler
+        .complete(upload)
+        .await
+        .map_err(|error| Failure::Application {
+            ack: error.ack(&policy),
+            error,
+        })?;
+    let (reply_url, stored_reply) = match completion.reply {
+        Reply::StaticUrl(url) => {
+            let absolute = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !absolute {
+                return Err(invalid_answer(
+                    "the static reply URL is not an absolute http(s) URL",
+                ));
+            }
+            replies.remove(record.id).await.map_err(Failure::Reply)?;
+            (url, None)
+        }
+        reply => {
+            let stored = replies
+                .store(record.id, reply)
+                .await
+                .map_err(Failure::Reply)?;
+            (reply_url_of(shared, record), Some(stored))
+        }
+    };
+    if reply_url.len() > crate::completion::MAX_URL_LEN {
+        return Err(invalid_answer(
+            "the reply URL is longer than 2,200 characters",
+        ));
+    }
+    Ok(Outcome {
+        reply_url,
+        stored_reply,
+        copy_to_destination: completion.copy_to_destination,
+    })
+}
+
+/// Where the client downloads a stored reply: on the public origin if configured, else on the
+/// host id (in a farm without shared storage, the node that has the reply), else on the host
+/// the client uploaded to.
+fn reply_url_of(shared: &Shared, record: &SessionRecord) -> String {
+    let config = &shared.config;
+    let origin = match (&config.public_origin, &config.host_id, &record.origin) {
+        (Some(origin), _, _) => origin.clone(),
+        (None, Some(host), Some(origin)) => {
+            let (scheme, authority) = origin.split_once("://").unwrap_or(("http", origin));
+            let port = authority
+                .parse::<http::uri::Authority>()
+                .ok()
+                .and_then(|a| a.port_u16())
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default();
+            let host = host.to_str().unwrap_or_default();
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_owned()
+            };
+            format!("{scheme}://{host}{port}")
+        }
+        (None, _, origin) => origin.clone().unwrap_or_default(),
+    };
+    reply::reply_url(&origin, &record.request_url, record.id)
+}
+
+/// Commits, applying the completion policy when the destination is busy.
+async fn commit_or_defer(shared: &Shared, record: &mut SessionRecord) -> Result<(), Failure> {
+    let error = match commit(shared, record).await {
+        Err(Failure::Staging(error)) if error.is_busy() => error,
+        other => return other,
+    };
+    let policy = shared.config.completion_policy;
+    let CompletionPolicy::Defer(backoff) = policy else {
+        return Err(Failure::Busy {
+            ack: policy.busy_ack(Busy::Destination),
+            error,
+        });
+    };
+    let next = now_ms().saturating_add(duration_ms(backoff.delay(1)));
+    let why = error.to_string();
+    save(shared, record, |r| {
+        r.deferred = Some(DeferredState {
+            status: DeferredStatus::Pending,
+            attempts: 1,
+            next_attempt_ms: next,
+            last_error: Some(why),
+        });
+    })
+    .await?;
+    tracing::info!(%error, "destination busy; commit deferred");
+    shared.deferred_touched();
+    Ok(())
+}
+
+pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Streams the new bytes of a fragment into the part and advances the record.
@@ -452,7 +741,12 @@ where
             return Err(error.into());
         }
     }
-    save(shared, record, |r| r.advance(write.total, write.end())).await?;
+    save(shared, record, |r| {
+        r.advance(write.total, write.end());
+        let (received, total) = (r.received, write.total);
+        shared.queue(r, EventKind::Progress { received, total });
+    })
+    .await?;
     *received = Some(record.received);
     if write.completes() {
         tracing::info!(bytes = write.total, "all bytes received");
@@ -461,7 +755,7 @@ where
 }
 
 /// Moves a complete session's file to its destination and records that it did.
-async fn commit(shared: &Shared, record: &mut SessionRecord) -> Result<(), Failure> {
+pub(crate) async fn commit(shared: &Shared, record: &mut SessionRecord) -> Result<(), Failure> {
     let config = &shared.config;
     let destination = Destination::from_stored(&record.destination, &config.reserved)?;
     let total = record.total.unwrap_or(record.received);
@@ -469,7 +763,17 @@ async fn commit(shared: &Shared, record: &mut SessionRecord) -> Result<(), Failu
         .staging
         .commit(record.id, &destination, total, config.allow_overwrites)
         .await?;
-    save(shared, record, |r| r.committed = true).await?;
+    save(shared, record, |r| {
+        r.committed = true;
+        shared.queue(
+            r,
+            EventKind::Completed {
+                size: total,
+                committed: true,
+            },
+        );
+    })
+    .await?;
     tracing::info!(%destination, bytes = total, "upload committed");
     Ok(())
 }
@@ -480,26 +784,56 @@ async fn close_session(
     owner: Option<&Owner>,
 ) -> Result<Ack, Failure> {
     let (_guard, mut record) = open_session(shared, header, owner).await?;
-    match machine::close(&record) {
+    let result = close_locked(shared, &mut record).await;
+    shared.deliver(&mut record).await;
+    result
+}
+
+async fn close_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ack, Failure> {
+    let mut incomplete = false;
+    match machine::close(record, shared.completion.is_some()) {
         CloseDecision::Discard => {
             shared.staging.discard(record.id).await?;
+            incomplete = true;
             tracing::warn!(
                 received = record.received,
                 total = ?record.total,
                 "closed before every byte arrived; staged data deleted, nothing committed"
             );
         }
-        CloseDecision::Commit => commit(shared, &mut record).await?,
-        CloseDecision::Release => shared.staging.discard(record.id).await?,
+        CloseDecision::Commit => {
+            commit_or_defer(shared, record).await?;
+            release(shared, record).await?;
+        }
+        CloseDecision::Release => release(shared, record).await?,
         CloseDecision::Repeat => {
-            touch(shared, &mut record).await?;
+            touch(shared, record).await?;
             return Ok(Ack::ok());
         }
         CloseDecision::Refuse(refusal) => return Err(refusal.into()),
     }
-    save(shared, &mut record, |r| r.phase = Phase::Closed).await?;
+    save(shared, record, |r| {
+        r.phase = Phase::Closed;
+        if incomplete {
+            let reason = CancelReason::ClosedIncomplete;
+            shared.queue(r, EventKind::Cancelled { reason });
+        }
+    })
+    .await?;
     tracing::info!("session closed");
     Ok(Ack::ok())
+}
+
+/// Deletes what a finished session leaves behind: its reply, and its staged data unless a
+/// deferred commit still needs it.
+async fn release(shared: &Shared, record: &SessionRecord) -> Result<(), Failure> {
+    if !record.is_deferred() {
+        shared.staging.discard(record.id).await?;
+    }
+    if let Some(replies) = &shared.replies {
+        replies.remove(record.id).await.map_err(Failure::Reply)?;
+    }
+    Ok(())
 }
 
 async fn cancel_session(
@@ -513,9 +847,15 @@ async fn cancel_session(
             touch(shared, &mut record).await?;
             return Ok(Ack::ok());
         }
-        CancelDecision::Discard => shared.staging.discard(record.id).await?,
+        CancelDecision::Discard => release(shared, &record).await?,
     }
-    save(shared, &mut record, |r| r.phase = Phase::Cancelled).await?;
+    save(shared, &mut record, |r| {
+        r.phase = Phase::Cancelled;
+        let reason = CancelReason::CancelSession;
+        shared.queue(r, EventKind::Cancelled { reason });
+    })
+    .await?;
+    shared.deliver(&mut record).await;
     tracing::info!(committed = record.committed, "session cancelled");
     Ok(Ack::ok())
 }

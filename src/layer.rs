@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use crate::completion::{CompletionHandler, CompletionPolicy, DynCompletion, Notification};
 use crate::config::{CommitPoint, Config, ConfigError};
+use crate::deferred::DeferredCompletions;
 use crate::handler::Shared;
+use crate::hooks::{DynHooks, Hooks};
+use crate::reply::Replies;
 use crate::service::BitsService;
 use crate::staging::{DynStaging, LocalStaging, Staging};
 use crate::store::{DynStore, FileStore, SessionStore};
@@ -51,6 +55,18 @@ impl BitsLayer {
             config: Config::default(),
             store: None,
             staging: None,
+            completion: None,
+            notification: None,
+            hooks: None,
+            replies_dir: None,
+        }
+    }
+
+    /// The deferred commits of this layer's sessions
+    /// ([`CompletionPolicy::Defer`]): list, await and cancel them.
+    pub fn deferred(&self) -> DeferredCompletions {
+        DeferredCompletions {
+            shared: self.shared.clone(),
         }
     }
 
@@ -85,6 +101,10 @@ pub struct BitsLayerBuilder {
     config: Config,
     store: Option<Box<dyn DynStore>>,
     staging: Option<Box<dyn DynStaging>>,
+    completion: Option<Box<dyn DynCompletion>>,
+    notification: Option<Notification>,
+    hooks: Option<Box<dyn DynHooks>>,
+    replies_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for BitsLayerBuilder {
@@ -194,10 +214,79 @@ impl BitsLayerBuilder {
         self
     }
 
+    /// Makes this an upload-reply server with an in-process handler: when the last byte of an
+    /// upload arrives, `handler` gets the [`CompletedUpload`](crate::completion::CompletedUpload)
+    /// before the final Fragment is acknowledged, and its reply is served at the
+    /// `BITS-Reply-URL` of that Ack. Replaces a [`notification`](Self::notification).
+    pub fn completion_handler(mut self, handler: impl CompletionHandler) -> Self {
+        self.completion = Some(Box::new(handler));
+        self.notification = None;
+        self
+    }
+
+    /// Makes this an upload-reply server that notifies an HTTP application, as IIS does
+    /// (`BITSServerNotificationType` 1 or 2 and `BITSServerNotificationURL`). Replaces a
+    /// [`completion_handler`](Self::completion_handler).
+    pub fn notification(mut self, notification: Notification) -> Self {
+        self.notification = Some(notification);
+        self.completion = None;
+        self
+    }
+
+    /// What the client is told when a destination or the application is busy at completion.
+    /// Default: [`CompletionPolicy::RetryLater`].
+    pub fn completion_policy(mut self, policy: CompletionPolicy) -> Self {
+        self.config.completion_policy = policy;
+        self
+    }
+
+    /// The application's session hooks: veto new sessions, hear about progress, completion,
+    /// cancellation and expiry (at least once).
+    pub fn hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks = Some(Box::new(hooks));
+        self
+    }
+
+    /// `scheme://host[:port]` clients reach this server at, used for reply URLs and for
+    /// `BITS-Original-Request-URL`. Set it behind a TLS-terminating proxy. Default: derived
+    /// from each request (`http`, the `Host` header, or the host id for reply URLs).
+    pub fn public_origin(mut self, origin: impl Into<String>) -> Self {
+        self.config.public_origin = Some(origin.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Where replies of upload-reply sessions are kept. Default: `root/.bits/replies`.
+    pub fn replies_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.replies_dir = Some(dir.into());
+        self
+    }
+
     /// Checks the configuration, opens the default store and staging if needed, and builds the
     /// layer.
     pub fn build(self) -> Result<BitsLayer, ConfigError> {
         let config = self.config.validate()?;
+        let completion = match (self.completion, self.notification) {
+            (Some(handler), _) => Some(handler),
+            (None, Some(notification)) => {
+                notification
+                    .validate()
+                    .map_err(|reason| ConfigError::InvalidNotificationUrl {
+                        url: notification.url().to_owned(),
+                        reason,
+                    })?;
+                Some(Box::new(notification) as Box<dyn DynCompletion>)
+            }
+            (None, None) => None,
+        };
+        let replies = match &completion {
+            Some(_) => {
+                let dir = self
+                    .replies_dir
+                    .unwrap_or_else(|| self.root.join(".bits").join("replies"));
+                Some(Replies::open(dir).map_err(ConfigError::Replies)?)
+            }
+            None => None,
+        };
         let staging = match self.staging {
             Some(staging) => staging,
             None => Box::new(
@@ -217,6 +306,11 @@ impl BitsLayerBuilder {
                 staging,
                 locks: Default::default(),
                 create_lock: Default::default(),
+                completion,
+                replies,
+                hooks: self.hooks,
+                wakeup: Default::default(),
+                deferred_changed: tokio::sync::watch::channel(0).0,
             }),
         })
     }

@@ -53,20 +53,27 @@
 #![warn(clippy::unwrap_used)]
 
 mod body;
+pub mod completion;
 mod config;
+mod deferred;
 pub mod destination;
+mod file_body;
 mod future;
 mod handler;
+pub mod hooks;
 mod layer;
 mod lock;
 pub mod protocol;
+mod reply;
 mod service;
 pub mod session;
 pub mod staging;
 pub mod store;
 mod sweeper;
 
+pub use completion::{CompletionPolicy, Notification};
 pub use config::{CommitPoint, ConfigError};
+pub use deferred::{DeferredCompletion, DeferredCompletions};
 pub use future::{ResponseBody, ResponseFuture};
 pub use layer::{BitsLayer, BitsLayerBuilder};
 pub use service::BitsService;

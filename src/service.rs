@@ -4,14 +4,16 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::destination::strip_prefix;
-use crate::future::{ResponseBody, ResponseFuture};
+use crate::future::{Answer, ResponseBody, ResponseFuture};
 use crate::handler::{self, Shared};
-use crate::protocol::is_bits_post;
+use crate::protocol::{Ack, is_bits_post};
+use crate::reply::{self, parse_reply_path};
+use crate::session::SessionId;
 
 /// Serves BITS upload packets in front of an inner service. Made by
 /// [`BitsLayer`](crate::BitsLayer).
@@ -47,6 +49,15 @@ impl<S> BitsService<S> {
         is_bits_post(request.method())
             && strip_prefix(request.uri().path(), &self.shared.config.prefix).is_some()
     }
+
+    /// The session whose reply a GET or HEAD asks for, in upload-reply mode.
+    fn reply_request<B>(&self, request: &Request<B>) -> Option<SessionId> {
+        self.shared.replies.as_ref()?;
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return None;
+        }
+        parse_reply_path(request.uri().path(), &self.shared.config.prefix)
+    }
 }
 
 impl<S: Clone> Clone for BitsService<S> {
@@ -73,6 +84,8 @@ where
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
     ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: Body,
+    ResBody::Data: From<bytes::Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -84,7 +97,19 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         if self.intercepts(&request) {
-            ResponseFuture::bits(Box::pin(handler::handle(self.shared.clone(), request)))
+            let shared = self.shared.clone();
+            ResponseFuture::bits(Box::pin(async move {
+                Answer::Ack(handler::handle(shared, request).await)
+            }))
+        } else if let Some(id) = self.reply_request(&request) {
+            let shared = self.shared.clone();
+            let (parts, _body) = request.into_parts();
+            ResponseFuture::bits(Box::pin(async move {
+                let Some(replies) = &shared.replies else {
+                    return Answer::Ack(Ack::with_status(http::StatusCode::NOT_FOUND));
+                };
+                Answer::Download(reply::serve(&shared, replies, &parts, id).await)
+            }))
         } else {
             ResponseFuture::inner(self.inner.call(request))
         }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::deferred::DeferredCompletions;
 use crate::handler::Shared;
+use crate::hooks::{Event, EventKind};
 use crate::session::machine::is_expired;
 use crate::session::now_ms;
 use crate::store::StoreError;
@@ -52,11 +54,21 @@ impl Sweeper {
             let Some(record) = shared.store.load(candidate.id).await? else {
                 continue;
             };
-            if !is_expired(&record, now_ms(), timeout_ms) {
+            if !is_expired(&record, now_ms(), timeout_ms) || record.is_deferred() {
                 continue;
             }
             if let Err(error) = shared.staging.discard(record.id).await {
                 tracing::warn!(session = %record.id, %error, "cannot delete the staged data of an expired session");
+                continue;
+            }
+            if let Some(replies) = &shared.replies {
+                if let Err(error) = replies.remove(record.id).await {
+                    tracing::warn!(session = %record.id, %error, "cannot delete the reply of an expired session");
+                    continue;
+                }
+            }
+            if record.is_open() && !expired_event_delivered(shared, &record).await {
+                // Kept (its data is gone) so the event is offered again at the next sweep.
                 continue;
             }
             shared.store.remove(record.id).await?;
@@ -67,15 +79,59 @@ impl Sweeper {
                 report.tombstones += 1;
             }
         }
+        self.redeliver().await?;
         Ok(report)
     }
 
-    /// Sweeps now and then every `sweep_interval`, forever. Errors are logged, not fatal.
+    /// Offers every undelivered event again (after a failed delivery or a restart).
+    async fn redeliver(&self) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        if shared.hooks.is_none() {
+            return Ok(());
+        }
+        for candidate in shared.store.list().await? {
+            if candidate.outbox.is_empty() {
+                continue;
+            }
+            // A session with a packet in flight delivers its own events.
+            let Some(_guard) = shared.locks.try_lock(candidate.id) else {
+                continue;
+            };
+            if let Some(mut record) = shared.store.load(candidate.id).await? {
+                shared.deliver(&mut record).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sweeps now and then every `sweep_interval`, forever, and makes the attempts of
+    /// deferred commits when they are due. Errors are logged, not fatal.
     pub async fn run(self) {
-        let mut interval = tokio::time::interval(self.shared.config.sweep_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let interval = self.shared.config.sweep_interval;
+        let deferred = DeferredCompletions {
+            shared: self.shared.clone(),
+        };
+        let mut next_sweep = tokio::time::Instant::now();
         loop {
-            interval.tick().await;
+            let mut wake = next_sweep;
+            match deferred.run_due().await {
+                Ok(Some(due)) => {
+                    let wait = due
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    wake = wake.min(tokio::time::Instant::now() + wait);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "deferred commits could not be listed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = self.shared.wakeup.notified() => {}
+            }
+            if tokio::time::Instant::now() < next_sweep {
+                continue;
+            }
+            next_sweep = tokio::time::Instant::now() + interval;
             match self.sweep().await {
                 Ok(report) if report != SweepReport::default() => {
                     tracing::info!(
@@ -87,6 +143,21 @@ impl Sweeper {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "session sweep failed"),
             }
+        }
+    }
+}
+
+/// Offers the expiry event of `record` to the hooks. True if delivered (or nobody listens).
+async fn expired_event_delivered(shared: &Shared, record: &crate::session::SessionRecord) -> bool {
+    let Some(hooks) = &shared.hooks else {
+        return true;
+    };
+    let event = Event::new(record, EventKind::Expired, now_ms());
+    match hooks.on_event(&event).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(key = %event.key, %error, "expiry event delivery failed; will retry");
+            false
         }
     }
 }

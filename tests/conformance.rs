@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use axum_bits::{BitsLayer, CommitPoint, Owner};
+use axum_bits::{BitsLayer, CommitPoint, CompletionPolicy, Owner};
 use common::{BitsClient, PROTOCOL, Reply, TestServer, data, parts};
 
 const E_INVALIDARG: &str = "0x80070057";
@@ -460,7 +460,8 @@ async fn destination_of_an_open_session_is_busy() {
 
 #[tokio::test]
 async fn destination_that_appears_during_the_upload_is_never_replaced() {
-    let server = TestServer::start(|b| b).await;
+    // With CompletionPolicy::Reject the client is told for good (403, fatal).
+    let server = TestServer::start(|b| b.completion_policy(CompletionPolicy::Reject)).await;
     let client = server.client();
     let sid = client.create_ok("/race.bin").await;
     let bytes = data(6000, 12);

@@ -468,6 +468,9 @@ async fn hostile_request_targets_never_leave_the_root() {
         ("/.BITS/x", 403, "0x80070005"),
         ("/%2ebits/x", 403, "0x80070005"),
         ("/.bits", 403, "0x80070005"),
+        // Reserved at every depth: reply URLs live at `<folder>/.bits/replies/...`.
+        ("/a/.bits", 403, "0x80070005"),
+        ("/a/.bits/replies/x", 403, "0x80070005"),
     ];
     let mut raw = server.raw().await;
     for (target, status, code) in cases {
@@ -504,7 +507,7 @@ async fn hostile_request_targets_never_leave_the_root() {
         ("/my%20file.bin", "my file.bin"),
         ("/caf%C3%A9.txt", "caf\u{e9}.txt"),
         ("/console.txt", "console.txt"),
-        ("/a/.bits", "a/.bits"),
+        ("/a/.bitsy", "a/.bitsy"),
     ] {
         client.upload(target, name.as_bytes(), 100).await;
         assert_file(&root.join(name), name.as_bytes());

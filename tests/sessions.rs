@@ -93,7 +93,8 @@ async fn failed_commit_is_retried_by_the_resent_final_fragment() {
     let reply = client
         .fragment("/h.bin", &sid, 1000, &bytes[1000..], 3000)
         .await;
-    reply.assert_error(403, "0x80070005");
+    // The default policy, RetryLater: a transient 503 ("file exists"), data kept.
+    reply.assert_error(503, "0x80070050");
     assert_eq!(reply.received(), Some(3000));
     assert_eq!(
         std::fs::read(server.root.join("h.bin")).unwrap(),

@@ -30,8 +30,19 @@ impl Hresult {
     pub const SHARING_VIOLATION: Self = Self(0x8007_0020);
     /// `HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESS)`: the server's session limit is reached.
     pub const TOO_MANY_SESSIONS: Self = Self(0x8007_0045);
-    /// `HRESULT_FROM_WIN32(ERROR_TIMEOUT)`: the fragment body stalled.
+    /// `HRESULT_FROM_WIN32(ERROR_TIMEOUT)`: the fragment body stalled, or the server
+    /// application did not answer in time. ([MC-BUP] prints `0x80070112` for the latter, which
+    /// decodes to an unrelated Win32 error; the client only displays the code, the 408 status
+    /// is what makes it retry.)
     pub const TIMEOUT: Self = Self(0x8007_05B4);
+    /// `HRESULT_FROM_WIN32(ERROR_FILE_EXISTS)`: the destination exists (transient form).
+    pub const FILE_EXISTS: Self = Self(0x8007_0050);
+
+    /// `BG_E_HTTP_ERROR_<status>` (`0x80190000 + status`): how an application's HTTP status
+    /// is relayed to the client.
+    pub fn http_error(status: StatusCode) -> Self {
+        Self(0x8019_0000 + u32::from(status.as_u16()))
+    }
 }
 
 impl fmt::Display for Hresult {

@@ -130,7 +130,7 @@ pub fn fragment(
 ) -> FragmentDecision {
     use FragmentDecision::{Duplicate, Refuse};
     if !record.is_open() {
-        return if record.committed {
+        return if record.is_accepted() {
             Duplicate
         } else {
             Refuse(Refusal::NotFound)
@@ -181,7 +181,8 @@ pub enum CloseDecision {
     Discard,
     /// Complete but not yet at its destination: commit, then delete staging and close.
     Commit,
-    /// Already committed: delete what is left and close.
+    /// Nothing (more) to put at the destination: delete what is left (a reply, staged data
+    /// unless a deferred commit still needs it) and close.
     Release,
     /// Closed before: answer 200 again.
     Repeat,
@@ -189,12 +190,27 @@ pub enum CloseDecision {
     Refuse(Refusal),
 }
 
-/// Decides what a Close-Session does.
-pub fn close(record: &SessionRecord) -> CloseDecision {
+/// Whether a complete session's file still has to be moved to its destination. In upload-reply
+/// mode (`reply_mode`) only if the application asked for it; never while a deferred commit owns
+/// the file.
+pub fn needs_commit(record: &SessionRecord, reply_mode: bool) -> bool {
+    let wanted = if reply_mode {
+        record
+            .outcome
+            .as_ref()
+            .is_some_and(|o| o.copy_to_destination)
+    } else {
+        true
+    };
+    record.phase == Phase::Complete && wanted && !record.committed && record.deferred.is_none()
+}
+
+/// Decides what a Close-Session does. `reply_mode`: a completion handler is configured.
+pub fn close(record: &SessionRecord, reply_mode: bool) -> CloseDecision {
     match record.phase {
         Phase::Receiving => CloseDecision::Discard,
-        Phase::Complete if record.committed => CloseDecision::Release,
-        Phase::Complete => CloseDecision::Commit,
+        Phase::Complete if needs_commit(record, reply_mode) => CloseDecision::Commit,
+        Phase::Complete => CloseDecision::Release,
         Phase::Closed => CloseDecision::Repeat,
         Phase::Cancelled => CloseDecision::Refuse(Refusal::NotFound),
     }
@@ -371,6 +387,18 @@ mod tests {
             fragment(&r, &range(90, 99, 100), &LIMITS),
             FragmentDecision::Duplicate
         );
+        r.committed = false;
+        r.deferred = Some(crate::session::DeferredState {
+            status: crate::session::DeferredStatus::Pending,
+            attempts: 1,
+            next_attempt_ms: 0,
+            last_error: None,
+        });
+        assert_eq!(
+            fragment(&r, &range(90, 99, 100), &LIMITS),
+            FragmentDecision::Duplicate
+        );
+        r.deferred = None;
         r.phase = Phase::Cancelled;
         r.committed = false;
         assert_eq!(
@@ -382,16 +410,25 @@ mod tests {
     #[test]
     fn close_decisions() {
         let mut r = record(Some(100), 50);
-        assert_eq!(close(&r), CloseDecision::Discard);
+        assert_eq!(close(&r, false), CloseDecision::Discard);
         r.phase = Phase::Complete;
         r.received = 100;
-        assert_eq!(close(&r), CloseDecision::Commit);
+        assert_eq!(close(&r, false), CloseDecision::Commit);
+        // Upload-reply: only an application that asked for the copy gets one.
+        assert_eq!(close(&r, true), CloseDecision::Release);
+        r.outcome = Some(crate::session::Outcome {
+            reply_url: "http://h/r".into(),
+            stored_reply: None,
+            copy_to_destination: true,
+        });
+        assert_eq!(close(&r, true), CloseDecision::Commit);
         r.committed = true;
-        assert_eq!(close(&r), CloseDecision::Release);
+        assert_eq!(close(&r, false), CloseDecision::Release);
+        assert_eq!(close(&r, true), CloseDecision::Release);
         r.phase = Phase::Closed;
-        assert_eq!(close(&r), CloseDecision::Repeat);
+        assert_eq!(close(&r, false), CloseDecision::Repeat);
         r.phase = Phase::Cancelled;
-        assert_eq!(close(&r), CloseDecision::Refuse(Refusal::NotFound));
+        assert_eq!(close(&r, false), CloseDecision::Refuse(Refusal::NotFound));
     }
 
     #[test]

@@ -139,6 +139,81 @@ pub struct SessionRecord {
     /// Last successful packet for the session, milliseconds since the Unix epoch. Expiry is
     /// measured from here.
     pub updated_ms: u64,
+    /// Whether the session keeps other sessions from uploading to its destination while it is
+    /// open. Upload-reply sessions do not: many clients post to one application URL.
+    #[serde(default = "yes")]
+    pub claims_destination: bool,
+    /// `scheme://host[:port]` the client addressed at Create-Session, if known; with
+    /// `request_url` it makes the absolute URL an application is told about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// The application's answer to a completed upload-reply session, kept so that a repeated
+    /// final fragment gets the same reply URL without a second notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// A commit that found its destination busy and finishes in the background
+    /// ([`CompletionPolicy::Defer`](crate::CompletionPolicy::Defer)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<DeferredState>,
+    /// Events not yet delivered to the hooks (at-least-once delivery survives a restart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<crate::hooks::Event>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the application answered for a completed upload-reply session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Outcome {
+    /// The URL sent as `BITS-Reply-URL`.
+    pub reply_url: String,
+    /// Whether the server stores the reply (and deletes it with the session), as opposed to a
+    /// static URL the application owns.
+    pub stored_reply: Option<StoredReply>,
+    /// Whether the application asked for the upload to be placed at its destination too.
+    pub copy_to_destination: bool,
+}
+
+/// A reply the server keeps for a session, served at its reply URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StoredReply {
+    /// Size in bytes.
+    pub len: u64,
+    /// When it was stored, milliseconds since the Unix epoch (its `Last-Modified`).
+    pub stored_ms: u64,
+}
+
+/// Progress of a deferred commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeferredState {
+    /// Where it stands.
+    pub status: DeferredStatus,
+    /// Attempts made so far (the first, in the request, counts).
+    pub attempts: u32,
+    /// When the next attempt is due, milliseconds since the Unix epoch.
+    pub next_attempt_ms: u64,
+    /// Why the last attempt did not succeed.
+    pub last_error: Option<String>,
+}
+
+/// Where a deferred commit stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeferredStatus {
+    /// Waiting for its next attempt.
+    Pending,
+    /// The file reached its destination.
+    Completed,
+    /// Every attempt failed; the staged file is kept until the session expires.
+    Failed,
+    /// Cancelled by the application; the staged file is deleted.
+    Cancelled,
 }
 
 impl SessionRecord {
@@ -163,6 +238,11 @@ impl SessionRecord {
             committed: false,
             created_ms: now_ms,
             updated_ms: now_ms,
+            claims_destination: true,
+            origin: None,
+            outcome: None,
+            deferred: None,
+            outbox: Vec::new(),
         }
     }
 
@@ -185,7 +265,20 @@ impl SessionRecord {
     /// Whether the session still claims its destination: it is open and its file has not been
     /// committed. Stores refuse to create a second session for a claimed destination.
     pub fn holds_destination(&self) -> bool {
-        self.is_open() && !self.committed
+        self.claims_destination && !self.committed && (self.is_open() || self.is_deferred())
+    }
+
+    /// Whether a deferred commit is still waiting to be carried out.
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
+            .as_ref()
+            .is_some_and(|d| d.status == DeferredStatus::Pending)
+    }
+
+    /// Whether the server accepted the whole upload: committed, handed to the application, or
+    /// queued for a deferred commit. A repeated final fragment is then answered with success.
+    pub fn is_accepted(&self) -> bool {
+        self.committed || self.outcome.is_some() || self.deferred.is_some()
     }
 
     /// Whether the session has had no successful packet since `cutoff_ms`.

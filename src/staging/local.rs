@@ -351,6 +351,10 @@ impl Staging for LocalStaging {
         }
     }
 
+    fn path(&self, id: SessionId) -> Option<PathBuf> {
+        Some(self.part(id))
+    }
+
     async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
         let mut ids = Vec::new();
         let mut dir = tokio::fs::read_dir(&self.inner.parts).await?;

@@ -5,7 +5,7 @@ mod local;
 
 use std::future::Future;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -64,6 +64,14 @@ pub trait Staging: Send + Sync + 'static {
 
     /// Ids of every part present (for recovery scans).
     fn list(&self) -> impl Future<Output = Result<Vec<SessionId>, StagingError>> + Send;
+
+    /// The part's path in the local filesystem, if it has one. Upload-reply needs it: the
+    /// completion handler and by-reference notifications get the staged file by path. The
+    /// default says there is none.
+    fn path(&self, id: SessionId) -> Option<PathBuf> {
+        let _ = id;
+        None
+    }
 }
 
 /// Writes consecutive bytes into a part, from the offset it was opened at.
@@ -93,6 +101,11 @@ pub enum StagingError {
     /// The path to the destination goes through a symbolic link or a file.
     #[error("the destination path is not allowed")]
     Forbidden,
+    /// The destination cannot take the file now; try again later. A custom commit may return
+    /// it ("not now"); the [`CompletionPolicy`](crate::CompletionPolicy) decides what the
+    /// client is told.
+    #[error("the destination is busy")]
+    Busy(#[source] Option<Box<dyn std::error::Error + Send + Sync>>),
     /// The session's part is gone.
     #[error("the session's staged data is missing")]
     PartMissing,
@@ -119,6 +132,7 @@ impl StagingError {
                 (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
             }
             Self::IsDirectory => (StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, Hresult::FILE_EXISTS),
             Self::ParentMissing => (StatusCode::NOT_FOUND, Hresult::PATH_NOT_FOUND),
             Self::Io(e) if is_disk_full(e) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, Hresult::DISK_FULL)
@@ -126,6 +140,12 @@ impl StagingError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         };
         Ack::error(status, code, ErrorContext::RemoteFile)
+    }
+
+    /// Whether the commit may succeed later: the destination exists (and someone may remove
+    /// it) or the staging said it is busy.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::DestinationExists | Self::Busy(_))
     }
 
     /// Whether the server, not the client, is at fault (worth an error log line).
@@ -197,6 +217,7 @@ pub(crate) trait DynStaging: Send + Sync {
         overwrite: bool,
     ) -> BoxFuture<'a, Result<(), StagingError>>;
     fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn path(&self, id: SessionId) -> Option<PathBuf>;
 }
 
 pub(crate) trait DynPart: Send {
@@ -248,6 +269,9 @@ impl<T: Staging> DynStaging for T {
     }
     fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(Staging::discard(self, id))
+    }
+    fn path(&self, id: SessionId) -> Option<PathBuf> {
+        Staging::path(self, id)
     }
 }
 

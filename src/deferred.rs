@@ -1,0 +1,222 @@
+//! Deferred commits ([`CompletionPolicy::Defer`](crate::CompletionPolicy::Defer)): uploads the
+//! client was told are done whose destination was busy, finished in the background.
+//!
+//! The state lives in the session record, so it survives a restart and is shared by every
+//! node of a farm. The [`Sweeper`](crate::Sweeper) makes the attempts when they are due; this
+//! handle lets the application look at them, wait for them and cancel them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::handler::{self, Shared, duration_ms};
+use crate::hooks::{CancelReason, EventKind};
+use crate::session::{DeferredStatus, SessionId, SessionRecord, now_ms};
+use crate::store::StoreError;
+
+/// One deferred commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeferredCompletion {
+    /// Its id: the session's.
+    pub id: SessionId,
+    /// The destination under the upload root.
+    pub destination: String,
+    /// File size.
+    pub size: u64,
+    /// Where it stands.
+    pub status: DeferredStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due (meaningful while pending).
+    pub next_attempt: SystemTime,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl DeferredCompletion {
+    fn from_record(record: &SessionRecord) -> Option<Self> {
+        let state = record.deferred.as_ref()?;
+        Some(Self {
+            id: record.id,
+            destination: record.destination.clone(),
+            size: record.total.unwrap_or(record.received),
+            status: state.status,
+            attempts: state.attempts,
+            next_attempt: UNIX_EPOCH + Duration::from_millis(state.next_attempt_ms),
+            last_error: state.last_error.clone(),
+        })
+    }
+}
+
+/// The deferred commits of one layer. Get it from
+/// [`BitsLayer::deferred`](crate::BitsLayer::deferred).
+#[derive(Clone)]
+pub struct DeferredCompletions {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DeferredCompletions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredCompletions")
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeferredCompletions {
+    /// Every deferred commit the store still knows, pending or finished (finished ones are
+    /// forgotten with their session's tombstone).
+    pub async fn list(&self) -> Result<Vec<DeferredCompletion>, StoreError> {
+        let records = self.shared.store.list().await?;
+        Ok(records
+            .iter()
+            .filter_map(DeferredCompletion::from_record)
+            .collect())
+    }
+
+    /// One deferred commit, if `id` has one.
+    pub async fn get(&self, id: SessionId) -> Result<Option<DeferredCompletion>, StoreError> {
+        let record = self.shared.store.load(id).await?;
+        Ok(record.as_ref().and_then(DeferredCompletion::from_record))
+    }
+
+    /// Waits until the deferred commit `id` is no longer pending and returns how it ended;
+    /// `None` if there is no such deferred commit. Attempts are made by the
+    /// [`Sweeper`](crate::Sweeper), which must be running.
+    pub async fn wait(&self, id: SessionId) -> Result<Option<DeferredStatus>, StoreError> {
+        let mut changes = self.shared.deferred_changed.subscribe();
+        loop {
+            match self.get(id).await? {
+                None => return Ok(None),
+                Some(d) if d.status != DeferredStatus::Pending => return Ok(Some(d.status)),
+                Some(_) => {}
+            }
+            // Another node may finish it: look again now and then even without a signal.
+            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+        }
+    }
+
+    /// Cancels a pending deferred commit and deletes its staged file. Returns whether there
+    /// was one to cancel.
+    pub async fn cancel(&self, id: SessionId) -> Result<bool, StoreError> {
+        let shared = &self.shared;
+        let _guard = shared.locks.lock(id).await;
+        let Some(mut record) = shared.store.load(id).await? else {
+            return Ok(false);
+        };
+        if !record.is_deferred() {
+            return Ok(false);
+        }
+        let mut next = record.clone();
+        if let Some(state) = next.deferred.as_mut() {
+            state.status = DeferredStatus::Cancelled;
+        }
+        let reason = CancelReason::DeferredCancelled;
+        shared.queue(&mut next, EventKind::Cancelled { reason });
+        next.revision = record.revision + 1;
+        shared.store.update(record.revision, &next).await?;
+        record = next;
+        if record.is_open() {
+            // The client has not closed yet: Close-Session will clean up; nothing to commit.
+        } else if let Err(error) = shared.staging.discard(id).await {
+            tracing::warn!(session = %id, %error, "cannot delete the staged file of a cancelled deferred commit; it goes at expiry");
+        }
+        shared.deliver(&mut record).await;
+        shared.deferred_touched();
+        tracing::info!(session = %id, "deferred commit cancelled");
+        Ok(true)
+    }
+
+    /// Makes every attempt that is due now. Returns when the next one is due, if any is
+    /// pending. [`Sweeper::run`](crate::Sweeper::run) calls this; call it yourself only if
+    /// you drive sweeps on your own schedule.
+    pub async fn run_due(&self) -> Result<Option<SystemTime>, StoreError> {
+        let mut next_due: Option<u64> = None;
+        for candidate in self.shared.store.list().await? {
+            if !candidate.is_deferred() {
+                continue;
+            }
+            if let Some(due) = attempt(&self.shared, candidate.id).await? {
+                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+            }
+        }
+        Ok(next_due.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+    }
+}
+
+/// Attempts the deferred commit of `id` if it is due. Returns when its next attempt is due if
+/// it is still pending.
+async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreError> {
+    let Some(_guard) = shared.locks.try_lock(id) else {
+        // A packet for the session is running; come back soon.
+        return Ok(Some(now_ms() + 1_000));
+    };
+    let Some(mut record) = shared.store.load(id).await? else {
+        return Ok(None);
+    };
+    let Some(state) = record.deferred.clone() else {
+        return Ok(None);
+    };
+    if state.status != DeferredStatus::Pending {
+        return Ok(None);
+    }
+    if state.next_attempt_ms > now_ms() {
+        return Ok(Some(state.next_attempt_ms));
+    }
+    let backoff = match shared.config.completion_policy {
+        crate::CompletionPolicy::Defer(backoff) => backoff,
+        _ => crate::completion::Backoff::default(),
+    };
+    let result = handler::commit(shared, &mut record).await;
+    let attempts = state.attempts.saturating_add(1);
+    let outcome = match result {
+        Ok(()) => {
+            let mut next = record.clone();
+            if let Some(d) = next.deferred.as_mut() {
+                d.status = DeferredStatus::Completed;
+                d.attempts = attempts;
+                d.last_error = None;
+            }
+            tracing::info!(session = %id, attempts, "deferred commit done");
+            (next, None)
+        }
+        Err(error) => {
+            let mut next = record.clone();
+            let give_up = attempts >= backoff.attempts;
+            let due = now_ms().saturating_add(duration_ms(backoff.delay(attempts)));
+            if let Some(d) = next.deferred.as_mut() {
+                d.attempts = attempts;
+                d.last_error = Some(error.to_string());
+                d.next_attempt_ms = due;
+                if give_up {
+                    d.status = DeferredStatus::Failed;
+                }
+            }
+            if give_up {
+                tracing::error!(session = %id, attempts, %error, "deferred commit failed for good; the staged file stays until the session expires");
+                let reason = CancelReason::DeferredFailed;
+                shared.queue(&mut next, EventKind::Cancelled { reason });
+                (next, None)
+            } else {
+                tracing::info!(session = %id, attempts, %error, "deferred commit still busy");
+                (next, Some(due))
+            }
+        }
+    };
+    let (mut next, due) = outcome;
+    next.revision = record.revision + 1;
+    shared.store.update(record.revision, &next).await?;
+    if next
+        .deferred
+        .as_ref()
+        .is_some_and(|d| d.status == DeferredStatus::Completed)
+        && !next.is_open()
+    {
+        // Closed meanwhile: nobody else will delete what is left of the part.
+        if let Err(error) = shared.staging.discard(id).await {
+            tracing::warn!(session = %id, %error, "cannot delete staged data after a deferred commit");
+        }
+    }
+    shared.deliver(&mut next).await;
+    shared.deferred_touched();
+    Ok(due)
+}

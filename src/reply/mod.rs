@@ -1,0 +1,215 @@
+//! Replies of upload-reply sessions: where they are kept, the URL they are served at, and the
+//! GET/HEAD handler the Windows client downloads them with.
+//!
+//! A reply is served at `<upload folder>/.bits/replies/{id}/reply.bin` on the host the client
+//! uploaded to (or the host id, or the configured public origin), so it is relative to the
+//! upload URL as in IIS, but sent as an absolute URL. The `.bits` name is reserved at every
+//! depth, so no upload can collide with it.
+
+mod serve;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use tokio::io::AsyncSeekExt;
+
+use crate::completion::Reply;
+use crate::destination::strip_prefix;
+use crate::file_body::FileBody;
+use crate::handler::Shared;
+use crate::session::{Owner, SessionId, StoredReply, now_ms};
+
+/// Where replies are stored: one file per session in a private folder.
+#[derive(Debug, Clone)]
+pub(crate) struct Replies {
+    dir: PathBuf,
+}
+
+impl Replies {
+    /// Creates the folder if needed.
+    pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The reply file of a session.
+    pub(crate) fn path(&self, id: SessionId) -> PathBuf {
+        self.dir.join(format!("{id}.reply"))
+    }
+
+    /// Stores `reply` as the session's reply file (a static URL stores nothing).
+    pub(crate) async fn store(&self, id: SessionId, reply: Reply) -> io::Result<StoredReply> {
+        let path = self.path(id);
+        let len = match reply {
+            Reply::File(from) if from == path => tokio::fs::metadata(&path).await?.len(),
+            Reply::File(from) => {
+                if tokio::fs::rename(&from, &path).await.is_err() {
+                    // Another filesystem: copy, then take the original away as promised.
+                    tokio::fs::copy(&from, &path).await?;
+                    tokio::fs::remove_file(&from).await?;
+                }
+                tokio::fs::metadata(&path).await?.len()
+            }
+            Reply::Bytes(bytes) => write_private(path, bytes).await?,
+            Reply::None | Reply::StaticUrl(_) => write_private(path, Bytes::new()).await?,
+        };
+        Ok(StoredReply {
+            len,
+            stored_ms: now_ms(),
+        })
+    }
+
+    /// Deletes the session's reply file if there is one.
+    pub(crate) async fn remove(&self, id: SessionId) -> io::Result<()> {
+        match tokio::fs::remove_file(self.path(id)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn write_private(path: PathBuf, bytes: Bytes) -> io::Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = crate::staging::private_file(&path)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        Ok(bytes.len() as u64)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// The reply URL of session `id` uploaded at `request_url` (path and query) on `origin`
+/// (`scheme://host[:port]`; empty for a URL relative to the host).
+pub(crate) fn reply_url(origin: &str, request_url: &str, id: SessionId) -> String {
+    let path = request_url.split(['?', '#']).next().unwrap_or("/");
+    let folder = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+    let folder = if folder.is_empty() { "/" } else { folder };
+    let id = id.to_string();
+    let inner = id.trim_start_matches('{').trim_end_matches('}');
+    format!("{origin}{folder}.bits/replies/%7B{inner}%7D/reply.bin")
+}
+
+/// The session whose reply `path` names, if it is a reply URL under `prefix`.
+pub(crate) fn parse_reply_path(path: &str, prefix: &str) -> Option<SessionId> {
+    let rest = strip_prefix(path, prefix)?;
+    let rest = rest.strip_suffix("/reply.bin")?;
+    let (rest, id) = rest.rsplit_once('/')?;
+    let rest = rest.strip_suffix("/replies")?;
+    let (_, bits) = rest.rsplit_once('/')?;
+    if !bits.eq_ignore_ascii_case(".bits") {
+        return None;
+    }
+    SessionId::parse(&percent_decode_str(id).decode_utf8().ok()?)
+}
+
+/// A download response: headers plus the part of the reply file to stream, if any.
+pub(crate) type Download = Response<Option<FileBody>>;
+
+fn plain(status: StatusCode) -> Download {
+    let mut response = Response::new(None);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from_static("0"),
+    );
+    response
+}
+
+/// Serves a GET or HEAD of a reply URL. Unknown sessions, sessions of another owner and
+/// sessions without a stored reply all get 404.
+pub(crate) async fn serve(
+    shared: &Shared,
+    replies: &Replies,
+    parts: &Parts,
+    id: SessionId,
+) -> Download {
+    let owner = parts.extensions.get::<Owner>();
+    let record = match shared.store.load(id).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return plain(StatusCode::NOT_FOUND),
+        Err(error) => {
+            tracing::warn!(%error, session = %id, "cannot load a session to serve its reply");
+            return plain(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let stored = record
+        .outcome
+        .as_ref()
+        .and_then(|o| o.stored_reply)
+        .filter(|_| record.is_open() && record.is_owned_by(owner));
+    let Some(stored) = stored else {
+        return plain(StatusCode::NOT_FOUND);
+    };
+    let etag = format!("\"{}-{:x}-{:x}\"", id_hex(id), stored.len, stored.stored_ms);
+    let modified = UNIX_EPOCH + Duration::from_millis(stored.stored_ms);
+    let selection = serve::select(&parts.headers, stored.len, &etag, modified);
+    let head = serve::response_head(selection, stored.len, &etag, modified);
+    let body = match selection.span(stored.len) {
+        Some((offset, count)) if parts.method != Method::HEAD && count > 0 => {
+            match open_at(&replies.path(id), offset).await {
+                Ok(file) => Some(FileBody::new(file, count)),
+                Err(error) => {
+                    tracing::warn!(%error, session = %id, "cannot open a stored reply");
+                    return plain(StatusCode::NOT_FOUND);
+                }
+            }
+        }
+        _ => None,
+    };
+    head.body(body)
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR))
+}
+
+fn id_hex(id: SessionId) -> String {
+    id.to_string()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect()
+}
+
+async fn open_at(path: &Path, offset: u64) -> io::Result<tokio::fs::File> {
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(io::SeekFrom::Start(offset)).await?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_urls_round_trip() {
+        let id = SessionId::new();
+        let url = reply_url("https://files.example.com", "/orders/order.xml?acct=42", id);
+        let path = url.strip_prefix("https://files.example.com").unwrap();
+        assert!(path.starts_with("/orders/.bits/replies/%7B"), "{path}");
+        assert_eq!(parse_reply_path(path, "/"), Some(id));
+        assert_eq!(parse_reply_path(path, "/orders"), Some(id));
+        assert_eq!(parse_reply_path(path, "/other"), None);
+        assert_eq!(
+            reply_url("", "/f.bin", id),
+            format!("/.bits/replies/%7B{}%7D/reply.bin", &id.to_string()[1..37])
+        );
+        assert_eq!(
+            parse_reply_path(&reply_url("", "/f.bin", id), "/"),
+            Some(id)
+        );
+        let raw = format!("/a/.bits/replies/{id}/reply.bin");
+        assert_eq!(parse_reply_path(&raw, "/"), Some(id));
+        for bad in [
+            "/a/.bits/replies/nope/reply.bin",
+            "/a/bits/replies/{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40}/reply.bin",
+            "/a/.bits/replies/{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40}/other.bin",
+            "/a/.bits/x/{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40}/reply.bin",
+        ] {
+            assert_eq!(parse_reply_path(bad, "/"), None, "{bad}");
+        }
+    }
+}
