@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use axum_bits::store::MemoryStore;
-use axum_bits::{BitsLayer, CommitPoint};
+use axum_bits::{BitsLayer, CommitPoint, Notification};
 use clap::{Parser, ValueEnum};
 
 /// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
@@ -97,13 +97,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    if args.notify_url.is_some() {
-        return Err(
-            "--notify-url/--notify-type (upload-reply notifications) are not supported \
-                    yet; they arrive with upload-reply support"
-                .into(),
-        );
-    }
     let mut builder = BitsLayer::builder(&args.root)
         .session_timeout(Duration::from_secs(args.session_timeout))
         .allow_overwrites(args.allow_overwrites)
@@ -116,6 +109,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(host) = &args.host_id {
         builder = builder.host_id(host);
+    }
+    if let (Some(url), Some(kind)) = (&args.notify_url, args.notify_type) {
+        builder = builder.notification(match kind {
+            NotifyType::Reference => Notification::by_reference(url),
+            NotifyType::Value => Notification::by_value(url),
+        });
     }
     if let Some(secs) = args.host_id_fallback_timeout {
         builder = builder.host_id_fallback_timeout(Duration::from_secs(secs));
@@ -145,6 +144,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listen = %listener.local_addr()?,
         root = %args.root.display(),
         store = %args.store,
+        notify = args.notify_url.as_deref().unwrap_or("none"),
         "BITS upload server ready"
     );
     axum::serve(listener, app)
