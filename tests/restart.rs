@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use axum_bits::BitsLayer;
+use axum_bits::completion::Backoff;
+use axum_bits::session::DeferredStatus;
 use axum_bits::session::{Phase, SessionRecord};
 use axum_bits::store::{FileStore, SessionStore};
+use axum_bits::{BitsLayer, CompletionPolicy};
 use common::{BitsClient, RawConn, Reply, data, fragment_head};
 
 const CHILD_ENV: &str = "AXUM_BITS_CHILD_ROOT";
+/// `defer`: the child commits busy destinations in the background (and runs its sweeper).
+const POLICY_ENV: &str = "AXUM_BITS_CHILD_POLICY";
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 const FRAG: usize = 256 * KIB;
@@ -53,9 +57,16 @@ fn child_server() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let layer = BitsLayer::builder(PathBuf::from(root))
-            .build()
-            .expect("layer");
+        let mut builder = BitsLayer::builder(PathBuf::from(root));
+        let defer = std::env::var(POLICY_ENV).is_ok_and(|p| p == "defer");
+        if defer {
+            let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(100), 1000);
+            builder = builder.completion_policy(CompletionPolicy::Defer(backoff));
+        }
+        let layer = builder.build().expect("layer");
+        if defer {
+            tokio::spawn(layer.sweeper().run());
+        }
         let app = Router::new()
             .route("/", get(|| async { "child" }))
             .layer(layer);
@@ -81,10 +92,15 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(root: &Path) -> Self {
+        Self::spawn_with(root, "default")
+    }
+
+    fn spawn_with(root: &Path, policy: &str) -> Self {
         let exe = std::env::current_exe().expect("current_exe");
         let mut child = Command::new(exe)
             .args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, root)
+            .env(POLICY_ENV, policy)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -472,5 +488,114 @@ async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
     client.close(path, &sid).await.assert_ok();
     server.kill();
     assert!(std::fs::read(root.join("lossy.bin")).unwrap() == source);
+    assert_only_closed_tombstones(root, 1).await;
+}
+
+/// RetryLater (the default policy): a destination that appears during the upload gets a
+/// transient 503; the data survives a SIGKILL, and the client's later retry of the final
+/// fragment on the restarted server commits once the obstacle is gone.
+#[tokio::test]
+async fn retry_later_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let source = data(3 * FRAG, 41);
+    let total = source.len() as u64;
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let sid = client.create_ok("/busy.bin").await;
+    for i in 0..2 {
+        let range = i * FRAG..(i + 1) * FRAG;
+        client
+            .fragment("/busy.bin", &sid, range.start as u64, &source[range], total)
+            .await
+            .assert_ok();
+    }
+    std::fs::write(root.join("busy.bin"), b"in the way").unwrap();
+    let reply = client
+        .fragment(
+            "/busy.bin",
+            &sid,
+            2 * FRAG as u64,
+            &source[2 * FRAG..],
+            total,
+        )
+        .await;
+    reply.assert_error(503, "0x80070050");
+    assert_eq!(reply.received(), Some(total));
+    server.kill();
+
+    std::fs::remove_file(root.join("busy.bin")).unwrap();
+    let server = ServerProcess::spawn(root);
+    let client = server.client();
+    let reply = client
+        .fragment(
+            "/busy.bin",
+            &sid,
+            2 * FRAG as u64,
+            &source[2 * FRAG..],
+            total,
+        )
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(total));
+    assert!(std::fs::read(root.join("busy.bin")).unwrap() == source);
+    client.close("/busy.bin", &sid).await.assert_ok();
+    drop(server);
+    assert_only_closed_tombstones(root, 1).await;
+}
+
+/// Defer: the client is told the upload is done; the commit waits in the store for the
+/// destination to clear, survives a SIGKILL, and the restarted server finishes it.
+#[tokio::test]
+async fn deferred_commit_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let source = data(2 * FRAG + 100, 42);
+    let total = source.len() as u64;
+    let server = ServerProcess::spawn_with(root, "defer");
+    let client = server.client();
+    let sid = client.create_ok("/later.bin").await;
+    client
+        .fragment("/later.bin", &sid, 0, &source[..FRAG], total)
+        .await
+        .assert_ok();
+    std::fs::write(root.join("later.bin"), b"in the way").unwrap();
+    let reply = client
+        .fragment("/later.bin", &sid, FRAG as u64, &source[FRAG..], total)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(total));
+    client.close("/later.bin", &sid).await.assert_ok();
+    // A few background attempts fail while the destination is in the way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+
+    let pending = records(root).await;
+    assert_eq!(pending.len(), 1);
+    let state = pending[0].deferred.as_ref().expect("a deferred commit");
+    assert_eq!(state.status, DeferredStatus::Pending);
+    assert!(state.attempts >= 2, "{state:?}");
+    assert_eq!(part_len(root, &sid), total, "the staged file is kept");
+    assert_eq!(
+        std::fs::read(root.join("later.bin")).unwrap(),
+        b"in the way"
+    );
+
+    std::fs::remove_file(root.join("later.bin")).unwrap();
+    let server = ServerProcess::spawn_with(root, "defer");
+    wait_for(Duration::from_secs(20), "the deferred commit", || {
+        std::fs::read(root.join("later.bin")).is_ok_and(|b| b == source)
+    })
+    .await;
+    wait_for(Duration::from_secs(5), "the part to go", || {
+        common::parts(root).is_empty()
+    })
+    .await;
+    drop(server);
+    let done = records(root).await;
+    assert_eq!(
+        done[0].deferred.as_ref().map(|d| d.status),
+        Some(DeferredStatus::Completed)
+    );
     assert_only_closed_tombstones(root, 1).await;
 }
