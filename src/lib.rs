@@ -44,6 +44,14 @@
 //!   an existing file is never replaced unless overwrites are allowed.
 //! * No request names anything outside the upload root (see [`destination`]).
 //!
+//! ## Upload-reply
+//!
+//! With a [`completion::CompletionHandler`] or an IIS-style [`Notification`], finished uploads
+//! are handed to the application before the final Ack, and its reply is served at the Ack's
+//! `BITS-Reply-URL`; see [`completion`]. [`CompletionPolicy`] decides what a busy destination
+//! or application answers, and [`hooks`] lets the application veto sessions and hear about
+//! them.
+//!
 //! ## Feature flags
 //!
 //! | feature | what it adds |
