@@ -595,6 +595,8 @@ async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outco
         size: record.received,
         owner: record.owner.clone(),
     };
+    // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
+    replies.remove(record.id).await.map_err(Failure::Reply)?;
     let policy = shared.config.completion_policy;
     let completion = handler
         .complete(upload)
@@ -628,6 +630,9 @@ async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outco
         return Err(invalid_answer(
             "the reply URL is longer than 2,200 characters",
         ));
+    }
+    if HeaderValue::from_str(&reply_url).is_err() {
+        return Err(invalid_answer("the reply URL is not a valid header value"));
     }
     Ok(Outcome {
         reply_url,
