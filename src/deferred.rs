@@ -106,15 +106,14 @@ impl DeferredCompletions {
         if !record.is_deferred() {
             return Ok(false);
         }
-        let mut next = record.clone();
-        if let Some(state) = next.deferred.as_mut() {
-            state.status = DeferredStatus::Cancelled;
-        }
-        let reason = CancelReason::DeferredCancelled;
-        shared.queue(&mut next, EventKind::Cancelled { reason });
-        next.revision = record.revision + 1;
-        shared.store.update(record.revision, &next).await?;
-        record = next;
+        handler::amend(shared, &mut record, |r| {
+            if let Some(state) = r.deferred.as_mut() {
+                state.status = DeferredStatus::Cancelled;
+            }
+            let reason = CancelReason::DeferredCancelled;
+            shared.queue(r, EventKind::Cancelled { reason });
+        })
+        .await?;
         if record.is_open() {
             // The client has not closed yet: Close-Session will clean up; nothing to commit.
         } else if let Err(error) = shared.staging.discard(id).await {
@@ -168,55 +167,39 @@ async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreErr
     };
     let result = handler::commit(shared, &mut record).await;
     let attempts = state.attempts.saturating_add(1);
-    let outcome = match result {
-        Ok(()) => {
-            let mut next = record.clone();
-            if let Some(d) = next.deferred.as_mut() {
-                d.status = DeferredStatus::Completed;
-                d.attempts = attempts;
-                d.last_error = None;
-            }
-            tracing::info!(session = %id, attempts, "deferred commit done");
-            (next, None)
+    let give_up = result.is_err() && attempts >= backoff.attempts;
+    let due = now_ms().saturating_add(duration_ms(backoff.delay(attempts)));
+    match &result {
+        Ok(()) => tracing::info!(session = %id, attempts, "deferred commit done"),
+        Err(error) if give_up => {
+            tracing::error!(session = %id, attempts, %error, "deferred commit failed for good; the staged file stays until the session expires")
         }
-        Err(error) => {
-            let mut next = record.clone();
-            let give_up = attempts >= backoff.attempts;
-            let due = now_ms().saturating_add(duration_ms(backoff.delay(attempts)));
-            if let Some(d) = next.deferred.as_mut() {
-                d.attempts = attempts;
-                d.last_error = Some(error.to_string());
-                d.next_attempt_ms = due;
-                if give_up {
-                    d.status = DeferredStatus::Failed;
-                }
-            }
-            if give_up {
-                tracing::error!(session = %id, attempts, %error, "deferred commit failed for good; the staged file stays until the session expires");
-                let reason = CancelReason::DeferredFailed;
-                shared.queue(&mut next, EventKind::Cancelled { reason });
-                (next, None)
-            } else {
-                tracing::info!(session = %id, attempts, %error, "deferred commit still busy");
-                (next, Some(due))
-            }
+        Err(error) => tracing::info!(session = %id, attempts, %error, "deferred commit still busy"),
+    }
+    handler::amend(shared, &mut record, |r| {
+        if let Some(d) = r.deferred.as_mut() {
+            d.attempts = attempts;
+            d.next_attempt_ms = due;
+            d.last_error = result.as_ref().err().map(ToString::to_string);
+            d.status = match (&result, give_up) {
+                (Ok(()), _) => DeferredStatus::Completed,
+                (Err(_), true) => DeferredStatus::Failed,
+                (Err(_), false) => DeferredStatus::Pending,
+            };
         }
-    };
-    let (mut next, due) = outcome;
-    next.revision = record.revision + 1;
-    shared.store.update(record.revision, &next).await?;
-    if next
-        .deferred
-        .as_ref()
-        .is_some_and(|d| d.status == DeferredStatus::Completed)
-        && !next.is_open()
-    {
+        if give_up {
+            let reason = CancelReason::DeferredFailed;
+            shared.queue(r, EventKind::Cancelled { reason });
+        }
+    })
+    .await?;
+    if result.is_ok() && !record.is_open() {
         // Closed meanwhile: nobody else will delete what is left of the part.
         if let Err(error) = shared.staging.discard(id).await {
             tracing::warn!(session = %id, %error, "cannot delete staged data after a deferred commit");
         }
     }
-    shared.deliver(&mut next).await;
+    shared.deliver(&mut record).await;
     shared.deferred_touched();
-    Ok(due)
+    Ok((result.is_err() && !give_up).then_some(due))
 }

@@ -79,15 +79,9 @@ impl Shared {
         if delivered.is_empty() {
             return;
         }
-        let mut next = record.clone();
-        next.outbox.retain(|e| !delivered.contains(&e.key));
-        next.revision = record.revision + 1;
-        // Not a packet: the session timer is left alone.
-        match self.store.update(record.revision, &next).await {
-            Ok(()) => *record = next,
-            Err(error) => {
-                tracing::warn!(%error, "cannot record event delivery; events will repeat")
-            }
+        let forget = |r: &mut SessionRecord| r.outbox.retain(|e| !delivered.contains(&e.key));
+        if let Err(error) = amend(self, record, forget).await {
+            tracing::warn!(%error, "cannot record event delivery; events will repeat");
         }
     }
 
@@ -120,8 +114,6 @@ pub(crate) enum Failure {
     Application { ack: Ack, error: CompletionError },
     #[error("the destination is busy: {error}")]
     Busy { ack: Ack, error: StagingError },
-    #[error("cannot store the reply")]
-    Reply(#[source] std::io::Error),
     #[error("upload-reply needs a staging with local paths")]
     NoLocalPath,
 }
@@ -154,7 +146,6 @@ impl Failure {
             ),
             Self::Vetoed(veto) => veto.ack(),
             Self::Application { ack, .. } | Self::Busy { ack, .. } => ack.clone(),
-            Self::Reply(e) => StagingError::Io(std::io::Error::new(e.kind(), e.to_string())).ack(),
             Self::NoLocalPath => Ack::error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Hresult::E_FAIL,
@@ -166,7 +157,7 @@ impl Failure {
     fn log(&self) {
         let server_fault = match self {
             Self::Store(StoreError::Backend(_) | StoreError::Conflict) => true,
-            Self::Reply(_) | Self::NoLocalPath => true,
+            Self::NoLocalPath => true,
             Self::Application { .. } | Self::Busy { .. } => {
                 tracing::warn!(error = %self, source = ?std::error::Error::source(self), "upload not completed");
                 return;
@@ -301,8 +292,9 @@ async fn open_session(
     Ok((guard, record))
 }
 
-/// Applies `change` to a copy of `record`, stores it by compare-and-set, and adopts it.
-async fn save(
+/// Applies `change` to a copy of `record`, stores it by compare-and-set, and adopts it. Not a
+/// packet: the session timer is left alone.
+pub(crate) async fn amend(
     shared: &Shared,
     record: &mut SessionRecord,
     change: impl FnOnce(&mut SessionRecord),
@@ -310,10 +302,22 @@ async fn save(
     let mut next = record.clone();
     change(&mut next);
     next.revision = record.revision + 1;
-    next.updated_ms = now_ms();
     shared.store.update(record.revision, &next).await?;
     *record = next;
     Ok(())
+}
+
+/// [`amend`] for a successful packet: the session timer restarts.
+async fn save(
+    shared: &Shared,
+    record: &mut SessionRecord,
+    change: impl FnOnce(&mut SessionRecord),
+) -> Result<(), StoreError> {
+    amend(shared, record, |r| {
+        change(r);
+        r.updated_ms = now_ms();
+    })
+    .await
 }
 
 /// Records a successful packet that changed nothing else, so the session timer restarts.
@@ -596,7 +600,7 @@ async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outco
         owner: record.owner.clone(),
     };
     // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
-    replies.remove(record.id).await.map_err(Failure::Reply)?;
+    replies.remove(record.id).await.map_err(StagingError::Io)?;
     let policy = shared.config.completion_policy;
     let completion = handler
         .complete(upload)
@@ -615,14 +619,14 @@ async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outco
                     "the static reply URL is not an absolute http(s) URL",
                 ));
             }
-            replies.remove(record.id).await.map_err(Failure::Reply)?;
+            replies.remove(record.id).await.map_err(StagingError::Io)?;
             (url, None)
         }
         reply => {
             let stored = replies
                 .store(record.id, reply)
                 .await
-                .map_err(Failure::Reply)?;
+                .map_err(StagingError::Io)?;
             (reply_url_of(shared, record), Some(stored))
         }
     };
@@ -836,7 +840,7 @@ async fn release(shared: &Shared, record: &SessionRecord) -> Result<(), Failure>
         shared.staging.discard(record.id).await?;
     }
     if let Some(replies) = &shared.replies {
-        replies.remove(record.id).await.map_err(Failure::Reply)?;
+        replies.remove(record.id).await.map_err(StagingError::Io)?;
     }
     Ok(())
 }
