@@ -38,16 +38,20 @@ pub(crate) struct Shared {
     pub(crate) locks: KeyedLock<SessionId>,
     /// Makes "count open sessions, then create" atomic within this process.
     pub(crate) create_lock: tokio::sync::Mutex<()>,
-    /// The upload-reply handler (in-process or an HTTP notification), if any.
-    pub(crate) completion: Option<Box<dyn DynCompletion>>,
-    /// Reply storage; present exactly when `completion` is.
-    pub(crate) replies: Option<Replies>,
+    /// Upload-reply mode, if a completion handler or notification is configured.
+    pub(crate) reply: Option<ReplyMode>,
     /// The application's hooks, if any.
     pub(crate) hooks: Option<Box<dyn DynHooks>>,
     /// Wakes the sweeper when a deferred commit is scheduled.
     pub(crate) wakeup: tokio::sync::Notify,
     /// Bumped whenever a deferred commit changes state, for waiters.
     pub(crate) deferred_changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Upload-reply mode: the completion handler and the storage of its replies.
+pub(crate) struct ReplyMode {
+    pub(crate) handler: Box<dyn DynCompletion>,
+    pub(crate) replies: Replies,
 }
 
 impl Shared {
@@ -332,7 +336,7 @@ async fn create_session(
     owner: Option<Owner>,
 ) -> Ack {
     let config = &shared.config;
-    let reply_mode = shared.completion.is_some();
+    let reply_mode = shared.reply.is_some();
     let result = async {
         let destination =
             destination::from_url_path(parts.uri.path(), &config.prefix, &config.reserved)?;
@@ -541,9 +545,9 @@ where
 /// in upload-reply mode, and commits at the last fragment if that is the commit point. The Ack
 /// carries the reply URL in upload-reply mode.
 async fn finish_upload(shared: &Shared, record: &mut SessionRecord) -> Result<Ack, Failure> {
-    let reply_mode = shared.completion.is_some();
-    if reply_mode && record.outcome.is_none() {
-        let outcome = run_completion(shared, record).await?;
+    let reply_mode = shared.reply.is_some();
+    if let (Some(mode), None) = (&shared.reply, &record.outcome) {
+        let outcome = run_completion(shared, mode, record).await?;
         let copy = outcome.copy_to_destination;
         save(shared, record, |r| {
             r.outcome = Some(outcome);
@@ -584,10 +588,13 @@ fn invalid_answer(why: &str) -> Failure {
 }
 
 /// Hands a complete upload to the completion handler and stores its reply.
-async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outcome, Failure> {
-    let (Some(handler), Some(replies)) = (&shared.completion, &shared.replies) else {
-        return Err(Failure::NoLocalPath);
-    };
+async fn run_completion(
+    shared: &Shared,
+    mode: &ReplyMode,
+    record: &SessionRecord,
+) -> Result<Outcome, Failure> {
+    let ReplyMode { handler, replies } = mode;
+    // Checked when the layer was built; a custom staging could still change its mind.
     let staged_path = shared.staging.path(record.id).ok_or(Failure::NoLocalPath)?;
     let origin = record.origin.as_deref().unwrap_or("");
     let upload = CompletedUpload {
@@ -611,10 +618,7 @@ async fn run_completion(shared: &Shared, record: &SessionRecord) -> Result<Outco
         })?;
     let (reply_url, stored_reply) = match completion.reply {
         Reply::StaticUrl(url) => {
-            let absolute = url.parse::<http::Uri>().ok().is_some_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
-            });
-            if !absolute {
+            if !crate::completion::is_absolute_http_url(&url) {
                 return Err(invalid_answer(
                     "the static reply URL is not an absolute http(s) URL",
                 ));
@@ -800,7 +804,7 @@ async fn close_session(
 
 async fn close_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ack, Failure> {
     let mut incomplete = false;
-    match machine::close(record, shared.completion.is_some()) {
+    match machine::close(record, shared.reply.is_some()) {
         CloseDecision::Discard => {
             shared.staging.discard(record.id).await?;
             incomplete = true;
@@ -833,14 +837,14 @@ async fn close_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ack
     Ok(Ack::ok())
 }
 
-/// Deletes what a finished session leaves behind: its reply, and its staged data unless a
-/// deferred commit still needs it.
-async fn release(shared: &Shared, record: &SessionRecord) -> Result<(), Failure> {
+/// Deletes what a finished (or expired) session leaves behind: its reply, and its staged
+/// data unless a deferred commit still needs it.
+pub(crate) async fn release(shared: &Shared, record: &SessionRecord) -> Result<(), StagingError> {
     if !record.is_deferred() {
         shared.staging.discard(record.id).await?;
     }
-    if let Some(replies) = &shared.replies {
-        replies.remove(record.id).await.map_err(StagingError::Io)?;
+    if let Some(mode) = &shared.reply {
+        mode.replies.remove(record.id).await?;
     }
     Ok(())
 }

@@ -9,10 +9,11 @@ use tower_layer::Layer;
 use crate::completion::{CompletionHandler, CompletionPolicy, DynCompletion, Notification};
 use crate::config::{CommitPoint, Config, ConfigError};
 use crate::deferred::DeferredCompletions;
-use crate::handler::Shared;
+use crate::handler::{ReplyMode, Shared};
 use crate::hooks::{DynHooks, Hooks};
 use crate::reply::Replies;
 use crate::service::BitsService;
+use crate::session::SessionId;
 use crate::staging::{DynStaging, LocalStaging, Staging};
 use crate::store::{DynStore, FileStore, SessionStore};
 use crate::sweeper::Sweeper;
@@ -278,15 +279,6 @@ impl BitsLayerBuilder {
             }
             (None, None) => None,
         };
-        let replies = match &completion {
-            Some(_) => {
-                let dir = self
-                    .replies_dir
-                    .unwrap_or_else(|| self.root.join(".bits").join("replies"));
-                Some(Replies::open(dir).map_err(ConfigError::Replies)?)
-            }
-            None => None,
-        };
         let staging = match self.staging {
             Some(staging) => staging,
             None => Box::new(
@@ -294,6 +286,20 @@ impl BitsLayerBuilder {
                     .map_err(ConfigError::Staging)?
                     .create_directories(config.create_directories),
             ),
+        };
+        let reply = match completion {
+            Some(handler) => {
+                // Handlers and by-reference notifications get the staged file by path.
+                if staging.path(SessionId::new()).is_none() {
+                    return Err(ConfigError::NoLocalPaths);
+                }
+                let dir = self
+                    .replies_dir
+                    .unwrap_or_else(|| self.root.join(".bits").join("replies"));
+                let replies = Replies::open(dir).map_err(ConfigError::Replies)?;
+                Some(ReplyMode { handler, replies })
+            }
+            None => None,
         };
         let store = match self.store {
             Some(store) => store,
@@ -306,8 +312,7 @@ impl BitsLayerBuilder {
                 staging,
                 locks: Default::default(),
                 create_lock: Default::default(),
-                completion,
-                replies,
+                reply,
                 hooks: self.hooks,
                 wakeup: Default::default(),
                 deferred_changed: tokio::sync::watch::channel(0).0,

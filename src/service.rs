@@ -11,7 +11,7 @@ use tower_service::Service;
 use crate::destination::strip_prefix;
 use crate::future::{Answer, ResponseBody, ResponseFuture};
 use crate::handler::{self, Shared};
-use crate::protocol::{Ack, is_bits_post};
+use crate::protocol::is_bits_post;
 use crate::reply::{self, parse_reply_path};
 use crate::session::SessionId;
 
@@ -52,7 +52,7 @@ impl<S> BitsService<S> {
 
     /// The session whose reply a GET or HEAD asks for, in upload-reply mode.
     fn reply_request<B>(&self, request: &Request<B>) -> Option<SessionId> {
-        self.shared.replies.as_ref()?;
+        self.shared.reply.as_ref()?;
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
             return None;
         }
@@ -105,10 +105,7 @@ where
             let shared = self.shared.clone();
             let (parts, _body) = request.into_parts();
             ResponseFuture::bits(Box::pin(async move {
-                let Some(replies) = &shared.replies else {
-                    return Answer::Ack(Ack::with_status(http::StatusCode::NOT_FOUND));
-                };
-                Answer::Download(reply::serve(&shared, replies, &parts, id).await)
+                Answer::Download(reply::serve(&shared, &parts, id).await)
             }))
         } else {
             ResponseFuture::inner(self.inner.call(request))

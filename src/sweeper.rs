@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::deferred::DeferredCompletions;
-use crate::handler::Shared;
+use crate::handler::{self, Shared};
 use crate::hooks::{Event, EventKind};
 use crate::session::machine::is_expired;
 use crate::session::now_ms;
@@ -57,15 +57,9 @@ impl Sweeper {
             if !is_expired(&record, now_ms(), timeout_ms) || record.is_deferred() {
                 continue;
             }
-            if let Err(error) = shared.staging.discard(record.id).await {
-                tracing::warn!(session = %record.id, %error, "cannot delete the staged data of an expired session");
+            if let Err(error) = handler::release(shared, &record).await {
+                tracing::warn!(session = %record.id, %error, "cannot delete the data of an expired session");
                 continue;
-            }
-            if let Some(replies) = &shared.replies {
-                if let Err(error) = replies.remove(record.id).await {
-                    tracing::warn!(session = %record.id, %error, "cannot delete the reply of an expired session");
-                    continue;
-                }
             }
             if record.is_open() && !expired_event_delivered(shared, &record).await {
                 // Kept (its data is gone) so the event is offered again at the next sweep.

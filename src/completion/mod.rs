@@ -158,6 +158,14 @@ impl CompletionError {
     }
 }
 
+/// Whether `url` is an absolute `http` or `https` URL with a host, as a reply URL must be.
+pub(crate) fn is_absolute_http_url(url: &str) -> bool {
+    url.parse::<http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https"))
+            && u.host().is_some_and(|host| !host.is_empty())
+    })
+}
+
 /// Processes completed uploads in-process: the Axum-native alternative to an HTTP
 /// [`Notification`].
 ///

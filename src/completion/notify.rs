@@ -318,10 +318,7 @@ fn path_header_value(path: &Path) -> Result<HeaderValue, NotifyError> {
 fn static_response_url(value: &HeaderValue) -> Result<String, NotifyError> {
     let invalid = || NotifyError::Malformed("invalid BITS-Static-Response-URL".to_owned());
     let text = value.to_str().map_err(|_| invalid())?.trim();
-    let uri: Uri = text.parse().map_err(|_| invalid())?;
-    let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
-    let has_host = uri.host().is_some_and(|host| !host.is_empty());
-    if scheme_ok && has_host {
+    if super::is_absolute_http_url(text) {
         Ok(text.to_owned())
     } else {
         Err(invalid())
@@ -363,10 +360,10 @@ async fn receive_reply(
         Err(err) => Err(err),
     };
     drop(file);
-    if result.is_err()
-        && let Err(err) = tokio::fs::remove_file(reply_file).await
-    {
-        tracing::warn!(path = %reply_file.display(), error = %err, "cannot remove partial reply file");
+    if result.is_err() {
+        if let Err(err) = tokio::fs::remove_file(reply_file).await {
+            tracing::warn!(path = %reply_file.display(), error = %err, "cannot remove partial reply file");
+        }
     }
     result
 }

@@ -124,12 +124,10 @@ fn plain(status: StatusCode) -> Download {
 
 /// Serves a GET or HEAD of a reply URL. Unknown sessions, sessions of another owner and
 /// sessions without a stored reply all get 404.
-pub(crate) async fn serve(
-    shared: &Shared,
-    replies: &Replies,
-    parts: &Parts,
-    id: SessionId,
-) -> Download {
+pub(crate) async fn serve(shared: &Shared, parts: &Parts, id: SessionId) -> Download {
+    let Some(mode) = &shared.reply else {
+        return plain(StatusCode::NOT_FOUND);
+    };
     let owner = parts.extensions.get::<Owner>();
     let record = match shared.store.load(id).await {
         Ok(Some(record)) => record,
@@ -153,7 +151,7 @@ pub(crate) async fn serve(
     let head = serve::response_head(selection, stored.len, &etag, modified);
     let body = match selection.span(stored.len) {
         Some((offset, count)) if parts.method != Method::HEAD && count > 0 => {
-            match open_at(&replies.path(id), offset).await {
+            match open_at(&mode.replies.path(id), offset).await {
                 Ok(file) => Some(FileBody::new(file, count)),
                 Err(error) => {
                     tracing::warn!(%error, session = %id, "cannot open a stored reply");
