@@ -112,6 +112,8 @@ pub(crate) enum Failure {
     Body(#[from] BodyError),
     #[error("the server's session limit is reached")]
     TooManySessions,
+    #[error("the owner's session limit is reached")]
+    OwnerLimit,
     #[error(transparent)]
     Vetoed(#[from] Veto),
     #[error("completion failed: {error}")]
@@ -143,7 +145,7 @@ impl Failure {
                 )
             }
             // 503 is transient for the client: it retries later.
-            Self::TooManySessions => Ack::error(
+            Self::TooManySessions | Self::OwnerLimit => Ack::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Hresult::TOO_MANY_SESSIONS,
                 ErrorContext::RemoteFile,
@@ -369,6 +371,11 @@ async fn create_session(
             if shared.store.count_open().await? >= config.max_sessions {
                 return Err(Failure::TooManySessions);
             }
+            if let Some(owner) = &record.owner {
+                if shared.store.count_open_for(owner).await? >= config.max_sessions_per_owner {
+                    return Err(Failure::OwnerLimit);
+                }
+            }
             match shared.store.create(&record).await {
                 Err(StoreError::DestinationBusy { holder })
                     if take_over_abandoned(shared, holder, record.owner.as_ref()).await? =>
@@ -418,10 +425,6 @@ fn origin_of(config: &ValidConfig, parts: &Parts) -> Option<String> {
     Some(format!("{scheme}://{authority}"))
 }
 
-/// How long a session that never received a byte must be idle before a new Create-Session
-/// for the same destination (by the same owner) may replace it.
-const ABANDONED_AFTER_MS: u64 = 30_000;
-
 /// A client whose Create-Session Ack was lost retries Create-Session; its first session then
 /// holds the destination and would answer 409 until it expired (days). A holder of the same
 /// owner that never received a byte and has been idle for a while is such an orphan: cancel
@@ -443,7 +446,7 @@ async fn take_over_abandoned(
         && stale.total.is_none()
         && stale.received == 0
         && stale.owner.as_ref() == owner
-        && stale.is_idle_since(now_ms().saturating_sub(ABANDONED_AFTER_MS));
+        && stale.is_idle_since(now_ms().saturating_sub(duration_ms(shared.config.abandoned_after)));
     if !abandoned {
         return Ok(false);
     }

@@ -161,6 +161,34 @@ impl BitsLayerBuilder {
         self
     }
 
+    /// Most sessions one [`Owner`](crate::Owner) may have open at once
+    /// (`BITSNumberOfSessionsLimit`); Create-Session beyond it gets 503 (the client retries
+    /// later). Requests without an owner are bounded by [`max_sessions`](Self::max_sessions)
+    /// only. Default: 50, as IIS.
+    pub fn max_sessions_per_owner(mut self, sessions: usize) -> Self {
+        self.config.max_sessions_per_owner = sessions;
+        self
+    }
+
+    /// How long a session that never received a byte must be idle before a new
+    /// Create-Session by the same owner for the same destination may replace it. That is the
+    /// client whose Create-Session Ack was lost (a dropped connection, a server restart) and
+    /// who asks again; until then it gets 409 and retries. Default: 30 seconds.
+    pub fn abandoned_after(mut self, idle: Duration) -> Self {
+        self.config.abandoned_after = idle;
+        self
+    }
+
+    /// Power-loss durability for the default staging and store: every fragment's data is
+    /// fsynced before its Ack ([`LocalStaging::sync_data`]) and every session record is
+    /// fsynced when written ([`FileStore::with_fsync`]). Without it an acknowledged byte
+    /// survives a crash of the process but not of the machine. Ignored for a staging or store
+    /// you supply. Costs throughput: see the README's "Safety and guarantees". Default: off.
+    pub fn sync_data(mut self, on: bool) -> Self {
+        self.config.sync_data = on;
+        self
+    }
+
     /// How long a fragment body may deliver no data before the server gives up on it (the
     /// bytes that did arrive are kept). Default: 60 seconds.
     pub fn body_idle_timeout(mut self, timeout: Duration) -> Self {
@@ -284,7 +312,8 @@ impl BitsLayerBuilder {
             None => Box::new(
                 LocalStaging::new(&self.root)
                     .map_err(ConfigError::Staging)?
-                    .create_directories(config.create_directories),
+                    .create_directories(config.create_directories)
+                    .sync_data(config.sync_data),
             ),
         };
         let reply = match completion {
@@ -303,7 +332,10 @@ impl BitsLayerBuilder {
         };
         let store = match self.store {
             Some(store) => store,
-            None => Box::new(FileStore::open(self.root.join(".bits").join("sessions"))?),
+            None => Box::new(
+                FileStore::open(self.root.join(".bits").join("sessions"))?
+                    .with_fsync(config.sync_data),
+            ),
         };
         Ok(BitsLayer {
             shared: Arc::new(Shared {

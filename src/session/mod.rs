@@ -262,6 +262,12 @@ impl SessionRecord {
         matches!(self.phase, Phase::Receiving | Phase::Complete)
     }
 
+    /// Whether the session is open and belongs to `owner` (counted against
+    /// the per-owner session limit).
+    pub fn is_open_for(&self, owner: &Owner) -> bool {
+        self.is_open() && self.owner.as_ref() == Some(owner)
+    }
+
     /// Whether the session still claims its destination: it is open and its file has not been
     /// committed. Stores refuse to create a second session for a claimed destination.
     pub fn holds_destination(&self) -> bool {

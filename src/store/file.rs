@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use super::index::Index;
 use super::{SessionStore, StoreError};
 use crate::lock::KeyedLock;
-use crate::session::{SessionId, SessionRecord};
+use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps one JSON file per session in a directory, so open sessions survive a restart.
 ///
@@ -150,6 +150,10 @@ impl SessionStore for FileStore {
 
     async fn count_open(&self) -> Result<usize, StoreError> {
         Ok(self.index().count_open())
+    }
+
+    async fn count_open_for(&self, owner: &Owner) -> Result<usize, StoreError> {
+        Ok(self.index().count_open_for(owner))
     }
 }
 

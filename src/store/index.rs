@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::StoreError;
-use crate::session::{SessionId, SessionRecord};
+use crate::session::{Owner, SessionId, SessionRecord};
 
 #[derive(Debug, Default)]
 pub(crate) struct Index {
@@ -70,6 +70,13 @@ impl Index {
 
     pub(crate) fn count_open(&self) -> usize {
         self.records.values().filter(|r| r.is_open()).count()
+    }
+
+    pub(crate) fn count_open_for(&self, owner: &Owner) -> usize {
+        self.records
+            .values()
+            .filter(|r| r.is_open_for(owner))
+            .count()
     }
 
     fn release(&mut self, old: Option<&SessionRecord>) {

@@ -2,7 +2,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::index::Index;
 use super::{SessionStore, StoreError};
-use crate::session::{SessionId, SessionRecord};
+use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps records in process memory. Fast, and gone on restart: open sessions do not survive
 /// it (clients then get `BG_E_SESSION_NOT_FOUND` and start over). Use [`FileStore`] or a
@@ -54,6 +54,10 @@ impl SessionStore for MemoryStore {
 
     async fn count_open(&self) -> Result<usize, StoreError> {
         Ok(self.index().count_open())
+    }
+
+    async fn count_open_for(&self, owner: &Owner) -> Result<usize, StoreError> {
+        Ok(self.index().count_open_for(owner))
     }
 }
 

@@ -80,7 +80,7 @@ pub use file::FileStore;
 pub use memory::MemoryStore;
 
 use crate::protocol::{Ack, ErrorContext, Hresult};
-use crate::session::{SessionId, SessionRecord};
+use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps session records. See the [module docs](self) for the atomicity contract.
 ///
@@ -119,6 +119,24 @@ pub trait SessionStore: Send + Sync + 'static {
     /// an index should answer directly.
     fn count_open(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
         async move { Ok(self.list().await?.iter().filter(|r| r.is_open()).count()) }
+    }
+
+    /// How many sessions of `owner` are open. The default counts [`SessionStore::list`].
+    fn count_open_for(
+        &self,
+        owner: &Owner,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        async move {
+            let records = self.list().await?;
+            Ok(records.iter().filter(|r| r.is_open_for(owner)).count())
+        }
+    }
+
+    /// Makes every write so far durable and releases the backend's resources. Called once,
+    /// at the end of [`BitsHandle::shutdown`](crate::BitsHandle::shutdown); the store may
+    /// refuse operations afterwards. The default does nothing.
+    fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
     }
 }
 
@@ -183,6 +201,8 @@ pub(crate) trait DynStore: Send + Sync {
     fn remove(&self, id: SessionId) -> BoxFuture<'_, Result<bool, StoreError>>;
     fn list(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
     fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
+    fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>>;
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 pub(crate) type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -209,6 +229,12 @@ impl<T: SessionStore> DynStore for T {
     }
     fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
         Box::pin(SessionStore::count_open(self))
+    }
+    fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(SessionStore::count_open_for(self, owner))
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(SessionStore::close(self))
     }
 }
 
