@@ -131,6 +131,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let bits = builder.build()?;
+    let handle = bits.handle();
+    // Recovers what a crash left behind, then expires idle sessions; stops at shutdown.
     tokio::spawn(bits.sweeper().run());
 
     let app = Router::new()
@@ -147,12 +149,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         notify = args.notify_url.as_deref().unwrap_or("none"),
         "BITS upload server ready"
     );
+    let stopping = handle.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // New sessions get 503 from now on; fragments in flight get the grace period,
+            // then stop at a frame boundary with what they received recorded.
+            tokio::spawn(stopping.shutdown(SHUTDOWN_GRACE));
+        })
         .await?;
-    tracing::info!("stopped");
+    // Every connection is closed: wait for the session store to be flushed and closed.
+    let report = handle.shutdown(SHUTDOWN_GRACE).await;
+    tracing::info!(?report, "stopped");
     Ok(())
 }
+
+/// How long uploads in flight may take to finish once a shutdown signal arrives.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -14,6 +14,8 @@ use crate::staging::{DynPart, StagingError};
 pub(crate) enum BodyError {
     #[error("no body data arrived for {0:?}")]
     Idle(Duration),
+    #[error("the server is shutting down")]
+    Interrupted,
     #[error("reading the body failed (client gone?)")]
     Client(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the body is longer than its Content-Range")]
@@ -24,19 +26,27 @@ pub(crate) enum BodyError {
     Staging(#[from] StagingError),
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body's next frame; `None` when it has ended, `Err` when none arrived within `idle`.
-async fn next_frame<B: Body>(
+async fn next_frame<B>(
     body: &mut Pin<&mut B>,
     idle: Duration,
-) -> Result<Option<Result<Frame<B::Data>, B::Error>>, tokio::time::error::Elapsed> {
-    tokio::time::timeout(
-        idle,
-        std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
-    )
-    .await
+) -> Result<Option<Result<Frame<B::Data>, BoxError>>, tokio::time::error::Elapsed>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let frame = std::future::poll_fn(|cx| {
+        body.as_mut()
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(Into::into)))
+    });
+    tokio::time::timeout(idle, frame).await
 }
 
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
+/// Stops between two frames once `stop` resolves.
 ///
 /// Returns how many bytes were handed to `part` and whether the body was complete. The
 /// bytes handed over before an error are genuine data at the right offsets, so the caller may
@@ -47,18 +57,25 @@ pub(crate) async fn copy_fragment<B>(
     len: u64,
     part: &mut dyn DynPart,
     idle: Duration,
+    stop: impl Future<Output = ()>,
 ) -> (u64, Result<(), BodyError>)
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut body = pin!(body);
+    let mut stop = pin!(stop);
     let mut written = 0u64;
     loop {
-        let frame = match next_frame(&mut body, idle).await {
+        let next = tokio::select! {
+            biased;
+            () = &mut stop => return (written, Err(BodyError::Interrupted)),
+            next = next_frame(&mut body, idle) => next,
+        };
+        let frame = match next {
             Err(_) => return (written, Err(BodyError::Idle(idle))),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return (written, Err(BodyError::Client(e.into()))),
+            Ok(Some(Err(e))) => return (written, Err(BodyError::Client(e))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(mut data) = frame.into_data() else {
@@ -92,13 +109,28 @@ where
 /// the connection, which can destroy the response before the client reads it (and a client
 /// that never sees a 413 never learns to shrink its fragments).
 ///
-/// Gives up, leaving the connection to be closed, after `limit` bytes, an error, or `idle`
-/// without data.
-pub(crate) async fn drain<B: Body>(body: B, limit: u64, idle: Duration) -> bool {
+/// Gives up, leaving the connection to be closed, after `limit` bytes, an error, `idle`
+/// without data, or when `stop` resolves.
+pub(crate) async fn drain<B>(
+    body: B,
+    limit: u64,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+) -> bool
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     let mut body = pin!(body);
+    let mut stop = pin!(stop);
     let mut seen = 0u64;
     loop {
-        match next_frame(&mut body, idle).await {
+        let next = tokio::select! {
+            biased;
+            () = &mut stop => return false,
+            next = next_frame(&mut body, idle) => next,
+        };
+        match next {
             Ok(None) => return true,
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -25,6 +25,7 @@ use crate::session::machine::{
 use crate::session::{
     DeferredState, DeferredStatus, Outcome, Owner, Phase, SessionId, SessionRecord, now_ms,
 };
+use crate::shutdown::{Lifecycle, State};
 use crate::staging::{DynStaging, StagingError};
 use crate::store::{DynStore, StoreError};
 
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) wakeup: tokio::sync::Notify,
     /// Bumped whenever a deferred commit changes state, for waiters.
     pub(crate) deferred_changed: tokio::sync::watch::Sender<u64>,
+    /// Running, shutting down or disabled, and the requests in flight.
+    pub(crate) lifecycle: Lifecycle,
 }
 
 /// Upload-reply mode: the completion handler and the storage of its replies.
@@ -131,6 +134,7 @@ impl Failure {
             Self::Destination(e) => e.ack(),
             Self::Store(e) => e.ack(),
             Self::Staging(e) | Self::Body(BodyError::Staging(e)) => e.ack(),
+            Self::Body(BodyError::Interrupted) => shutting_down(),
             Self::Body(BodyError::Idle(_)) => Ack::error(
                 StatusCode::REQUEST_TIMEOUT,
                 Hresult::TIMEOUT,
@@ -193,13 +197,41 @@ where
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (_in_flight, state) = shared.lifecycle.enter();
     let mut body = Some(body);
-    let ack = dispatch(&shared, parts, &mut body).await;
+    let ack = match refusal(state) {
+        Some(ack) => ack,
+        None => dispatch(&shared, parts, &mut body).await,
+    };
     if let Some(unread) = body.filter(|_| !expects_continue) {
         let limit = DRAIN_LIMIT.max(shared.config.max_fragment_size);
-        drain(unread, limit, shared.config.body_idle_timeout).await;
+        let stopped = shared.lifecycle.stopped();
+        drain(unread, limit, shared.config.body_idle_timeout, stopped).await;
     }
     ack
+}
+
+/// The answer to every packet in a state that takes none.
+fn refusal(state: State) -> Option<Ack> {
+    match state {
+        State::Running | State::Draining => None,
+        State::Stopped => Some(shutting_down()),
+        // Uploads not enabled for the URL (IIS 6): fatal for the client.
+        State::Disabled => Some(Ack::error(
+            StatusCode::NOT_IMPLEMENTED,
+            Hresult::E_ACCESSDENIED,
+            ErrorContext::RemoteFile,
+        )),
+    }
+}
+
+/// 503: transient, the client comes back later.
+fn shutting_down() -> Ack {
+    Ack::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Hresult::SHUTTING_DOWN,
+        ErrorContext::RemoteFile,
+    )
 }
 
 /// Bodies of refused requests up to this size are read and dropped to keep the connection.
@@ -339,6 +371,12 @@ async fn create_session(
 ) -> Ack {
     let config = &shared.config;
     let reply_mode = shared.reply.is_some();
+    if let Some(ack) = refusal(shared.lifecycle.state()) {
+        return ack;
+    }
+    if shared.lifecycle.state() == State::Draining {
+        return shutting_down();
+    }
     let result = async {
         let destination =
             destination::from_url_path(parts.uri.path(), &config.prefix, &config.reserved)?;
@@ -732,8 +770,16 @@ where
         write.len,
         part.as_mut(),
         shared.config.body_idle_timeout,
+        shared.lifecycle.interrupted(),
     )
     .await;
+    if matches!(copied, Err(BodyError::Interrupted)) {
+        shared.lifecycle.count_interrupted();
+        tracing::info!(
+            written,
+            "fragment stopped by shutdown; what arrived is kept"
+        );
+    }
     let flushed = part.finish().await;
     match (copied, flushed) {
         (Ok(()), Ok(())) => {}
@@ -775,10 +821,23 @@ pub(crate) async fn commit(shared: &Shared, record: &mut SessionRecord) -> Resul
     let config = &shared.config;
     let destination = Destination::from_stored(&record.destination, &config.reserved)?;
     let total = record.total.unwrap_or(record.received);
-    shared
+    match shared
         .staging
         .commit(record.id, &destination, total, config.allow_overwrites)
-        .await?;
+        .await
+    {
+        // A crash between the move and its record leaves a record that still wants to
+        // commit; the staging can tell that the file already got there.
+        Err(StagingError::PartMissing)
+            if shared
+                .staging
+                .committed(record.id, &destination, total)
+                .await? =>
+        {
+            tracing::info!(%destination, "the file had already been committed");
+        }
+        other => other?,
+    }
     save(shared, record, |r| {
         r.committed = true;
         shared.queue(

@@ -107,6 +107,9 @@ pub enum CancelReason {
     DeferredCancelled,
     /// A deferred commit ran out of attempts.
     DeferredFailed,
+    /// Uploads were disabled for the session's prefix
+    /// ([`BitsHandle::disable_uploads`](crate::BitsHandle::disable_uploads)).
+    UploadsDisabled,
 }
 
 impl Event {

@@ -14,6 +14,7 @@ use crate::hooks::{DynHooks, Hooks};
 use crate::reply::Replies;
 use crate::service::BitsService;
 use crate::session::SessionId;
+use crate::shutdown::BitsHandle;
 use crate::staging::{DynStaging, LocalStaging, Staging};
 use crate::store::{DynStore, FileStore, SessionStore};
 use crate::sweeper::Sweeper;
@@ -67,6 +68,14 @@ impl BitsLayer {
     /// ([`CompletionPolicy::Defer`]): list, await and cancel them.
     pub fn deferred(&self) -> DeferredCompletions {
         DeferredCompletions {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle for shutting the layer down, disabling its uploads at runtime and running
+    /// recovery; see [`BitsHandle`].
+    pub fn handle(&self) -> BitsHandle {
+        BitsHandle {
             shared: self.shared.clone(),
         }
     }
@@ -348,6 +357,7 @@ impl BitsLayerBuilder {
                 hooks: self.hooks,
                 wakeup: Default::default(),
                 deferred_changed: tokio::sync::watch::channel(0).0,
+                lifecycle: Default::default(),
             }),
         })
     }

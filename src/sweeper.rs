@@ -98,9 +98,21 @@ impl Sweeper {
         Ok(())
     }
 
-    /// Sweeps now and then every `sweep_interval`, forever, and makes the attempts of
-    /// deferred commits when they are due. Errors are logged, not fatal.
+    /// Runs a recovery scan ([`BitsHandle::recover`](crate::BitsHandle::recover)), then
+    /// sweeps now and every `sweep_interval` and makes the attempts of deferred commits when
+    /// they are due, until the layer is shut down. Errors are logged, not fatal.
     pub async fn run(self) {
+        let stopping = self.shared.lifecycle.stopping();
+        tokio::select! {
+            () = self.run_until_stopped() => {}
+            () = stopping => tracing::debug!("sweeper stopped"),
+        }
+    }
+
+    async fn run_until_stopped(&self) {
+        if let Err(error) = crate::recovery::recover(&self.shared).await {
+            tracing::error!(%error, source = ?std::error::Error::source(&error), "recovery scan failed");
+        }
         let interval = self.shared.config.sweep_interval;
         let deferred = DeferredCompletions {
             shared: self.shared.clone(),

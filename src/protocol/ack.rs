@@ -37,6 +37,9 @@ impl Hresult {
     pub const TIMEOUT: Self = Self(0x8007_05B4);
     /// `HRESULT_FROM_WIN32(ERROR_FILE_EXISTS)`: the destination exists (transient form).
     pub const FILE_EXISTS: Self = Self(0x8007_0050);
+    /// `HRESULT_FROM_WIN32(ERROR_SHUTDOWN_IN_PROGRESS)`: the server is shutting down (sent
+    /// with 503, so the client retries later).
+    pub const SHUTTING_DOWN: Self = Self(0x8007_045B);
 
     /// `BG_E_HTTP_ERROR_<status>` (`0x80190000 + status`): how an application's HTTP status
     /// is relayed to the client.

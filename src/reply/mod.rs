@@ -64,6 +64,23 @@ impl Replies {
         })
     }
 
+    /// Sessions that have a reply file (for recovery).
+    pub(crate) async fn list(&self) -> io::Result<Vec<SessionId>> {
+        let mut ids = Vec::new();
+        let mut dir = tokio::fs::read_dir(&self.dir).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".reply"))
+                .and_then(SessionId::parse)
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Deletes the session's reply file if there is one.
     pub(crate) async fn remove(&self, id: SessionId) -> io::Result<()> {
         match tokio::fs::remove_file(self.path(id)).await {

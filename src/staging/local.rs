@@ -166,6 +166,18 @@ fn same_filesystem(a: &Path, b: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether two metadata describe one file (a hard link pair).
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    false
+}
+
 #[cfg(not(unix))]
 fn same_filesystem(_: &Path, _: &Path) -> io::Result<()> {
     Ok(())
@@ -353,6 +365,61 @@ impl Staging for LocalStaging {
 
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         Some(self.part(id))
+    }
+
+    async fn committed(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+    ) -> Result<bool, StagingError> {
+        let inner = self.inner.clone();
+        let part = self.part(id);
+        let destination = destination.clone();
+        blocking(move || {
+            let Ok(path) = check_parents(&inner.root, &destination, false) else {
+                return Ok(false);
+            };
+            let target = match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_file() && meta.len() == total => meta,
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            match std::fs::symlink_metadata(&part) {
+                // The commit renamed the part, or linked it and removed it: only a commit
+                // makes a complete session's part vanish.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(e.into()),
+                // Linked but not yet unlinked: the destination is the part itself.
+                Ok(meta) if same_file(&meta, &target) => {
+                    std::fs::remove_file(&part)?;
+                    if let Some(dir) = part.parent() {
+                        sync_dir(dir)?;
+                    }
+                    Ok(true)
+                }
+                Ok(_) => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<(), StagingError> {
+        let ids = self.list().await?;
+        let parts: Vec<PathBuf> = ids.into_iter().map(|id| self.part(id)).collect();
+        blocking(move || {
+            for part in parts {
+                match std::fs::File::open(&part) {
+                    Ok(file) => file.sync_data()?,
+                    // Committed or discarded meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<SessionId>, StagingError> {

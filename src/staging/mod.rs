@@ -65,6 +65,27 @@ pub trait Staging: Send + Sync + 'static {
     /// Ids of every part present (for recovery scans).
     fn list(&self) -> impl Future<Output = Result<Vec<SessionId>, StagingError>> + Send;
 
+    /// Whether the part of `id` has already been committed to `destination` with `total`
+    /// bytes: a commit interrupted (by a crash) after the file reached its destination but
+    /// before the session record said so. Asked by start-up recovery and by a commit that
+    /// finds its part missing; a staging that can tell finishes such a commit (e.g. removes
+    /// what is left of the part) and answers `true`. The default answers `false`.
+    fn committed(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+    ) -> impl Future<Output = Result<bool, StagingError>> + Send {
+        let _ = (id, destination, total);
+        async { Ok(false) }
+    }
+
+    /// Makes the data of every part durable; called once, at the end of
+    /// [`BitsHandle::shutdown`](crate::BitsHandle::shutdown). The default does nothing.
+    fn close(&self) -> impl Future<Output = Result<(), StagingError>> + Send {
+        async { Ok(()) }
+    }
+
     /// The part's path in the local filesystem, if it has one. Upload-reply needs it: the
     /// completion handler and by-reference notifications get the staged file by path. The
     /// default says there is none.
@@ -217,6 +238,14 @@ pub(crate) trait DynStaging: Send + Sync {
         overwrite: bool,
     ) -> BoxFuture<'a, Result<(), StagingError>>;
     fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SessionId>, StagingError>>;
+    fn committed<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+        total: u64,
+    ) -> BoxFuture<'a, Result<bool, StagingError>>;
+    fn close(&self) -> BoxFuture<'_, Result<(), StagingError>>;
     fn path(&self, id: SessionId) -> Option<PathBuf>;
 }
 
@@ -269,6 +298,20 @@ impl<T: Staging> DynStaging for T {
     }
     fn discard(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(Staging::discard(self, id))
+    }
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SessionId>, StagingError>> {
+        Box::pin(Staging::list(self))
+    }
+    fn committed<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+        total: u64,
+    ) -> BoxFuture<'a, Result<bool, StagingError>> {
+        Box::pin(Staging::committed(self, id, destination, total))
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(Staging::close(self))
     }
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         Staging::path(self, id)

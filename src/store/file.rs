@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -32,6 +33,8 @@ struct Inner {
     dir: PathBuf,
     index: Mutex<Index>,
     locks: KeyedLock<SessionId>,
+    /// Records written without an fsync since the last [`SessionStore::close`].
+    unsynced: Mutex<HashSet<SessionId>>,
 }
 
 impl FileStore {
@@ -66,6 +69,7 @@ impl FileStore {
                 dir,
                 index: Mutex::new(index),
                 locks: KeyedLock::default(),
+                unsynced: Mutex::default(),
             }),
             fsync: false,
         })
@@ -96,7 +100,18 @@ impl FileStore {
         let json = serde_json::to_vec(record).map_err(StoreError::backend)?;
         let path = self.path(record.id);
         let fsync = self.fsync;
-        blocking(move || write_atomically(&path, &json, fsync)).await
+        blocking(move || write_atomically(&path, &json, fsync)).await?;
+        if !fsync {
+            self.unsynced().insert(record.id);
+        }
+        Ok(())
+    }
+
+    fn unsynced(&self) -> MutexGuard<'_, HashSet<SessionId>> {
+        self.inner
+            .unsynced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -154,6 +169,24 @@ impl SessionStore for FileStore {
 
     async fn count_open_for(&self, owner: &Owner) -> Result<usize, StoreError> {
         Ok(self.index().count_open_for(owner))
+    }
+
+    /// Fsyncs every record written without an fsync, and the directory.
+    async fn close(&self) -> Result<(), StoreError> {
+        let ids: Vec<SessionId> = self.unsynced().drain().collect();
+        let paths: Vec<PathBuf> = ids.into_iter().map(|id| self.path(id)).collect();
+        let dir = self.inner.dir.clone();
+        blocking(move || {
+            for path in paths {
+                match std::fs::File::open(&path) {
+                    Ok(file) => file.sync_all()?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            crate::staging::sync_dir(&dir)
+        })
+        .await
     }
 }
 

@@ -1,0 +1,208 @@
+//! Start-up recovery: reconciles staged parts, replies and session records after a crash.
+//!
+//! A crash can leave three kinds of disagreement, because no step touches both the store and
+//! the staging atomically: a part without a record (a session removed between deleting its
+//! data and its record, or a create interrupted), a record without its part or with a shorter
+//! one (a part lost, or a power loss without `sync_data`), and a commit that moved the file but
+//! was not recorded. Recovery removes what nobody owns and repairs the rest, so that no record
+//! ever claims bytes its part does not hold.
+
+use std::collections::HashMap;
+
+use crate::handler::{self, Shared};
+use crate::hooks::EventKind;
+use crate::session::machine::needs_commit;
+use crate::session::{DeferredStatus, Phase, SessionId, SessionRecord};
+use crate::staging::StagingError;
+use crate::store::StoreError;
+
+/// What a recovery scan did. Every field counts sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Sessions on record.
+    pub sessions: usize,
+    /// Staged parts without an open session (no record, or a finished one), deleted.
+    pub orphan_parts: usize,
+    /// Replies without an open session, deleted.
+    pub orphan_replies: usize,
+    /// Open sessions whose part had vanished: an empty one was created and the session
+    /// resumes from byte 0.
+    pub parts_recreated: usize,
+    /// Sessions whose record claimed more bytes than their part holds: rewound to the data.
+    pub offsets_rewound: usize,
+    /// Commits that had moved the file but were not recorded (a crash in between): recorded.
+    pub commits_completed: usize,
+}
+
+impl RecoveryReport {
+    /// Whether the scan changed anything.
+    pub fn repaired_anything(&self) -> bool {
+        *self
+            != Self {
+                sessions: self.sessions,
+                ..Self::default()
+            }
+    }
+}
+
+/// Why recovery stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoveryError {
+    /// The store failed.
+    #[error("recovery: the session store failed")]
+    Store(#[from] StoreError),
+    /// The staging failed.
+    #[error("recovery: the staging failed")]
+    Staging(#[from] StagingError),
+}
+
+pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryError> {
+    let mut report = RecoveryReport::default();
+    // Parts before records: a part is created after its record and deleted before it, so a
+    // part listed here whose record is missing below is an orphan (or already gone).
+    let parts = shared.staging.list().await?;
+    let replies = match &shared.reply {
+        Some(mode) => mode.replies.list().await.map_err(StagingError::Io)?,
+        None => Vec::new(),
+    };
+    let records: HashMap<SessionId, SessionRecord> = shared
+        .store
+        .list()
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    report.sessions = records.len();
+
+    for id in parts {
+        let _guard = shared.locks.lock(id).await;
+        let keep = match shared.store.load(id).await? {
+            Some(record) => record.is_open() || record.is_deferred(),
+            None => false,
+        };
+        if !keep {
+            shared.staging.discard(id).await?;
+            report.orphan_parts += 1;
+        }
+    }
+    if let Some(mode) = &shared.reply {
+        for id in replies {
+            let _guard = shared.locks.lock(id).await;
+            let keep = shared
+                .store
+                .load(id)
+                .await?
+                .is_some_and(|r| r.is_open() && r.outcome.is_some());
+            if !keep {
+                mode.replies.remove(id).await.map_err(StagingError::Io)?;
+                report.orphan_replies += 1;
+            }
+        }
+    }
+    for id in records.into_keys() {
+        let _guard = shared.locks.lock(id).await;
+        let Some(mut record) = shared.store.load(id).await? else {
+            continue;
+        };
+        repair(shared, &mut record, &mut report).await?;
+    }
+    tracing::info!(
+        sessions = report.sessions,
+        orphan_parts = report.orphan_parts,
+        orphan_replies = report.orphan_replies,
+        parts_recreated = report.parts_recreated,
+        offsets_rewound = report.offsets_rewound,
+        commits_completed = report.commits_completed,
+        "recovery scan done"
+    );
+    Ok(report)
+}
+
+/// Brings one session's record and part into agreement. Runs under the session's lock.
+async fn repair(
+    shared: &Shared,
+    record: &mut SessionRecord,
+    report: &mut RecoveryReport,
+) -> Result<(), RecoveryError> {
+    let reply_mode = shared.reply.is_some();
+    let commit_pending = needs_commit(record, reply_mode) || record.is_deferred();
+    // Which bytes the session still needs from its part.
+    let needed = match record.phase {
+        Phase::Receiving => record.received,
+        Phase::Complete if commit_pending || (reply_mode && record.outcome.is_none()) => {
+            record.total.unwrap_or(record.received)
+        }
+        _ => return Ok(()),
+    };
+    let held = shared.staging.len(record.id).await?;
+    if held.is_none() && commit_pending && committed(shared, record).await? {
+        let deferred = record.is_deferred();
+        let total = record.total.unwrap_or(record.received);
+        handler::amend(shared, record, |r| {
+            r.committed = true;
+            if let Some(state) = r.deferred.as_mut() {
+                state.status = DeferredStatus::Completed;
+            }
+            let kind = EventKind::Completed {
+                size: total,
+                committed: true,
+            };
+            shared.queue(r, kind);
+        })
+        .await?;
+        if deferred {
+            shared.deferred_touched();
+        }
+        tracing::info!(session = %record.id, destination = %record.destination, "an interrupted commit had finished; recorded");
+        report.commits_completed += 1;
+        return Ok(());
+    }
+    match held {
+        Some(len) if len >= needed => {}
+        Some(len) => {
+            tracing::warn!(session = %record.id, recorded = needed, held = len, "staged data is shorter than the record; rewound");
+            rewind(shared, record, len).await?;
+            report.offsets_rewound += 1;
+        }
+        None => {
+            tracing::warn!(session = %record.id, recorded = needed, "staged data is missing; the session restarts from byte 0");
+            shared.staging.create(record.id).await?;
+            rewind(shared, record, 0).await?;
+            report.parts_recreated += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the staging says the session's file already reached its destination.
+async fn committed(shared: &Shared, record: &SessionRecord) -> Result<bool, RecoveryError> {
+    let Ok(destination) =
+        crate::destination::Destination::from_stored(&record.destination, &shared.config.reserved)
+    else {
+        return Ok(false);
+    };
+    let total = record.total.unwrap_or(record.received);
+    Ok(shared
+        .staging
+        .committed(record.id, &destination, total)
+        .await?)
+}
+
+/// Sets the session back to `received` bytes; a complete one receives again.
+async fn rewind(
+    shared: &Shared,
+    record: &mut SessionRecord,
+    received: u64,
+) -> Result<(), StoreError> {
+    handler::amend(shared, record, |r| {
+        r.received = received;
+        if r.phase == Phase::Complete {
+            r.phase = Phase::Receiving;
+            r.outcome = None;
+            r.deferred = None;
+        }
+    })
+    .await
+}
