@@ -82,6 +82,11 @@ impl DestinationError {
     }
 }
 
+/// Longest destination path accepted, in bytes: well inside what filesystems take (Linux
+/// allows 4,096 for a whole path, 255 per name), so that a destination accepted at
+/// Create-Session can be created at the commit.
+pub const MAX_DESTINATION_LEN: usize = 1024;
+
 /// Maps a request path (no query) below `prefix` to a destination.
 ///
 /// `prefix` is `/` or a path like `/upload` (no trailing slash needed). `reserved` lists
@@ -105,6 +110,11 @@ pub fn from_url_path(
     }
     if out.is_empty() {
         return Err(DestinationError::Directory);
+    }
+    if out.len() > MAX_DESTINATION_LEN {
+        return Err(DestinationError::Invalid(
+            "the destination path is longer than 1,024 bytes",
+        ));
     }
     if decoded.ends_with('/') {
         return Err(DestinationError::Directory);
@@ -159,9 +169,21 @@ fn check_component(c: &str) -> Result<(), DestinationError> {
     let device = |name: &str| stem.eq_ignore_ascii_case(name);
     // Bytes, not str slices: a name may be any UTF-8, and slicing it at a byte index could
     // fall inside a character.
-    let numbered = |base: &str| match stem.as_bytes().split_last() {
-        Some((digit, rest)) => rest.eq_ignore_ascii_case(base.as_bytes()) && digit.is_ascii_digit(),
-        None => false,
+    // `COM1`..`COM9`, `COM0`, and the superscripts `COM¹` `COM²` `COM³`, which Windows counts
+    // as digits too.
+    let numbered = |base: &str| {
+        let Some(number) = stem
+            .get(..base.len())
+            .filter(|b| b.eq_ignore_ascii_case(base))
+            .and_then(|_| stem.get(base.len()..))
+        else {
+            return false;
+        };
+        let mut chars = number.chars();
+        matches!(
+            (chars.next(), chars.next()),
+            (Some('0'..='9' | '¹' | '²' | '³'), None)
+        )
     };
     if ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
         .iter()
@@ -234,6 +256,8 @@ mod tests {
             "/Lpt1.log",
             "/nul",
             "/COM9",
+            "/com%C2%B9",
+            "/LPT%C2%B3.log",
             "/%ff%fe",
             "/what?",
         ] {
@@ -246,6 +270,21 @@ mod tests {
         let long = format!("/{}", "a".repeat(256));
         assert!(map(&long).is_err());
         assert!(map(&format!("/{}", "a".repeat(255))).is_ok());
+        // Names that only look like devices are fine.
+        for ok in [
+            "/COM10",
+            "/COMX",
+            "/com",
+            "/LPT1x",
+            "/COM%C2%B9%C2%B9",
+            "/CONSOLE",
+        ] {
+            assert!(map(ok).is_ok(), "{ok}");
+        }
+        let deep = "/".to_owned() + &vec!["d".repeat(200); 5].join("/");
+        assert!(map(&deep).is_ok());
+        let too_deep = "/".to_owned() + &vec!["d".repeat(200); 6].join("/");
+        assert!(matches!(map(&too_deep), Err(DestinationError::Invalid(_))));
     }
 
     #[test]

@@ -828,7 +828,7 @@ pub(crate) async fn commit(shared: &Shared, record: &mut SessionRecord) -> Resul
     {
         // A crash between the move and its record leaves a record that still wants to
         // commit; the staging can tell that the file already got there.
-        Err(StagingError::PartMissing)
+        Err(StagingError::PartMissing | StagingError::DestinationExists)
             if shared
                 .staging
                 .committed(record.id, &destination, total)

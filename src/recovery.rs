@@ -137,7 +137,9 @@ async fn repair(
         _ => return Ok(()),
     };
     let held = shared.staging.len(record.id).await?;
-    if held.is_none() && commit_pending && committed(shared, record).await? {
+    // A finished commit leaves no part (a rename) or a part that is the destination itself
+    // (a link not yet unlinked).
+    if commit_pending && record.phase == Phase::Complete && committed(shared, record).await? {
         let deferred = record.is_deferred();
         let total = record.total.unwrap_or(record.received);
         handler::amend(shared, record, |r| {
