@@ -150,8 +150,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "BITS upload server ready"
     );
     let stopping = handle.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    // Like axum::serve, plus a header read timeout and a connection cap (slow-loris).
+    axum_bits::serve(listener, app)
+        .header_read_timeout(Duration::from_secs(20))
+        .shutdown_timeout(SHUTDOWN_GRACE + Duration::from_secs(5))
+        .run(async move {
             shutdown_signal().await;
             // New sessions get 503 from now on; fragments in flight get the grace period,
             // then stop at a frame boundary with what they received recorded.

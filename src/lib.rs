@@ -56,7 +56,9 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | (none yet) | the memory and file stores and local staging are always compiled |
+//! | `serve` (default) | [`serve`]: an HTTP/1.1 accept loop with a header read timeout, a connection cap and graceful shutdown |
+//!
+//! The memory and file stores and local staging are always compiled.
 
 #![warn(clippy::unwrap_used)]
 
@@ -74,6 +76,8 @@ mod lock;
 pub mod protocol;
 pub mod recovery;
 mod reply;
+#[cfg(feature = "serve")]
+mod serve;
 mod service;
 pub mod session;
 mod shutdown;
@@ -86,6 +90,8 @@ pub use config::{CommitPoint, ConfigError};
 pub use deferred::{DeferredCompletion, DeferredCompletions};
 pub use future::{ResponseBody, ResponseFuture};
 pub use layer::{BitsLayer, BitsLayerBuilder};
+#[cfg(feature = "serve")]
+pub use serve::{Serve, serve};
 pub use service::BitsService;
 pub use session::{Owner, SessionId};
 pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
