@@ -29,6 +29,9 @@
 //! untimed, so that no server pays for faulting in fresh page-cache memory (which is slow on
 //! VMs that hand idle memory back to the host; `--no-warm-up` skips it).
 //!
+//! With `AXUM_BITS_BENCH_SYNC_DATA=1` the bits server runs with `sync_data(true)` (an fsync of
+//! the fragment's data and of its session record before every Ack).
+//!
 //! Files go to a temporary folder under `$AXUM_BITS_BENCH_DIR` (default: the system temp
 //! folder; it should be on a real disk, not tmpfs) and are removed after each measurement.
 
@@ -54,6 +57,8 @@ const FRAGMENT: usize = 8 << 20;
 const ROLE_ENV: &str = "AXUM_BITS_BENCH_SERVER";
 /// The upload root of a child server.
 const ROOT_ENV: &str = "AXUM_BITS_BENCH_ROOT";
+/// `1`: the bits server fsyncs every fragment and record before its Ack (`sync_data(true)`).
+const SYNC_DATA_ENV: &str = "AXUM_BITS_BENCH_SYNC_DATA";
 /// Where the temporary upload roots are made.
 const DIR_ENV: &str = "AXUM_BITS_BENCH_DIR";
 /// A child announces its port with this line.
@@ -151,7 +156,11 @@ fn serve(role: &str) -> Result<(), Error> {
     runtime.block_on(async {
         let app = match role {
             "bits" => {
-                let bits = BitsLayer::builder(&root).max_upload_size(1 << 40).build()?;
+                let sync_data = std::env::var_os(SYNC_DATA_ENV).is_some_and(|v| v == "1");
+                let bits = BitsLayer::builder(&root)
+                    .max_upload_size(1 << 40)
+                    .sync_data(sync_data)
+                    .build()?;
                 Router::new()
                     .route("/", get(|| async { "axum-bits benchmark server" }))
                     .layer(bits)
