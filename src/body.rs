@@ -93,6 +93,10 @@ where
         }
         let n = chunk.len() as u64;
         if let Err(e) = part.write(chunk).await {
+            // Read the rest (it is no longer than the range announced) so that the client
+            // reads the error Ack instead of a connection reset.
+            let rest = len - written - n;
+            drain(body, rest, idle, stop).await;
             return (written, Err(e.into()));
         }
         written += n;

@@ -209,13 +209,20 @@ fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()>
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut file = crate::staging::private_file(&tmp)?;
-    file.write_all(contents)?;
-    if fsync {
-        file.sync_all()?;
+    let written = (|| {
+        let mut file = crate::staging::private_file(&tmp)?;
+        file.write_all(contents)?;
+        if fsync {
+            file.sync_all()?;
+        }
+        drop(file);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(error) = written {
+        // Out of space, typically: leave no temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(error);
     }
-    drop(file);
-    std::fs::rename(&tmp, path)?;
     if fsync {
         if let Some(dir) = path.parent() {
             crate::staging::sync_dir(dir)?;
