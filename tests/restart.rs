@@ -21,7 +21,6 @@ use axum::routing::get;
 use axum_bits::completion::Backoff;
 use axum_bits::session::DeferredStatus;
 use axum_bits::session::{Phase, SessionRecord};
-use axum_bits::store::{FileStore, SessionStore};
 use axum_bits::{BitsLayer, CompletionPolicy};
 use common::{BitsClient, RawConn, Reply, data, fragment_head};
 
@@ -153,12 +152,19 @@ impl Drop for ServerProcess {
 }
 
 /// Every session record in the root (only call while no server runs on it).
+/// The session records on disk, read directly: opening a `FileStore` would delete the
+/// temporary file of a write the running server is making.
 async fn records(root: &Path) -> Vec<SessionRecord> {
-    FileStore::open(root.join(".bits").join("sessions"))
-        .expect("open store")
-        .list()
-        .await
-        .expect("list")
+    let dir = root.join(".bits").join("sessions");
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("sessions folder") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let bytes = std::fs::read(&path).expect("record");
+            records.push(serde_json::from_slice(&bytes).expect("a valid record"));
+        }
+    }
+    records
 }
 
 fn part_path(root: &Path, sid: &str) -> PathBuf {
@@ -591,6 +597,15 @@ async fn deferred_commit_survives_a_restart() {
         common::parts(root).is_empty()
     })
     .await;
+    // The record follows the move; a kill in between would be healed by the next process,
+    // but this test reads the record this process wrote.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while records(root).await[0].deferred.as_ref().map(|d| d.status)
+        != Some(DeferredStatus::Completed)
+    {
+        assert!(Instant::now() < deadline, "the record never said Completed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(server);
     let done = records(root).await;
     assert_eq!(
