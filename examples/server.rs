@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example server -- [--listen 127.0.0.1:8080] [--root ./uploads]
-//!     [--max-upload-size BYTES] [--session-timeout SECS] [--allow-overwrites]
+//!     [--max-upload-size BYTES] [--session-timeout SECS] [--allow-overwrites] [--sync-data]
 //!     [--notify-url URL --notify-type reference|value] [--host-id ID --host-id-fallback-timeout SECS]
 //!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
 //! ```
@@ -41,6 +41,9 @@ struct Args {
     /// Let uploads replace existing files (IIS: BITSAllowOverwrites).
     #[arg(long)]
     allow_overwrites: bool,
+    /// Fsync every fragment and session record before its Ack (power-loss durability).
+    #[arg(long)]
+    sync_data: bool,
     /// Server-application notification URL (IIS: BITSServerNotificationURL).
     #[arg(long, value_name = "URL", requires = "notify_type")]
     notify_url: Option<String>,
@@ -100,6 +103,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = BitsLayer::builder(&args.root)
         .session_timeout(Duration::from_secs(args.session_timeout))
         .allow_overwrites(args.allow_overwrites)
+        .sync_data(args.sync_data)
         .commit_point(match args.commit_on {
             CommitOn::LastFragment => CommitPoint::LastFragment,
             CommitOn::Close => CommitPoint::CloseSession,
