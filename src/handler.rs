@@ -216,13 +216,17 @@ fn refusal(state: State) -> Option<Ack> {
     match state {
         State::Running | State::Draining => None,
         State::Stopped => Some(shutting_down()),
-        // Uploads not enabled for the URL (IIS 6): fatal for the client.
-        State::Disabled => Some(Ack::error(
-            StatusCode::NOT_IMPLEMENTED,
-            Hresult::E_ACCESSDENIED,
-            ErrorContext::RemoteFile,
-        )),
+        State::Disabled => Some(uploads_disabled()),
     }
+}
+
+/// 501 + `E_ACCESSDENIED`: uploads are not enabled for the URL (IIS 6). Fatal for the client.
+fn uploads_disabled() -> Ack {
+    Ack::error(
+        StatusCode::NOT_IMPLEMENTED,
+        Hresult::E_ACCESSDENIED,
+        ErrorContext::RemoteFile,
+    )
 }
 
 /// 503: transient, the client comes back later.
@@ -371,11 +375,10 @@ async fn create_session(
 ) -> Ack {
     let config = &shared.config;
     let reply_mode = shared.reply.is_some();
-    if let Some(ack) = refusal(shared.lifecycle.state()) {
-        return ack;
-    }
-    if shared.lifecycle.state() == State::Draining {
-        return shutting_down();
+    match shared.lifecycle.state() {
+        State::Running => {}
+        State::Draining | State::Stopped => return shutting_down(),
+        State::Disabled => return uploads_disabled(),
     }
     let result = async {
         let destination =

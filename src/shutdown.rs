@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -41,6 +41,8 @@ pub(crate) struct Lifecycle {
     in_flight: AtomicUsize,
     idle: Notify,
     interrupted: AtomicUsize,
+    /// Set by the first shutdown; a shut-down layer cannot be enabled again.
+    shut_down: AtomicBool,
     /// Serializes shutdowns and keeps the report of the one that finished.
     shutdown: tokio::sync::Mutex<Option<ShutdownReport>>,
 }
@@ -52,6 +54,7 @@ impl Default for Lifecycle {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             interrupted: AtomicUsize::new(0),
+            shut_down: AtomicBool::new(false),
             shutdown: tokio::sync::Mutex::new(None),
         }
     }
@@ -231,9 +234,14 @@ impl BitsHandle {
     ) -> impl Future<Output = ShutdownReport> + Send + 'static {
         let shared = self.shared.clone();
         let lifecycle = &shared.lifecycle;
-        if lifecycle.state() == State::Running {
-            lifecycle.set(State::Draining);
-        }
+        lifecycle.shut_down.store(true, Ordering::SeqCst);
+        lifecycle.state.send_if_modified(|state| {
+            let running = *state == State::Running;
+            if running {
+                *state = State::Draining;
+            }
+            running
+        });
         async move { shut_down(&shared, grace).await }
     }
 
@@ -297,8 +305,10 @@ impl BitsHandle {
     /// Enables uploads again after [`disable_uploads`](Self::disable_uploads). Returns false
     /// (and changes nothing) if the layer was not disabled, e.g. because it is shut down.
     pub fn enable_uploads(&self) -> bool {
-        let enabled = self.shared.lifecycle.state.send_if_modified(|state| {
-            let disabled = *state == State::Disabled;
+        let lifecycle = &self.shared.lifecycle;
+        let enabled = lifecycle.state.send_if_modified(|state| {
+            // Checked under the state's lock, which a shutdown takes after setting the flag.
+            let disabled = *state == State::Disabled && !lifecycle.shut_down.load(Ordering::SeqCst);
             if disabled {
                 *state = State::Running;
             }

@@ -449,3 +449,19 @@ async fn sync_data_uploads_work() {
         .await;
     assert!(std::fs::read(server.root.join("durable.bin")).unwrap() == body);
 }
+
+#[tokio::test]
+async fn a_shut_down_layer_cannot_be_enabled_again() {
+    let server = TestServer::start(|b| b).await;
+    let handle = server.layer.handle();
+    handle.disable_uploads().await.expect("disable");
+    let report = handle.shutdown(Duration::from_millis(100)).await;
+    assert!(report.closed, "{report:?}");
+    assert!(!handle.enable_uploads());
+    assert!(!handle.is_running());
+    server
+        .client()
+        .ping("/")
+        .await
+        .assert_error(501, "0x80070005");
+}
