@@ -44,6 +44,15 @@
 //!   an existing file is never replaced unless overwrites are allowed.
 //! * No request names anything outside the upload root (see [`destination`]).
 //!
+//! ## Shutdown, disabling, recovery
+//!
+//! [`BitsLayer::handle`] gives a [`BitsHandle`]: [`BitsHandle::shutdown`] stops taking new
+//! sessions, lets fragments in flight finish (or stops them at a frame boundary with their
+//! offset recorded) and closes the store, deleting nothing; [`BitsHandle::disable_uploads`]
+//! answers every packet with 501 and deletes the prefix's sessions, as IIS does when uploads
+//! are turned off; [`Sweeper::run`] starts with a [recovery](recovery) scan. [`serve`] is an
+//! accept loop with the header read timeout `axum::serve` lacks.
+//!
 //! ## Upload-reply
 //!
 //! With a [`completion::CompletionHandler`] or an IIS-style [`Notification`], finished uploads

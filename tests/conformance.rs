@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use axum_bits::{BitsLayer, CommitPoint, CompletionPolicy, Owner};
-use common::{BitsClient, PROTOCOL, Reply, TestServer, data, parts};
+use axum_bits::{BitsLayer, CommitPoint, CompletionPolicy};
+use common::{BitsClient, PROTOCOL, Reply, TestServer, data, owner_from_header, parts};
 
 const E_INVALIDARG: &str = "0x80070057";
 const E_ACCESSDENIED: &str = "0x80070005";
@@ -1410,21 +1410,6 @@ async fn session_limit_answers_503() {
 
 // ---------------------------------------------------------------------------------------------
 // Owner isolation
-
-async fn owner_from_header(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let user = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if let Some(user) = user {
-        request.extensions_mut().insert(Owner::new(user));
-    }
-    next.run(request).await
-}
 
 #[tokio::test]
 async fn sessions_belong_to_their_owner() {

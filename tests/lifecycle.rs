@@ -7,14 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::routing::get;
 use axum_bits::session::{Phase, SessionRecord};
 use axum_bits::store::{FileStore, SessionStore};
-use axum_bits::{BitsLayer, CommitPoint, Owner};
-use common::{RawConn, TestServer, data, fragment_head, leftovers, parts};
+use axum_bits::{BitsLayer, CommitPoint};
+use common::{RawConn, TestServer, data, fragment_head, leftovers, owner_from_header, parts};
 
 const SHUTTING_DOWN: &str = "0x8007045B";
 
@@ -373,18 +370,6 @@ async fn recovery_removes_orphan_replies() {
     let report = layer.handle().recover().await.expect("recover");
     assert_eq!(report.orphan_replies, 1, "{report:?}");
     assert!(!orphan.exists());
-}
-
-async fn owner_from_header(mut request: Request, next: Next) -> Response {
-    if let Some(user) = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-    {
-        let owner = Owner::new(user);
-        request.extensions_mut().insert(owner);
-    }
-    next.run(request).await
 }
 
 #[tokio::test]

@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::Router;
-use axum_bits::{BitsLayer, BitsLayerBuilder, Owner};
-use common::{BitsClient, PROTOCOL, RawResponse, Reply, TestServer, data, leftovers};
+use axum_bits::{BitsLayer, BitsLayerBuilder};
+use common::{
+    BitsClient, PROTOCOL, RawResponse, Reply, TestServer, data, leftovers, owner_from_header,
+};
 
 const E_INVALIDARG: &str = "0x80070057";
 const E_ACCESSDENIED: &str = "0x80070005";
@@ -726,21 +728,6 @@ async fn total_over_max_upload_size_is_too_large() {
 // 6. owners
 
 /// Sets the request's [`Owner`] from `X-User`, as an authentication layer would.
-async fn owner_from_header(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let user = request
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if let Some(user) = user {
-        request.extensions_mut().insert(Owner::new(user));
-    }
-    next.run(request).await
-}
-
 async fn owned_server() -> (tempfile::TempDir, TestServer) {
     let tmp = tempfile::tempdir().unwrap();
     let layer = BitsLayer::builder(tmp.path()).build().unwrap();

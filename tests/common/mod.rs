@@ -13,6 +13,23 @@ use axum_bits::{BitsLayer, BitsLayerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// An authentication stand-in for tests: the `x-user` header, if present, becomes the request's
+/// [`axum_bits::Owner`]. Apply it outside the BITS layer (`Router::layer` after it).
+pub async fn owner_from_header(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let user = request
+        .headers()
+        .get("x-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(user) = user {
+        request.extensions_mut().insert(axum_bits::Owner::new(user));
+    }
+    next.run(request).await
+}
+
 /// The one upload protocol GUID.
 pub const PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
 
