@@ -50,7 +50,7 @@
 //! sessions, lets fragments in flight finish (or stops them at a frame boundary with their
 //! offset recorded) and closes the store, deleting nothing; [`BitsHandle::disable_uploads`]
 //! answers every packet with 501 and deletes the prefix's sessions, as IIS does when uploads
-//! are turned off; [`Sweeper::run`] starts with a [recovery](recovery) scan. [`serve`] is an
+//! are turned off; [`Sweeper::run`] starts with a [`recovery`] scan. [`serve`] is an
 //! accept loop with the header read timeout `axum::serve` lacks.
 //!
 //! ## Upload-reply
