@@ -66,19 +66,7 @@ impl Replies {
 
     /// Sessions that have a reply file (for recovery).
     pub(crate) async fn list(&self) -> io::Result<Vec<SessionId>> {
-        let mut ids = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.dir).await?;
-        while let Some(entry) = dir.next_entry().await? {
-            let name = entry.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".reply"))
-                .and_then(SessionId::parse)
-            {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        crate::staging::session_files(&self.dir, ".reply").await
     }
 
     /// Deletes the session's reply file if there is one.

@@ -423,19 +423,7 @@ impl Staging for LocalStaging {
     }
 
     async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
-        let mut ids = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.inner.parts).await?;
-        while let Some(entry) = dir.next_entry().await? {
-            let name = entry.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".part"))
-                .and_then(SessionId::parse)
-            {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        Ok(super::session_files(&self.inner.parts, ".part").await?)
     }
 }
 

@@ -197,6 +197,23 @@ pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The sessions that have a file named `{id}{suffix}` in `dir`.
+pub(crate) async fn session_files(dir: &Path, suffix: &str) -> io::Result<Vec<SessionId>> {
+    let mut ids = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let name = entry.file_name();
+        if let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(suffix))
+            .and_then(SessionId::parse)
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
 /// Creates (or truncates) a file readable and writable by the owner only.
 pub(crate) fn private_file(path: &Path) -> io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
