@@ -28,21 +28,46 @@ pub(crate) enum BodyError {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body's next frame; `None` when it has ended, `Err` when none arrived within `idle`.
-async fn next_frame<B>(
+/// What waiting for a body's next frame gave.
+enum Next<D> {
+    Frame(Frame<D>),
+    /// The body ended.
+    End,
+    /// No frame arrived within the idle timeout.
+    Idle,
+    /// The stop signal fired first.
+    Stopped,
+    /// The body failed (the client went away).
+    Failed(BoxError),
+}
+
+/// The body's next frame, unless `idle` passes or `stop` resolves first (checked first, so a
+/// body that never pauses still stops at a frame boundary).
+async fn next_frame<B, S>(
     body: &mut Pin<&mut B>,
     idle: Duration,
-) -> Result<Option<Result<Frame<B::Data>, BoxError>>, tokio::time::error::Elapsed>
+    stop: &mut Pin<&mut S>,
+) -> Next<B::Data>
 where
     B: Body,
     B::Error: Into<BoxError>,
+    S: Future<Output = ()>,
 {
     let frame = std::future::poll_fn(|cx| {
         body.as_mut()
             .poll_frame(cx)
             .map(|frame| frame.map(|f| f.map_err(Into::into)))
     });
-    tokio::time::timeout(idle, frame).await
+    tokio::select! {
+        biased;
+        () = stop.as_mut() => Next::Stopped,
+        frame = tokio::time::timeout(idle, frame) => match frame {
+            Err(_) => Next::Idle,
+            Ok(None) => Next::End,
+            Ok(Some(Ok(frame))) => Next::Frame(frame),
+            Ok(Some(Err(e))) => Next::Failed(e),
+        },
+    }
 }
 
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
@@ -61,22 +86,18 @@ pub(crate) async fn copy_fragment<B>(
 ) -> (u64, Result<(), BodyError>)
 where
     B: Body,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
     let mut stop = pin!(stop);
     let mut written = 0u64;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = &mut stop => return (written, Err(BodyError::Interrupted)),
-            next = next_frame(&mut body, idle) => next,
-        };
-        let frame = match next {
-            Err(_) => return (written, Err(BodyError::Idle(idle))),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return (written, Err(BodyError::Client(e))),
-            Ok(Some(Ok(frame))) => frame,
+        let frame = match next_frame(&mut body, idle, &mut stop).await {
+            Next::Frame(frame) => frame,
+            Next::End => break,
+            Next::Idle => return (written, Err(BodyError::Idle(idle))),
+            Next::Stopped => return (written, Err(BodyError::Interrupted)),
+            Next::Failed(e) => return (written, Err(BodyError::Client(e))),
         };
         let Ok(mut data) = frame.into_data() else {
             continue;
@@ -129,22 +150,15 @@ where
     let mut stop = pin!(stop);
     let mut seen = 0u64;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = &mut stop => return false,
-            next = next_frame(&mut body, idle) => next,
-        };
-        match next {
-            Ok(None) => return true,
-            Ok(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    seen += data.remaining() as u64;
-                    if seen > limit {
-                        return false;
-                    }
+        match next_frame(&mut body, idle, &mut stop).await {
+            Next::End => return true,
+            Next::Frame(frame) => {
+                seen += frame.data_ref().map_or(0, |data| data.remaining() as u64);
+                if seen > limit {
+                    return false;
                 }
             }
-            Ok(Some(Err(_))) | Err(_) => return false,
+            Next::Idle | Next::Stopped | Next::Failed(_) => return false,
         }
     }
 }
