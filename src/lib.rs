@@ -105,3 +105,13 @@ pub use service::BitsService;
 pub use session::{Owner, SessionId};
 pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
 pub use sweeper::{SweepReport, Sweeper};
+
+/// The Redis client the [`RedisStore`](store::RedisStore) uses, re-exported so that your
+/// versions agree.
+#[cfg(feature = "redis")]
+pub use ::redis;
+/// The SQL toolkit the [`SqliteStore`](store::SqliteStore) and
+/// [`PostgresStore`](store::PostgresStore) use, re-exported so that your versions agree (and
+/// so that you can enable its TLS features for a remote PostgreSQL).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;

@@ -68,16 +68,32 @@
 //! # drop(layer);
 //! ```
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod file;
 mod index;
+mod leases;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::future::Future;
+use std::time::Duration;
 
 use http::StatusCode;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::session::{Owner, SessionId, SessionRecord};
@@ -130,6 +146,62 @@ pub trait SessionStore: Send + Sync + 'static {
             let records = self.list().await?;
             Ok(records.iter().filter(|r| r.is_open_for(owner)).count())
         }
+    }
+
+    /// Records whose last successful packet is older than `cutoff_ms` (their `updated_ms` is
+    /// less than it), open sessions and tombstones alike: the candidates for expiry. The
+    /// default filters [`SessionStore::list`]; backends with an index should query it.
+    fn list_idle(
+        &self,
+        cutoff_ms: u64,
+    ) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send {
+        async move {
+            let mut records = self.list().await?;
+            records.retain(|r| r.is_idle_since(cutoff_ms));
+            Ok(records)
+        }
+    }
+
+    /// Whether other processes may use the same records at the same time (a database or a
+    /// Redis server that a farm of nodes shares). If so, the layer guards every packet, sweep
+    /// and recovery step of a session with a lease ([`SessionStore::acquire_lease`]), so that
+    /// only one node at a time touches a session's staged data. The default is `false`: one
+    /// process owns the store, and an in-process lock is enough.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Takes, or renews, the lease on session `id` for `holder`, for `ttl` from now.
+    ///
+    /// Returns `true` if `holder` holds the lease afterwards: there was none, it had expired,
+    /// or `holder` already held it (then its expiry moves to `ttl` from now). Returns `false`
+    /// if another holder's lease has not expired. Checking and taking are one atomic step
+    /// across every process that shares the store. The lease is independent of the record:
+    /// one may be taken for an id that has no record, and updates of the record leave it
+    /// alone. Backends with a clock of their own (a database server) should measure expiry
+    /// by it, so that nodes' clocks need not agree.
+    ///
+    /// A store whose [`is_shared`](SessionStore::is_shared) is `true` must implement this;
+    /// the default grants every lease, which is right only for a store one process owns.
+    fn acquire_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (id, holder, ttl);
+        async { Ok(true) }
+    }
+
+    /// Ends `holder`'s lease on `id`, if `holder` still holds it; a lease that expired and was
+    /// taken by another holder is left alone. The default does nothing.
+    fn release_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (id, holder);
+        async { Ok(()) }
     }
 
     /// Makes every write so far durable and releases the backend's resources. Called once,
@@ -202,6 +274,19 @@ pub(crate) trait DynStore: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
     fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
     fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>>;
+    fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+    fn is_shared(&self) -> bool;
+    fn acquire_lease<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn release_lease<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
@@ -233,6 +318,27 @@ impl<T: SessionStore> DynStore for T {
     fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>> {
         Box::pin(SessionStore::count_open_for(self, owner))
     }
+    fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(SessionStore::list_idle(self, cutoff_ms))
+    }
+    fn is_shared(&self) -> bool {
+        SessionStore::is_shared(self)
+    }
+    fn acquire_lease<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(SessionStore::acquire_lease(self, id, holder, ttl))
+    }
+    fn release_lease<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(SessionStore::release_lease(self, id, holder))
+    }
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(SessionStore::close(self))
     }
@@ -240,96 +346,9 @@ impl<T: SessionStore> DynStore for T {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    //! Behaviour every store must show; run against each backend below.
-
-    use super::*;
-    use crate::session::{Phase, SessionRecord};
+    use crate::session::{SessionId, SessionRecord};
 
     pub(crate) fn record(dest: &str) -> SessionRecord {
         SessionRecord::new(SessionId::new(), dest.into(), format!("/{dest}"), None, 1)
-    }
-
-    pub(crate) async fn contract(store: &impl SessionStore) {
-        let a = record("a.bin");
-        store.create(&a).await.unwrap();
-        assert!(matches!(
-            store.create(&a).await,
-            Err(StoreError::AlreadyExists)
-        ));
-        let same_dest = record("a.bin");
-        assert!(matches!(
-            store.create(&same_dest).await,
-            Err(StoreError::DestinationBusy { holder }) if holder == a.id
-        ));
-        assert_eq!(store.load(a.id).await.unwrap(), Some(a.clone()));
-        assert_eq!(store.load(SessionId::new()).await.unwrap(), None);
-        assert_eq!(store.count_open().await.unwrap(), 1);
-
-        let mut next = a.clone();
-        next.revision = 1;
-        next.received = 100;
-        store.update(0, &next).await.unwrap();
-        assert!(matches!(
-            store.update(0, &next).await,
-            Err(StoreError::Conflict)
-        ));
-        assert_eq!(store.load(a.id).await.unwrap().unwrap().received, 100);
-        let ghost = record("ghost");
-        assert!(matches!(
-            store.update(0, &ghost).await,
-            Err(StoreError::NotFound)
-        ));
-
-        // A committed or closed session releases its destination.
-        let mut closed = next.clone();
-        closed.revision = 2;
-        closed.phase = Phase::Closed;
-        store.update(1, &closed).await.unwrap();
-        store.create(&same_dest).await.unwrap();
-        assert_eq!(store.count_open().await.unwrap(), 1);
-        assert_eq!(store.list().await.unwrap().len(), 2);
-
-        assert!(store.remove(a.id).await.unwrap());
-        assert!(!store.remove(a.id).await.unwrap());
-        assert_eq!(store.load(a.id).await.unwrap(), None);
-        assert!(store.remove(same_dest.id).await.unwrap());
-        assert!(store.list().await.unwrap().is_empty());
-    }
-
-    /// Many tasks advance one record by compare-and-set; no update may be lost.
-    pub(crate) async fn cas_race(store: std::sync::Arc<impl SessionStore>) {
-        let r = record("race.bin");
-        store.create(&r).await.unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let store = store.clone();
-            let id = r.id;
-            tasks.push(tokio::spawn(async move {
-                let mut wins = 0u64;
-                for _ in 0..25 {
-                    loop {
-                        let mut current = store.load(id).await.unwrap().unwrap();
-                        let expected = current.revision;
-                        current.revision += 1;
-                        current.received += 1;
-                        match store.update(expected, &current).await {
-                            Ok(()) => {
-                                wins += 1;
-                                break;
-                            }
-                            Err(StoreError::Conflict) => tokio::task::yield_now().await,
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                }
-                wins
-            }));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await.unwrap();
-        }
-        assert_eq!(total, 200);
-        assert_eq!(store.load(r.id).await.unwrap().unwrap().received, 200);
     }
 }

@@ -1,0 +1,5 @@
+//! Placeholder: `PostgresStore` is being written.
+
+/// Placeholder.
+#[derive(Debug)]
+pub struct PostgresStore;

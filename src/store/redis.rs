@@ -1,0 +1,5 @@
+//! Placeholder: `RedisStore` is being written.
+
+/// Placeholder.
+#[derive(Debug)]
+pub struct RedisStore;

@@ -1,0 +1,5 @@
+//! Placeholder: `SqliteStore` is being written.
+
+/// Placeholder.
+#[derive(Debug)]
+pub struct SqliteStore;
