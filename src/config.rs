@@ -73,6 +73,7 @@ pub(crate) struct Config {
     pub(crate) max_sessions: usize,
     pub(crate) max_sessions_per_owner: usize,
     pub(crate) abandoned_after: Duration,
+    pub(crate) lease_ttl: Duration,
     pub(crate) sync_data: bool,
     pub(crate) body_idle_timeout: Duration,
     pub(crate) host_id: Option<String>,
@@ -96,6 +97,7 @@ impl Default for Config {
             max_sessions: 1024,
             max_sessions_per_owner: 50,
             abandoned_after: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(10),
             sync_data: false,
             body_idle_timeout: Duration::from_secs(60),
             host_id: None,
@@ -125,6 +127,7 @@ impl Config {
             ("session_timeout", self.session_timeout.is_zero()),
             ("body_idle_timeout", self.body_idle_timeout.is_zero()),
             ("sweep_interval", self.sweep_interval.is_zero()),
+            ("lease_ttl", self.lease_ttl.is_zero()),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::handler::{self, Shared, duration_ms};
 use crate::hooks::{CancelReason, EventKind};
+use crate::lease::LockError;
 use crate::session::{DeferredStatus, SessionId, SessionRecord, now_ms};
 use crate::store::StoreError;
 
@@ -99,7 +100,11 @@ impl DeferredCompletions {
     /// was one to cancel.
     pub async fn cancel(&self, id: SessionId) -> Result<bool, StoreError> {
         let shared = &self.shared;
-        let _guard = shared.locks.lock(id).await;
+        let _guard = shared.locks.lock(id).await.map_err(|error| match error {
+            // Another node is working on the session: let the caller try again.
+            LockError::Busy => StoreError::Conflict,
+            LockError::Store(error) => error,
+        })?;
         let Some(mut record) = shared.store.load(id).await? else {
             return Ok(false);
         };
@@ -145,7 +150,7 @@ impl DeferredCompletions {
 /// Attempts the deferred commit of `id` if it is due. Returns when its next attempt is due if
 /// it is still pending.
 async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreError> {
-    let Some(_guard) = shared.locks.try_lock(id) else {
+    let Some(_guard) = shared.locks.try_lock(id).await? else {
         // A packet for the session is running; come back soon.
         return Ok(Some(now_ms() + 1_000));
     };

@@ -14,7 +14,7 @@ use crate::completion::{
 use crate::config::{CommitPoint, ValidConfig};
 use crate::destination::{self, Destination, DestinationError};
 use crate::hooks::{self, CancelReason, DynHooks, Event, EventKind, Veto};
-use crate::lock::{KeyedGuard, KeyedLock};
+use crate::lease::{LockError, SessionGuard, SessionLocks};
 use crate::protocol::{
     Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, SessionHeader, headers,
 };
@@ -32,11 +32,11 @@ use crate::store::{DynStore, StoreError};
 /// State shared by every clone of the layer and its services.
 pub(crate) struct Shared {
     pub(crate) config: ValidConfig,
-    pub(crate) store: Box<dyn DynStore>,
+    pub(crate) store: Arc<dyn DynStore>,
     pub(crate) staging: Box<dyn DynStaging>,
     /// One request at a time per session, even when a client retries on a new connection
-    /// while its old request is still running.
-    pub(crate) locks: KeyedLock<SessionId>,
+    /// while its old request is still running, or sends it to another node of a farm.
+    pub(crate) locks: SessionLocks,
     /// Makes "count open sessions, then create" atomic within this process.
     pub(crate) create_lock: tokio::sync::Mutex<()>,
     /// Upload-reply mode, if a completion handler or notification is configured.
@@ -110,6 +110,8 @@ pub(crate) enum Failure {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
     Staging(#[from] StagingError),
     #[error(transparent)]
     Body(#[from] BodyError),
@@ -132,7 +134,12 @@ impl Failure {
         match self {
             Self::Refused(r) => r.ack(),
             Self::Destination(e) => e.ack(),
-            Self::Store(e) => e.ack(),
+            Self::Store(e) | Self::Lock(LockError::Store(e)) => e.ack(),
+            Self::Lock(LockError::Busy) => Ack::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Hresult::BUSY,
+                ErrorContext::RemoteFile,
+            ),
             Self::Staging(e) | Self::Body(BodyError::Staging(e)) => e.ack(),
             Self::Body(BodyError::Interrupted) => shutting_down(),
             Self::Body(BodyError::Idle(_)) => Ack::error(
@@ -166,7 +173,12 @@ impl Failure {
 
     fn log(&self) {
         let server_fault = match self {
-            Self::Store(StoreError::Backend(_) | StoreError::Conflict) => true,
+            Self::Store(StoreError::Backend(_) | StoreError::Conflict)
+            | Self::Lock(LockError::Store(_)) => true,
+            Self::Lock(LockError::Busy) => {
+                tracing::warn!("another node kept the session's lease for the whole wait");
+                return;
+            }
             Self::NoLocalPath => true,
             Self::Application { .. } | Self::Busy { .. } => {
                 tracing::warn!(error = %self, source = ?std::error::Error::source(self), "upload not completed");
@@ -319,19 +331,24 @@ async fn open_session(
     shared: &Shared,
     header: &SessionHeader,
     owner: Option<&Owner>,
-) -> Result<(KeyedGuard<SessionId>, SessionRecord), Failure> {
+) -> Result<(SessionGuard, SessionRecord), Failure> {
     let id = header
         .as_str()
         .and_then(SessionId::parse)
         .ok_or(Refusal::NotFound)?;
-    let guard = shared.locks.lock(id).await;
-    let record = shared
-        .store
-        .load(id)
-        .await?
-        .filter(|r| r.is_owned_by(owner))
-        .ok_or(Refusal::NotFound)?;
-    Ok((guard, record))
+    let guard = shared.locks.lock(id).await?;
+    let loaded = shared.store.load(id).await;
+    match loaded {
+        Ok(Some(record)) if record.is_owned_by(owner) => Ok((guard, record)),
+        Ok(_) => {
+            guard.release().await;
+            Err(Refusal::NotFound.into())
+        }
+        Err(error) => {
+            guard.release().await;
+            Err(error.into())
+        }
+    }
 }
 
 /// Applies `change` to a copy of `record`, stores it by compare-and-set, and adopts it. Not a
@@ -477,7 +494,7 @@ async fn take_over_abandoned(
 ) -> Result<bool, Failure> {
     // A holder whose lock is taken has a packet in flight: not abandoned. (Waiting for it
     // here would stall every Create-Session behind the create lock.)
-    let Some(_guard) = shared.locks.try_lock(holder) else {
+    let Some(_guard) = shared.locks.try_lock(holder).await? else {
         return Ok(false);
     };
     let Some(mut stale) = shared.store.load(holder).await? else {
@@ -529,8 +546,25 @@ where
     B: Body + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (guard, mut record) = open_session(shared, &fragment.session_id, owner).await?;
+    let result = fragment_locked(shared, fragment, &mut record, body, received).await;
+    guard.release().await;
+    result
+}
+
+/// [`write_fragment`] with the session locked.
+async fn fragment_locked<B>(
+    shared: &Shared,
+    fragment: &Fragment,
+    record: &mut SessionRecord,
+    body: &mut Option<B>,
+    received: &mut Option<u64>,
+) -> Result<Ack, Failure>
+where
+    B: Body + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let config = &shared.config;
-    let (_guard, mut record) = open_session(shared, &fragment.session_id, owner).await?;
     let id = record.id;
     *received = Some(record.received);
 
@@ -544,7 +578,7 @@ where
                 held,
                 "staged data is shorter than the record; resuming from the data"
             );
-            save(shared, &mut record, |r| r.received = held).await?;
+            save(shared, record, |r| r.received = held).await?;
             *received = Some(record.received);
         }
     }
@@ -553,7 +587,7 @@ where
         max_upload_size: config.max_upload_size,
         max_fragment_size: config.max_fragment_size,
     };
-    match machine::fragment(&record, &fragment.range, &limits) {
+    match machine::fragment(record, &fragment.range, &limits) {
         FragmentDecision::Refuse(refusal) => {
             if refusal == Refusal::NotFound {
                 // A session that is gone has no offset to report.
@@ -562,13 +596,13 @@ where
             return Err(refusal.into());
         }
         // A re-sent fragment is a successful packet: it resets the session timer.
-        FragmentDecision::Duplicate => touch(shared, &mut record).await?,
+        FragmentDecision::Duplicate => touch(shared, record).await?,
         FragmentDecision::Write(write) => {
             let Some(body) = body.take() else {
                 return Err(BodyError::TooShort { missing: write.len }.into());
             };
-            let stored = store_fragment(shared, &mut record, write, body, received).await;
-            shared.deliver(&mut record).await;
+            let stored = store_fragment(shared, record, write, body, received).await;
+            shared.deliver(record).await;
             stored?;
         }
     }
@@ -576,8 +610,8 @@ where
     // application was down, the destination appeared meanwhile): it is retried rather than
     // the upload reported as done.
     let ack = if record.phase == Phase::Complete {
-        let finished = finish_upload(shared, &mut record).await;
-        shared.deliver(&mut record).await;
+        let finished = finish_upload(shared, record).await;
+        shared.deliver(record).await;
         finished?
     } else {
         Ack::ok()
@@ -861,9 +895,10 @@ async fn close_session(
     header: &SessionHeader,
     owner: Option<&Owner>,
 ) -> Result<Ack, Failure> {
-    let (_guard, mut record) = open_session(shared, header, owner).await?;
+    let (guard, mut record) = open_session(shared, header, owner).await?;
     let result = close_locked(shared, &mut record).await;
     shared.deliver(&mut record).await;
+    guard.release().await;
     result
 }
 
@@ -919,21 +954,27 @@ async fn cancel_session(
     header: &SessionHeader,
     owner: Option<&Owner>,
 ) -> Result<Ack, Failure> {
-    let (_guard, mut record) = open_session(shared, header, owner).await?;
-    match machine::cancel(&record) {
+    let (guard, mut record) = open_session(shared, header, owner).await?;
+    let result = cancel_locked(shared, &mut record).await;
+    guard.release().await;
+    result
+}
+
+async fn cancel_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ack, Failure> {
+    match machine::cancel(record) {
         CancelDecision::Repeat => {
-            touch(shared, &mut record).await?;
+            touch(shared, record).await?;
             return Ok(Ack::ok());
         }
-        CancelDecision::Discard => release(shared, &record).await?,
+        CancelDecision::Discard => release(shared, record).await?,
     }
-    save(shared, &mut record, |r| {
+    save(shared, record, |r| {
         r.phase = Phase::Cancelled;
         let reason = CancelReason::CancelSession;
         shared.queue(r, EventKind::Cancelled { reason });
     })
     .await?;
-    shared.deliver(&mut record).await;
+    shared.deliver(record).await;
     tracing::info!(committed = record.committed, "session cancelled");
     Ok(Ack::ok())
 }

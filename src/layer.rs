@@ -11,6 +11,7 @@ use crate::config::{CommitPoint, Config, ConfigError};
 use crate::deferred::DeferredCompletions;
 use crate::handler::{ReplyMode, Shared};
 use crate::hooks::{DynHooks, Hooks};
+use crate::lease::SessionLocks;
 use crate::reply::Replies;
 use crate::service::BitsService;
 use crate::session::SessionId;
@@ -109,7 +110,7 @@ impl<S> Layer<S> for BitsLayer {
 pub struct BitsLayerBuilder {
     root: PathBuf,
     config: Config,
-    store: Option<Box<dyn DynStore>>,
+    store: Option<Arc<dyn DynStore>>,
     staging: Option<Box<dyn DynStaging>>,
     completion: Option<Box<dyn DynCompletion>>,
     notification: Option<Notification>,
@@ -188,6 +189,17 @@ impl BitsLayerBuilder {
         self
     }
 
+    /// How long a node's lease on a session lasts on a [shared](SessionStore::is_shared)
+    /// store. The node holding a session renews it every third of this while it works; if the
+    /// node dies, another node can take the session over after at most this long, and a
+    /// packet for a session another node holds waits up to twice this before it is answered
+    /// 503 (`ERROR_BUSY`, so the client retries). Ignored for a store one process owns.
+    /// Default: 10 seconds.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
     /// Power-loss durability for the default staging and store: every fragment's data is
     /// fsynced before its Ack ([`LocalStaging::sync_data`]) and every session record is
     /// fsynced when written ([`FileStore::with_fsync`]). Without it an acknowledged byte
@@ -242,7 +254,7 @@ impl BitsLayerBuilder {
 
     /// Where session records live. Default: a [`FileStore`] in `root/.bits/sessions`.
     pub fn store(mut self, store: impl SessionStore) -> Self {
-        self.store = Some(Box::new(store));
+        self.store = Some(Arc::new(store));
         self
     }
 
@@ -341,17 +353,22 @@ impl BitsLayerBuilder {
         };
         let store = match self.store {
             Some(store) => store,
-            None => Box::new(
+            None => Arc::new(
                 FileStore::open(self.root.join(".bits").join("sessions"))?
                     .with_fsync(config.sync_data),
             ),
         };
+        let locks = SessionLocks::new(
+            store.clone(),
+            config.config.host_id.as_deref(),
+            config.lease_ttl,
+        );
         Ok(BitsLayer {
             shared: Arc::new(Shared {
                 config,
                 store,
                 staging,
-                locks: Default::default(),
+                locks,
                 create_lock: Default::default(),
                 reply,
                 hooks: self.hooks,

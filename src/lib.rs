@@ -81,6 +81,7 @@ mod future;
 mod handler;
 pub mod hooks;
 mod layer;
+mod lease;
 mod lock;
 pub mod protocol;
 pub mod recovery;

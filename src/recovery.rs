@@ -77,7 +77,9 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     report.sessions = records.len();
 
     for id in parts {
-        let _guard = shared.locks.lock(id).await;
+        let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+            continue;
+        };
         let keep = match shared.store.load(id).await? {
             Some(record) => record.is_open() || record.is_deferred(),
             None => false,
@@ -89,7 +91,9 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     }
     if let Some(mode) = &shared.reply {
         for id in replies {
-            let _guard = shared.locks.lock(id).await;
+            let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+                continue;
+            };
             let keep = shared
                 .store
                 .load(id)
@@ -102,7 +106,9 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
         }
     }
     for id in records.into_keys() {
-        let _guard = shared.locks.lock(id).await;
+        let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+            continue;
+        };
         let Some(mut record) = shared.store.load(id).await? else {
             continue;
         };

@@ -265,7 +265,9 @@ impl BitsHandle {
             if !under_prefix(&candidate.request_url, &shared.config.prefix) {
                 continue;
             }
-            let _guard = shared.locks.lock(candidate.id).await;
+            let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
+                continue;
+            };
             let Some(record) = shared.store.load(candidate.id).await? else {
                 continue;
             };

@@ -45,11 +45,14 @@ impl Sweeper {
         let timeout_ms =
             u64::try_from(shared.config.session_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut report = SweepReport::default();
-        for candidate in shared.store.list().await? {
+        let cutoff = now_ms().saturating_sub(timeout_ms);
+        for candidate in shared.store.list_idle(cutoff).await? {
             if !is_expired(&candidate, now_ms(), timeout_ms) {
                 continue;
             }
-            let _guard = shared.locks.lock(candidate.id).await;
+            let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
+                continue;
+            };
             // Look again under the lock: a packet may have made progress meanwhile.
             let Some(record) = shared.store.load(candidate.id).await? else {
                 continue;
@@ -88,7 +91,7 @@ impl Sweeper {
                 continue;
             }
             // A session with a packet in flight delivers its own events.
-            let Some(_guard) = shared.locks.try_lock(candidate.id) else {
+            let Some(_guard) = shared.locks.try_lock(candidate.id).await? else {
                 continue;
             };
             if let Some(mut record) = shared.store.load(candidate.id).await? {

@@ -40,6 +40,8 @@ impl Hresult {
     /// `HRESULT_FROM_WIN32(ERROR_SHUTDOWN_IN_PROGRESS)`: the server is shutting down (sent
     /// with 503, so the client retries later).
     pub const SHUTTING_DOWN: Self = Self(0x8007_045B);
+    /// `ERROR_BUSY`: another server node is working on the session (503; the client retries).
+    pub const BUSY: Self = Self(0x8007_00AA);
 
     /// `BG_E_HTTP_ERROR_<status>` (`0x80190000 + status`): how an application's HTTP status
     /// is relayed to the client.

@@ -212,7 +212,8 @@ pub async fn destination_claims(store: &impl SessionStore) {
     );
 
     // Each way of letting go of the destination frees it.
-    let releases: [(&str, fn(&mut SessionRecord)); 4] = [
+    type Release = fn(&mut SessionRecord);
+    let releases: [(&str, Release); 4] = [
         ("committed", |r| r.committed = true),
         ("closed", |r| r.phase = Phase::Closed),
         ("cancelled", |r| r.phase = Phase::Cancelled),

@@ -1,0 +1,358 @@
+//! One packet, sweep step or recovery step at a time per session.
+//!
+//! Within a process a keyed mutex serializes the work. When the store is shared by several
+//! processes ([`SessionStore::is_shared`](crate::store::SessionStore::is_shared)), the holder
+//! of the mutex also takes a lease in the store, so that only one node at a time touches a
+//! session's staged data. A lease lasts `ttl` and is renewed every third of it while held, so a
+//! holder that dies (or loses the store) lets it lapse within `ttl`, and a waiter on another
+//! node then takes it over. The record's compare-and-set stays the last line of defence: a
+//! holder that lost its lease cannot advance the record over its successor's changes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::lock::{KeyedGuard, KeyedLock};
+use crate::session::SessionId;
+use crate::store::{DynStore, StoreError};
+
+/// First pause between attempts to take a lease another node holds; doubles up to
+/// [`MAX_POLL`].
+const FIRST_POLL: Duration = Duration::from_millis(2);
+const MAX_POLL: Duration = Duration::from_millis(200);
+
+/// The session locks of one layer.
+pub(crate) struct SessionLocks {
+    local: KeyedLock<SessionId>,
+    store: Arc<dyn DynStore>,
+    /// Whether the store is shared, so leases are needed.
+    leased: bool,
+    /// This process's name in lease holders.
+    node: String,
+    /// Makes each acquisition's holder name unique, so a late release of an earlier lease can
+    /// never end a later one.
+    next: AtomicU64,
+    ttl: Duration,
+}
+
+/// Why a session could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LockError {
+    /// Another node held the session's lease for the whole wait.
+    #[error("another node is working on the session")]
+    Busy,
+    /// The store failed while taking the lease.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SessionLocks {
+    pub(crate) fn new(store: Arc<dyn DynStore>, node: Option<&str>, ttl: Duration) -> Self {
+        let leased = store.is_shared();
+        let node = format!(
+            "{}:{}:{}",
+            node.unwrap_or("node"),
+            std::process::id(),
+            SessionId::new().to_string().trim_matches(['{', '}'])
+        );
+        Self {
+            local: KeyedLock::default(),
+            store,
+            leased,
+            node,
+            next: AtomicU64::new(0),
+            ttl,
+        }
+    }
+
+    /// Locks session `id`, waiting for a holder in this process and, on a shared store, for up
+    /// to two lease lifetimes for a holder elsewhere (a dead holder's lease lapses within
+    /// one).
+    pub(crate) async fn lock(&self, id: SessionId) -> Result<SessionGuard, LockError> {
+        let local = self.local.lock(id).await;
+        if !self.leased {
+            return Ok(SessionGuard::local(local));
+        }
+        let holder = self.holder();
+        let deadline = Instant::now() + self.ttl * 2;
+        let mut pause = FIRST_POLL;
+        loop {
+            if self.store.acquire_lease(id, &holder, self.ttl).await? {
+                return Ok(self.leased_guard(local, id, holder));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LockError::Busy);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_POLL);
+        }
+    }
+
+    /// [`lock`](Self::lock) for background work (sweeps, recovery, deferred commits): a
+    /// session another node kept busy for the whole wait is skipped (`None`), to be seen again
+    /// at the next pass.
+    pub(crate) async fn lock_or_skip(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<SessionGuard>, StoreError> {
+        match self.lock(id).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(LockError::Busy) => {
+                tracing::debug!(session = %id, "busy on another node; skipped");
+                Ok(None)
+            }
+            Err(LockError::Store(error)) => Err(error),
+        }
+    }
+
+    /// Locks session `id` if nobody holds it right now, here or on another node.
+    pub(crate) async fn try_lock(&self, id: SessionId) -> Result<Option<SessionGuard>, StoreError> {
+        let Some(local) = self.local.try_lock(id) else {
+            return Ok(None);
+        };
+        if !self.leased {
+            return Ok(Some(SessionGuard::local(local)));
+        }
+        let holder = self.holder();
+        if self.store.acquire_lease(id, &holder, self.ttl).await? {
+            Ok(Some(self.leased_guard(local, id, holder)))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn holder(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.node)
+    }
+
+    fn leased_guard(
+        &self,
+        local: KeyedGuard<SessionId>,
+        id: SessionId,
+        holder: String,
+    ) -> SessionGuard {
+        let renewal = tokio::spawn(renew(self.store.clone(), id, holder.clone(), self.ttl));
+        SessionGuard {
+            local: Some(local),
+            lease: Some(Lease {
+                store: self.store.clone(),
+                id,
+                holder,
+                renewal,
+            }),
+        }
+    }
+}
+
+/// Keeps a lease alive while its guard lives.
+async fn renew(store: Arc<dyn DynStore>, id: SessionId, holder: String, ttl: Duration) {
+    let every = ttl / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match store.acquire_lease(id, &holder, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(session = %id, "the session's lease lapsed and another node took it");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(session = %id, %error, "cannot renew the session's lease");
+            }
+        }
+    }
+}
+
+/// Holds a session: dropped or [released](SessionGuard::release), it lets the next waiter in.
+#[must_use = "the session is unlocked when the guard is dropped"]
+pub(crate) struct SessionGuard {
+    local: Option<KeyedGuard<SessionId>>,
+    lease: Option<Lease>,
+}
+
+struct Lease {
+    store: Arc<dyn DynStore>,
+    id: SessionId,
+    holder: String,
+    renewal: JoinHandle<()>,
+}
+
+impl Lease {
+    async fn end(self) {
+        self.renewal.abort();
+        if let Err(error) = self.store.release_lease(self.id, &self.holder).await {
+            // It lapses by itself within its ttl.
+            tracing::warn!(session = %self.id, %error, "cannot release the session's lease");
+        }
+    }
+}
+
+impl SessionGuard {
+    fn local(local: KeyedGuard<SessionId>) -> Self {
+        Self {
+            local: Some(local),
+            lease: None,
+        }
+    }
+
+    /// Releases the lease before returning, so that the client's next packet, which may go
+    /// to another node, finds the session free.
+    pub(crate) async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.end().await;
+        }
+        drop(self.local.take());
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        // Dropped without `release` (an error path, or the request was cancelled): release in
+        // the background, keeping this process's waiters out until it is done.
+        let local = self.local.take();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    lease.end().await;
+                    drop(local);
+                });
+            }
+            Err(_) => lease.renewal.abort(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, SessionStore as S};
+
+    /// A memory store that claims to be shared, so its (real) leases are used.
+    struct Shared(MemoryStore);
+
+    impl crate::store::SessionStore for Shared {
+        async fn create(&self, r: &crate::session::SessionRecord) -> Result<(), StoreError> {
+            S::create(&self.0, r).await
+        }
+        async fn load(
+            &self,
+            id: SessionId,
+        ) -> Result<Option<crate::session::SessionRecord>, StoreError> {
+            S::load(&self.0, id).await
+        }
+        async fn update(
+            &self,
+            expected: u64,
+            r: &crate::session::SessionRecord,
+        ) -> Result<(), StoreError> {
+            S::update(&self.0, expected, r).await
+        }
+        async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
+            S::remove(&self.0, id).await
+        }
+        async fn list(&self) -> Result<Vec<crate::session::SessionRecord>, StoreError> {
+            S::list(&self.0).await
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+        async fn acquire_lease(
+            &self,
+            id: SessionId,
+            holder: &str,
+            ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            S::acquire_lease(&self.0, id, holder, ttl).await
+        }
+        async fn release_lease(&self, id: SessionId, holder: &str) -> Result<(), StoreError> {
+            S::release_lease(&self.0, id, holder).await
+        }
+    }
+
+    fn two_nodes(ttl: Duration) -> (SessionLocks, SessionLocks) {
+        let store: Arc<dyn DynStore> = Arc::new(Shared(MemoryStore::new()));
+        (
+            SessionLocks::new(store.clone(), Some("a"), ttl),
+            SessionLocks::new(store, Some("b"), ttl),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lease_excludes_other_nodes_until_released() {
+        let (a, b) = two_nodes(Duration::from_secs(30));
+        let id = SessionId::new();
+        let held = a.lock(id).await.unwrap();
+        assert!(b.try_lock(id).await.unwrap().is_none());
+        held.release().await;
+        let taken = b.try_lock(id).await.unwrap().expect("free after release");
+        assert!(a.try_lock(id).await.unwrap().is_none());
+        drop(taken);
+        // A dropped guard releases in the background.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(a.try_lock(id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_lease_when_it_is_released() {
+        let (a, b) = two_nodes(Duration::from_secs(30));
+        let id = SessionId::new();
+        let held = a.lock(id).await.unwrap();
+        let waiter = tokio::spawn(async move {
+            let started = Instant::now();
+            let guard = b.lock(id).await.map(|_| ());
+            (guard, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.release().await;
+        let (got, waited) = waiter.await.unwrap();
+        got.unwrap();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_live_holder_renews_and_a_dead_one_lapses() {
+        let ttl = Duration::from_millis(300);
+        let (a, b) = two_nodes(ttl);
+        let id = SessionId::new();
+        let held = a.lock(id).await.unwrap();
+        tokio::time::sleep(ttl * 3).await;
+        assert!(
+            b.try_lock(id).await.unwrap().is_none(),
+            "renewed while held"
+        );
+        // A holder that dies stops renewing: simulate by stopping renewal and forgetting the
+        // guard without a release.
+        let mut held = held;
+        if let Some(lease) = held.lease.take() {
+            lease.renewal.abort();
+        }
+        drop(held);
+        let started = Instant::now();
+        let taken = b.lock(id).await.expect("taken over after the ttl");
+        assert!(started.elapsed() <= ttl * 2, "{:?}", started.elapsed());
+        taken.release().await;
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_never_lets_go_makes_waiters_busy_not_hung() {
+        let ttl = Duration::from_millis(200);
+        let (a, b) = two_nodes(ttl);
+        let id = SessionId::new();
+        let _held = a.lock(id).await.unwrap();
+        let started = Instant::now();
+        assert!(matches!(b.lock(id).await, Err(LockError::Busy)));
+        let waited = started.elapsed();
+        assert!(
+            waited >= ttl * 2 && waited < ttl * 2 + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+}
