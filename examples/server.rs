@@ -9,6 +9,9 @@
 //!
 //! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin`. Sessions persist under
 //! `ROOT/.bits`, so a restarted server resumes them. Ctrl-C or SIGTERM stops it cleanly.
+//!
+//! The SQLite, PostgreSQL and Redis stores need the crate feature of the same name, e.g.
+//! `cargo run --release --features postgres --example server -- --store postgres://..`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +21,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use axum_bits::store::MemoryStore;
-use axum_bits::{BitsLayer, CommitPoint, Notification};
+use axum_bits::{BitsLayer, BitsLayerBuilder, CommitPoint, Notification};
 use clap::{Parser, ValueEnum};
 
 /// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
@@ -123,17 +126,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(secs) = args.host_id_fallback_timeout {
         builder = builder.host_id_fallback_timeout(Duration::from_secs(secs));
     }
-    builder = match args.store.as_str() {
-        "file" => builder,
-        "memory" => builder.store(MemoryStore::new()),
-        other => {
-            return Err(format!(
-                "--store {other}: only `file` and `memory` are available in this build \
-                 (SQLite, PostgreSQL and Redis stores are not implemented yet)"
-            )
-            .into());
-        }
-    };
+    builder = with_store(builder, &args.store).await?;
     let bits = builder.build()?;
     let handle = bits.handle();
     // Recovers what a crash left behind, then expires idle sessions; stops at shutdown.
@@ -169,6 +162,50 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = handle.shutdown(SHUTDOWN_GRACE).await;
     tracing::info!(?report, "stopped");
     Ok(())
+}
+
+/// Applies `--store`. The shared stores need the crate feature of the same name; a farm of
+/// nodes shares a PostgreSQL or Redis store and the upload root (see the README's "Running a
+/// farm").
+async fn with_store(
+    builder: BitsLayerBuilder,
+    spec: &str,
+) -> Result<BitsLayerBuilder, Box<dyn std::error::Error>> {
+    let needs = |feature: &str| -> Box<dyn std::error::Error> {
+        format!(
+            "--store {spec}: this build has no {feature} store; \
+             rebuild with `--features {feature}`"
+        )
+        .into()
+    };
+    if spec == "file" {
+        Ok(builder)
+    } else if spec == "memory" {
+        Ok(builder.store(MemoryStore::new()))
+    } else if let Some(path) = spec.strip_prefix("sqlite:") {
+        #[cfg(feature = "sqlite")]
+        return Ok(builder.store(axum_bits::store::SqliteStore::open(path).await?));
+        #[cfg(not(feature = "sqlite"))]
+        return {
+            let _ = path;
+            Err(needs("sqlite"))
+        };
+    } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(builder.store(axum_bits::store::PostgresStore::connect(spec).await?));
+        #[cfg(not(feature = "postgres"))]
+        return Err(needs("postgres"));
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        return Ok(builder.store(axum_bits::store::RedisStore::connect(spec).await?));
+        #[cfg(not(feature = "redis"))]
+        return Err(needs("redis"));
+    } else {
+        Err(format!(
+            "--store {spec}: expected file, memory, sqlite:PATH, postgres://.. or redis://.."
+        )
+        .into())
+    }
 }
 
 /// How long uploads in flight may take to finish once a shutdown signal arrives.
