@@ -78,6 +78,8 @@ mod memory;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -118,7 +120,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Replaces the record with `record.id` if its stored revision equals `expected`
     /// (compare-and-set); otherwise [`StoreError::Conflict`], or [`StoreError::NotFound`] if
-    /// there is none. The caller bumps `record.revision`.
+    /// there is none. The caller bumps `record.revision`. The layer never makes a record claim
+    /// a destination it did not hold before; a store may refuse such an update with
+    /// [`StoreError::DestinationBusy`] if another session holds it.
     fn update(
         &self,
         expected: u64,

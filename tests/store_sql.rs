@@ -1,0 +1,517 @@
+//! The SQL stores: the conformance suite against each, plus what the suite cannot see: records
+//! surviving a reopen, several stores (processes, nodes) sharing one database, migrations, and
+//! failures that must be errors rather than panics or hangs.
+//!
+//! PostgreSQL tests need a server: `AXUM_BITS_TEST_POSTGRES_URL` (`.ci/services.sh` starts one
+//! and exports it). Without it they are skipped, except under CI, where they fail. Each test
+//! uses tables of its own (a random prefix) and drops them at the end.
+
+#![cfg(all(feature = "conformance", any(feature = "sqlite", feature = "postgres")))]
+
+use std::sync::Arc;
+
+use axum_bits::session::SessionId;
+use axum_bits::store::{SessionStore, StoreError, conformance};
+
+/// Racing tasks per contest, as many as the conformance suite uses.
+const RACERS: usize = 16;
+
+/// `RACERS` tasks, alternating between the two stores, create sessions for one destination at
+/// once: exactly one wins, and every loser is told the winner holds it. Then the same for one
+/// id.
+async fn create_race_across<S: SessionStore>(a: Arc<S>, b: Arc<S>) {
+    let destination = conformance::fresh_record("across.bin").destination;
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let start = start.clone();
+            let mut record = conformance::fresh_record("across.bin");
+            record.destination = destination.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                (record.id, store.create(&record).await)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    let winners: Vec<SessionId> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(winners.len(), 1, "one winner across stores: {results:?}");
+    for (_, result) in &results {
+        match result {
+            Ok(()) => {}
+            Err(StoreError::DestinationBusy { holder }) => assert_eq!(
+                *holder, winners[0],
+                "a loser across stores is told who holds the destination"
+            ),
+            Err(e) => panic!("a loser of a create race across stores: {e:?}"),
+        }
+    }
+    assert_eq!(
+        b.load(winners[0]).await.unwrap().map(|r| r.destination),
+        Some(destination.clone()),
+    );
+    a.remove(winners[0]).await.unwrap();
+
+    let id = SessionId::new();
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let start = start.clone();
+            let mut record = conformance::fresh_record("same-id.bin");
+            record.id = id;
+            tokio::spawn(async move {
+                start.wait().await;
+                store.create(&record).await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::AlreadyExists) => {}
+            other => panic!("a loser of an id race across stores: {other:?}"),
+        }
+    }
+    assert_eq!(won, 1, "one winner of an id race across stores");
+    b.remove(id).await.unwrap();
+}
+
+/// What one store writes the other reads, and a lease one holds the other cannot take.
+async fn records_and_leases_across<S: SessionStore>(a: &S, b: &S) {
+    let record = conformance::fresh_record("shared.bin");
+    a.create(&record).await.unwrap();
+    assert_eq!(b.load(record.id).await.unwrap().as_ref(), Some(&record));
+    let mut next = record.clone();
+    next.revision = 1;
+    next.received = 10;
+    b.update(0, &next).await.unwrap();
+    assert!(
+        matches!(a.update(0, &next).await, Err(StoreError::Conflict)),
+        "compare-and-set holds across stores"
+    );
+    assert_eq!(a.load(record.id).await.unwrap(), Some(next));
+
+    let ttl = std::time::Duration::from_secs(60);
+    assert!(a.acquire_lease(record.id, "node-a", ttl).await.unwrap());
+    assert!(
+        !b.acquire_lease(record.id, "node-b", ttl).await.unwrap(),
+        "a lease held through one store is refused through the other"
+    );
+    assert!(a.acquire_lease(record.id, "node-a", ttl).await.unwrap());
+    b.release_lease(record.id, "node-a").await.unwrap();
+    assert!(
+        b.acquire_lease(record.id, "node-b", ttl).await.unwrap(),
+        "a lease released through one store can be taken through the other"
+    );
+    assert!(!a.acquire_lease(record.id, "node-a", ttl).await.unwrap());
+
+    assert!(b.remove(record.id).await.unwrap());
+    assert_eq!(a.load(record.id).await.unwrap(), None);
+    assert!(
+        a.acquire_lease(record.id, "node-a", ttl).await.unwrap(),
+        "removing a record drops its lease"
+    );
+    a.release_lease(record.id, "node-a").await.unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use axum_bits::session::Phase;
+    use axum_bits::store::{SessionStore, SqliteStore, StoreError, conformance};
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(dir.path().join("sessions.db"))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        conformance::run(Arc::new(open(&dir).await)).await;
+        eprintln!("sqlite conformance: {:?}", started.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_in_memory_pool_conformance() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        let store = SqliteStore::from_pool(pool);
+        store.migrate().await.unwrap();
+        conformance::run(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut record = conformance::fresh_record("kept.bin");
+        store.create(&record).await.unwrap();
+        let mut next = record.clone();
+        next.revision = 1;
+        next.received = 4096;
+        store.update(0, &next).await.unwrap();
+        record = next;
+        let mut closed = conformance::fresh_record("closed.bin");
+        closed.phase = Phase::Closed;
+        store.create(&closed).await.unwrap();
+        store.close().await.unwrap();
+        assert!(
+            store.load(record.id).await.is_err(),
+            "a closed store refuses work"
+        );
+        drop(store);
+
+        let store = open(&dir).await;
+        assert_eq!(store.load(record.id).await.unwrap().as_ref(), Some(&record));
+        assert_eq!(store.list().await.unwrap().len(), 2);
+        assert_eq!(store.count_open().await.unwrap(), 1);
+        // The reopened store still refuses a second claim on the destination.
+        let mut rival = conformance::fresh_record("kept.bin");
+        rival.destination = record.destination.clone();
+        assert!(matches!(
+            store.create(&rival).await,
+            Err(StoreError::DestinationBusy { holder }) if holder == record.id
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_two_stores_on_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(&dir).await;
+        let b = open(&dir).await;
+        super::records_and_leases_across(&a, &b).await;
+        super::create_race_across(Arc::new(a), Arc::new(b)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_migrate_is_idempotent_and_concurrent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let record = conformance::fresh_record("migrated.bin");
+        store.create(&record).await.unwrap();
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+        assert!(store.load(record.id).await.unwrap().is_some());
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM bits_schema")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(versions, [1]);
+
+        // Several processes opening one new file at once: the first opener switches the file
+        // to WAL, and the others must wait for it rather than fail. The losing interleaving is
+        // rare, hence the rounds (without the retry in `open`, a handful of rounds fail).
+        for round in 0..50 {
+            let fresh = dir.path().join(format!("fresh-{round}.db"));
+            let opens: Vec<_> = (0..8)
+                .map(|_| tokio::spawn(SqliteStore::open(fresh.clone())))
+                .collect();
+            for open in opens {
+                let store = open.await.unwrap().unwrap();
+                assert_eq!(store.count_open().await.unwrap(), 0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_table_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        for bad in [
+            "",
+            "1abc",
+            "bits-",
+            "a b",
+            "x;DROP TABLE y;",
+            &"a".repeat(33),
+        ] {
+            match store.clone().with_table_prefix(bad) {
+                Err(StoreError::Backend(e)) => {
+                    assert!(e.to_string().contains("table prefix"), "{bad:?}: {e}")
+                }
+                other => panic!("prefix {bad:?} must be refused, got {other:?}"),
+            }
+        }
+        let other = store.clone().with_table_prefix("other_").unwrap();
+        other.migrate().await.unwrap();
+        let record = conformance::fresh_record("prefixed.bin");
+        other.create(&record).await.unwrap();
+        assert_eq!(store.load(record.id).await.unwrap(), None);
+        assert!(other.load(record.id).await.unwrap().is_some());
+        // The same destination is free in the other tables.
+        store.create(&record).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn sqlite_corrupt_record_is_a_backend_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let damaged = conformance::fresh_record("damaged.bin");
+        let intact = conformance::fresh_record("intact.bin");
+        store.create(&damaged).await.unwrap();
+        store.create(&intact).await.unwrap();
+        sqlx::query("UPDATE bits_sessions SET record = '{\"id\": 1' WHERE id = $1")
+            .bind(damaged.id.to_string())
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.load(damaged.id).await,
+            Err(StoreError::Backend(_))
+        ));
+        // Listing skips it, so that one bad row cannot stop the sweeper for the rest.
+        let listed = store.list().await.unwrap();
+        assert_eq!(listed, std::slice::from_ref(&intact));
+        let idle = store.list_idle(u64::MAX).await.unwrap();
+        assert_eq!(idle, [intact]);
+    }
+
+    #[tokio::test]
+    async fn sqlite_lease_expiry_uses_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let id = conformance::fresh_record("lease.bin").id;
+        assert!(
+            store
+                .acquire_lease(id, "a", Duration::from_millis(0))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .acquire_lease(id, "b", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            "a zero-length lease is expired at once"
+        );
+        assert!(!store.acquire_lease(id, "a", Duration::MAX).await.unwrap());
+        store.release_lease(id, "b").await.unwrap();
+        assert!(
+            store.acquire_lease(id, "a", Duration::MAX).await.unwrap(),
+            "a huge ttl saturates instead of failing"
+        );
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use axum_bits::store::{PostgresStore, SessionStore, StoreError, conformance};
+    use sqlx::postgres::PgPoolOptions;
+
+    const URL_VAR: &str = "AXUM_BITS_TEST_POSTGRES_URL";
+
+    /// The test server's URL; `None` (test skipped) outside CI if it is not set.
+    fn url() -> Option<String> {
+        match std::env::var(URL_VAR) {
+            Ok(url) => Some(url),
+            Err(_) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+                panic!("{URL_VAR} is not set: .ci/run must start PostgreSQL (.ci/services.sh)")
+            }
+            Err(_) => {
+                eprintln!("{URL_VAR} is not set; PostgreSQL test skipped");
+                None
+            }
+        }
+    }
+
+    /// A store on tables of its own, with a pool of its own (as another node would have).
+    async fn store(url: &str, prefix: &str) -> PostgresStore {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .unwrap();
+        PostgresStore::from_pool(pool)
+            .with_table_prefix(prefix)
+            .unwrap()
+    }
+
+    /// Runs `test` with the server's URL and a fresh table prefix, then drops the prefix's
+    /// tables, whether the test passed or not.
+    async fn with_tables<F, Fut>(test: F)
+    where
+        F: FnOnce(String, String) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(url) = url() else { return };
+        let prefix = format!("t{}_", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let outcome = tokio::spawn(test(url.clone(), prefix.clone())).await;
+        drop_tables(&url, &prefix).await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    async fn drop_tables(url: &str, prefix: &str) {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {prefix}sessions, {prefix}leases, {prefix}schema"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_conformance() {
+        with_tables(|url, prefix| async move {
+            let store = store(&url, &prefix).await;
+            store.migrate().await.unwrap();
+            let started = Instant::now();
+            conformance::run(Arc::new(store)).await;
+            eprintln!("postgres conformance: {:?}", started.elapsed());
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_two_nodes() {
+        with_tables(|url, prefix| async move {
+            let a = store(&url, &prefix).await;
+            let b = store(&url, &prefix).await;
+            a.migrate().await.unwrap();
+            super::records_and_leases_across(&a, &b).await;
+            super::create_race_across(Arc::new(a), Arc::new(b)).await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_concurrent_migrations() {
+        with_tables(|url, prefix| async move {
+            let mut nodes = Vec::new();
+            for _ in 0..8 {
+                nodes.push(store(&url, &prefix).await);
+            }
+            let start = Arc::new(tokio::sync::Barrier::new(nodes.len()));
+            let migrations: Vec<_> = nodes
+                .iter()
+                .cloned()
+                .map(|node| {
+                    let start = start.clone();
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        node.migrate().await
+                    })
+                })
+                .collect();
+            for migration in migrations {
+                migration.await.unwrap().unwrap();
+            }
+            let record = conformance::fresh_record("migrated.bin");
+            nodes[0].create(&record).await.unwrap();
+            nodes[7].migrate().await.unwrap();
+            assert_eq!(nodes[7].load(record.id).await.unwrap(), Some(record));
+            let versions: Vec<i64> =
+                sqlx::query_scalar(&format!("SELECT version FROM {prefix}schema"))
+                    .fetch_all(nodes[0].pool())
+                    .await
+                    .unwrap();
+            assert_eq!(versions, [1]);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn postgres_corrupt_record_is_a_backend_error() {
+        with_tables(|url, prefix| async move {
+            let store = store(&url, &prefix).await;
+            store.migrate().await.unwrap();
+            let damaged = conformance::fresh_record("damaged.bin");
+            let intact = conformance::fresh_record("intact.bin");
+            store.create(&damaged).await.unwrap();
+            store.create(&intact).await.unwrap();
+            sqlx::query(&format!(
+                "UPDATE {prefix}sessions SET record = 'null' WHERE id = $1"
+            ))
+            .bind(damaged.id.to_string())
+            .execute(store.pool())
+            .await
+            .unwrap();
+            assert!(matches!(
+                store.load(damaged.id).await,
+                Err(StoreError::Backend(_))
+            ));
+            assert_eq!(store.list().await.unwrap(), [intact]);
+        })
+        .await;
+    }
+
+    /// `connect` migrates the default tables; they are dropped afterwards only if this test
+    /// created them.
+    #[tokio::test]
+    async fn postgres_connect() {
+        let Some(url) = url() else { return };
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let existed: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('bits_sessions')::text")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let record = conformance::fresh_record("connected.bin");
+        store.create(&record).await.unwrap();
+        assert_eq!(store.load(record.id).await.unwrap(), Some(record.clone()));
+        store.remove(record.id).await.unwrap();
+        store.close().await.unwrap();
+        assert!(
+            store.load(record.id).await.is_err(),
+            "a closed store refuses work"
+        );
+        if existed.is_none() {
+            drop_tables(&url, "bits_").await;
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres_unreachable_server_is_a_backend_error() {
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            PostgresStore::connect("postgres://bits@127.0.0.1:1/bits"),
+        )
+        .await
+        .expect("connect to an unreachable server must give up, not hang");
+        assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+        eprintln!("unreachable server refused after {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn postgres_bad_prefix_is_refused() {
+        // A lazy pool never connects, so this needs no server.
+        let pool = PgPoolOptions::new()
+            .connect_lazy("postgres://bits@127.0.0.1:1/bits")
+            .unwrap();
+        let store = PostgresStore::from_pool(pool);
+        for bad in ["", "9x_", "a.b_", "x\"; DROP TABLE y; --", &"a".repeat(33)] {
+            assert!(
+                matches!(
+                    store.clone().with_table_prefix(bad),
+                    Err(StoreError::Backend(_))
+                ),
+                "prefix {bad:?} must be refused"
+            );
+        }
+        assert!(store.with_table_prefix("Bits_2").is_ok());
+    }
+}
