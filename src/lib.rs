@@ -66,8 +66,13 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `serve` (default) | [`serve`]: an HTTP/1.1 accept loop with a header read timeout, a connection cap and graceful shutdown |
+//! | `sqlite` | `store::SqliteStore`, and `sqlx` re-exported |
+//! | `postgres` | `store::PostgresStore`, and `sqlx` re-exported |
+//! | `redis` | `store::RedisStore`, and `redis` re-exported |
+//! | `conformance` | `store::conformance`: the suite every [`SessionStore`](store::SessionStore) must pass |
 //!
-//! The memory and file stores and local staging are always compiled.
+//! The memory and file stores and local staging are always compiled. A farm of nodes shares a
+//! PostgreSQL or Redis store and the upload root; see the README's "Running a farm".
 
 #![warn(clippy::unwrap_used)]
 
