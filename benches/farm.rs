@@ -180,6 +180,7 @@ async fn with_store(
         "sqlite" => {
             #[cfg(feature = "sqlite")]
             {
+                std::fs::create_dir_all(root.join(".bits"))?;
                 let store = axum_bits::store::SqliteStore::open(root.join(".bits/sessions.db"))
                     .await?
                     .with_table_prefix(prefix)?;
