@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum_bits::session::{DeferredState, Owner, Phase, SessionId, SessionRecord};
-use axum_bits::store::conformance::{self, fresh_record};
+use axum_bits::store::conformance::{self, fresh_record, race};
 use axum_bits::store::{RedisStore, SessionStore, StoreError};
 
 /// How many tasks race in the two-node checks (as in the conformance suite).
@@ -140,31 +140,6 @@ async fn load(store: &RedisStore, id: SessionId) -> SessionRecord {
         Ok(Some(record)) => record,
         other => panic!("load of a stored record: {other:?}"),
     }
-}
-
-/// Runs `n` tasks made by `task(i)` at once and collects their outputs.
-async fn race<T, F, Fut>(n: usize, mut task: F) -> Vec<T>
-where
-    T: Send + 'static,
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = T> + Send + 'static,
-{
-    let start = Arc::new(tokio::sync::Barrier::new(n));
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let start = start.clone();
-            let work = task(i);
-            tokio::spawn(async move {
-                start.wait().await;
-                work.await
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for handle in handles {
-        out.push(handle.await.expect("racing task"));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -426,13 +426,7 @@ pub async fn idle_listing(store: &impl SessionStore) {
     for r in [&old, &old_tombstone, &at_cutoff, &fresh] {
         assert_ok(store.create(r).await, "create");
     }
-    let idle: HashSet<SessionId> = store
-        .list_idle(now - 60_000)
-        .await
-        .unwrap_or_else(|e| panic!("list_idle: {e}"))
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let idle = idle_ids(store, now - 60_000).await;
     assert!(
         idle.contains(&old.id),
         "list_idle returns an idle open session"
@@ -455,13 +449,7 @@ pub async fn idle_listing(store: &impl SessionStore) {
     touched.revision += 1;
     touched.updated_ms = now;
     assert_ok(store.update(old.revision, &touched).await, "update");
-    let idle: HashSet<SessionId> = store
-        .list_idle(now - 60_000)
-        .await
-        .unwrap_or_else(|e| panic!("list_idle: {e}"))
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let idle = idle_ids(store, now - 60_000).await;
     assert!(
         !idle.contains(&old.id),
         "list_idle follows updates of updated_ms"
@@ -689,8 +677,10 @@ pub async fn concurrent_leases<S: SessionStore>(store: Arc<S>) {
     }
 }
 
-/// Runs `n` tasks made by `task(i)` at once and collects their outputs.
-async fn race<T, F, Fut>(n: usize, mut task: F) -> Vec<T>
+/// Runs `n` tasks made by `task(i)` at once (they start together, behind a barrier) and
+/// collects their outputs in order. A panic in a task is re-raised. For races of your own
+/// against a backend, like the ones in this suite.
+pub async fn race<T, F, Fut>(n: usize, mut task: F) -> Vec<T>
 where
     T: Send + 'static,
     F: FnMut(usize) -> Fut,
@@ -736,6 +726,16 @@ async fn load(store: &impl SessionStore, id: SessionId) -> SessionRecord {
         Ok(Some(record)) => record,
         other => panic!("load of a stored record: {other:?}"),
     }
+}
+
+async fn idle_ids(store: &impl SessionStore, cutoff_ms: u64) -> HashSet<SessionId> {
+    store
+        .list_idle(cutoff_ms)
+        .await
+        .unwrap_or_else(|e| panic!("list_idle: {e:?}"))
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
 }
 
 async fn ids(store: &impl SessionStore) -> HashSet<SessionId> {
