@@ -23,6 +23,11 @@ use crate::store::{DynStore, StoreError};
 /// [`MAX_POLL`].
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_millis(200);
+/// Longest a lease is renewed for one holder. Every request is bounded (body idle timeout,
+/// store and notification timeouts), so only a stuck one gets here; letting its lease lapse
+/// keeps it from wedging the session on every other node, and the record's compare-and-set
+/// fences it if it ever wakes up.
+const MAX_HOLD: Duration = Duration::from_secs(30 * 60);
 
 /// The session locks of one layer.
 pub(crate) struct SessionLocks {
@@ -149,11 +154,20 @@ impl SessionLocks {
     }
 }
 
-/// Keeps a lease alive while its guard lives.
+/// Keeps a lease alive while its guard lives, for at most [`MAX_HOLD`].
 async fn renew(store: Arc<dyn DynStore>, id: SessionId, holder: String, ttl: Duration) {
     let every = ttl / 3;
+    let give_up = Instant::now() + MAX_HOLD;
     loop {
         tokio::time::sleep(every).await;
+        if Instant::now() >= give_up {
+            tracing::warn!(
+                session = %id,
+                held = ?MAX_HOLD,
+                "a request has held the session for too long; its lease is left to lapse"
+            );
+            return;
+        }
         match store.acquire_lease(id, &holder, ttl).await {
             Ok(true) => {}
             Ok(false) => {
