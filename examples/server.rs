@@ -171,13 +171,6 @@ async fn with_store(
     builder: BitsLayerBuilder,
     spec: &str,
 ) -> Result<BitsLayerBuilder, Box<dyn std::error::Error>> {
-    let needs = |feature: &str| -> Box<dyn std::error::Error> {
-        format!(
-            "--store {spec}: this build has no {feature} store; \
-             rebuild with `--features {feature}`"
-        )
-        .into()
-    };
     if spec == "file" {
         Ok(builder)
     } else if spec == "memory" {
@@ -188,24 +181,33 @@ async fn with_store(
         #[cfg(not(feature = "sqlite"))]
         return {
             let _ = path;
-            Err(needs("sqlite"))
+            Err(missing_feature(spec, "sqlite"))
         };
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         #[cfg(feature = "postgres")]
         return Ok(builder.store(axum_bits::store::PostgresStore::connect(spec).await?));
         #[cfg(not(feature = "postgres"))]
-        return Err(needs("postgres"));
+        return Err(missing_feature(spec, "postgres"));
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         #[cfg(feature = "redis")]
         return Ok(builder.store(axum_bits::store::RedisStore::connect(spec).await?));
         #[cfg(not(feature = "redis"))]
-        return Err(needs("redis"));
+        return Err(missing_feature(spec, "redis"));
     } else {
         Err(format!(
             "--store {spec}: expected file, memory, sqlite:PATH, postgres://.. or redis://.."
         )
         .into())
     }
+}
+
+/// The error for a `--store` whose crate feature this build lacks.
+#[cfg(not(all(feature = "sqlite", feature = "postgres", feature = "redis")))]
+fn missing_feature(spec: &str, feature: &str) -> Box<dyn std::error::Error> {
+    format!(
+        "--store {spec}: this build has no {feature} store; rebuild with `--features {feature}`"
+    )
+    .into()
 }
 
 /// How long uploads in flight may take to finish once a shutdown signal arrives.
