@@ -700,6 +700,22 @@ mod shared {
             self.nodes[i].take().expect("a live node").kill();
         }
 
+        /// After every upload: the root holds exactly the uploads, nothing is staged, and
+        /// the store holds a closed, committed tombstone per file.
+        pub(crate) fn assert_finished(&self, records: &[SessionRecord], files: &[(String, usize)]) {
+            let names: BTreeSet<String> = files
+                .iter()
+                .map(|(p, _)| p.trim_start_matches('/').to_owned())
+                .collect();
+            assert_eq!(
+                super::root_entries(self.root()),
+                names,
+                "no file but the uploads"
+            );
+            self.assert_nothing_staged();
+            super::assert_closed_tombstones(records, files);
+        }
+
         /// Asserts that nothing is staged: no part (or other file) under `.bits`.
         pub(crate) fn assert_nothing_staged(&self) {
             assert!(
@@ -783,13 +799,7 @@ async fn round_robin(backend: Backend) {
         let (path, file) = client.await.expect("client");
         assert_file(farm.root(), &path, &file);
     }
-    let names: BTreeSet<String> = files
-        .iter()
-        .map(|(p, _)| p.trim_start_matches('/').to_owned())
-        .collect();
-    assert_eq!(root_entries(farm.root()), names, "no file but the uploads");
-    farm.assert_nothing_staged();
-    assert_closed_tombstones(&store.records().await, &files);
+    farm.assert_finished(&store.records().await, &files);
     println!(
         "round robin over 3 {backend:?} nodes: {} files in {:.1} s",
         files.len(),
@@ -995,13 +1005,7 @@ async fn racing_nodes(backend: Backend) {
         files.push((path, LEN));
     }
 
-    let names: BTreeSet<String> = files
-        .iter()
-        .map(|(p, _)| p.trim_start_matches('/').to_owned())
-        .collect();
-    assert_eq!(root_entries(farm.root()), names, "no file but the uploads");
-    farm.assert_nothing_staged();
-    assert_closed_tombstones(&store.records().await, &files);
+    farm.assert_finished(&store.records().await, &files);
     println!(
         "racing {backend:?} nodes: {} files, {oks} raced 200s and {range_416s} 416s, in {:.1} s",
         files.len(),
