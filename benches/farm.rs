@@ -176,7 +176,9 @@ async fn with_store(
     };
     match kind {
         "memory" => Ok(Some(builder.store(MemoryStore::new()))),
-        "file" => Ok(Some(builder.store(FileStore::open(root.join(".bits/sessions"))?))),
+        "file" => Ok(Some(
+            builder.store(FileStore::open(root.join(".bits/sessions"))?),
+        )),
         "sqlite" => {
             #[cfg(feature = "sqlite")]
             {

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 
-use super::sql::{self, LeaseSql, Row, Sql};
+use super::sql::{self, LeaseSql, Sql};
 use super::{SessionStore, StoreError};
-use crate::session::{Owner, SessionId, SessionRecord};
+use crate::session::SessionId;
 
 /// Connections [`PostgresStore::connect`] keeps at most.
 const MAX_CONNECTIONS: u32 = 16;
@@ -61,6 +61,7 @@ const MIGRATE_LOCK: i64 = 0x6269_7473_6d69_6772;
 /// ```
 ///
 /// [`with_table_prefix`]: PostgresStore::with_table_prefix
+/// [`SessionRecord`]: crate::session::SessionRecord
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -129,15 +130,7 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::backend)?;
-        for statement in &self.sql.migrate {
-            // Not `raw_sql`: its future cannot be spawned (sqlx issue 3150).
-            sqlx::query(statement)
-                .persistent(false)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::backend)?;
-        }
-        tx.commit().await.map_err(StoreError::backend)
+        self.migrate_in(tx).await
     }
 
     /// The connection pool.
@@ -145,24 +138,8 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// The session holding `destination`, if any.
-    async fn holder(&self, destination: &str) -> Result<Option<SessionId>, StoreError> {
-        let id: Option<String> = sqlx::query_scalar(&self.sql.holder)
-            .bind(destination)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        id.as_deref().map(sql::parse_id).transpose()
-    }
-
-    async fn exists(&self, id: &str) -> Result<bool, StoreError> {
-        let found = sqlx::query(&self.sql.exists)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(found.is_some())
-    }
+    // Private helpers of every SQL store: `write`, `holder`, `exists`, `migrate_in`, `remove_in`.
+    sql::helper_methods!(Postgres);
 }
 
 fn statements(prefix: &str) -> Sql {
@@ -185,128 +162,14 @@ fn statements(prefix: &str) -> Sql {
     })
 }
 
-type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
-
-/// Binds `$1..$8` of [`Sql::insert`] and [`Sql::update`].
-fn bind_row<'q>(query: Query<'q>, row: &'q Row) -> Query<'q> {
-    query
-        .bind(&row.id)
-        .bind(row.revision)
-        .bind(&row.destination)
-        .bind(row.holds_destination)
-        .bind(row.is_open)
-        .bind(&row.owner)
-        .bind(row.updated_ms)
-        .bind(&row.record)
-}
-
 impl SessionStore for PostgresStore {
-    async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
-        let row = Row::new(record)?;
-        for _ in 0..sql::BUSY_RETRIES {
-            match bind_row(sqlx::query(&self.sql.insert), &row)
-                .execute(&self.pool)
-                .await
-            {
-                Ok(done) if done.rows_affected() == 0 => return Err(StoreError::AlreadyExists),
-                Ok(_) => return Ok(()),
-                Err(error) if self.sql.is_busy_destination(&error) => {
-                    if let Some(holder) = self.holder(&row.destination).await? {
-                        return Err(StoreError::DestinationBusy { holder });
-                    }
-                }
-                Err(error) => return Err(StoreError::backend(error)),
-            }
-        }
-        Err(sql::holder_vanished())
-    }
-
-    async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let json: Option<String> = sqlx::query_scalar(&self.sql.load)
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        json.as_deref().map(sql::decode).transpose()
-    }
-
-    async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
-        let row = Row::new(record)?;
-        let expected = sql::to_i64(expected, "expected revision")?;
-        for _ in 0..sql::BUSY_RETRIES {
-            match bind_row(sqlx::query(&self.sql.update), &row)
-                .bind(expected)
-                .execute(&self.pool)
-                .await
-            {
-                Ok(done) if done.rows_affected() == 0 => {
-                    return Err(if self.exists(&row.id).await? {
-                        StoreError::Conflict
-                    } else {
-                        StoreError::NotFound
-                    });
-                }
-                Ok(_) => return Ok(()),
-                Err(error) if self.sql.is_busy_destination(&error) => {
-                    if let Some(holder) = self.holder(&row.destination).await? {
-                        return Err(StoreError::DestinationBusy { holder });
-                    }
-                }
-                Err(error) => return Err(StoreError::backend(error)),
-            }
-        }
-        Err(sql::holder_vanished())
-    }
+    // `create`, `load`, `update`, `list`, `count_open`, `count_open_for`, `list_idle` and
+    // `release_lease`: the same for every SQL store.
+    sql::session_store_methods!();
 
     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
-        let id = id.to_string();
-        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
-        let removed = sqlx::query(&self.sql.remove)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-        sqlx::query(&self.sql.remove_lease)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-        tx.commit().await.map_err(StoreError::backend)?;
-        Ok(removed.rows_affected() > 0)
-    }
-
-    async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let rows = sqlx::query_as(&self.sql.list)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(sql::decode_listed(rows))
-    }
-
-    async fn count_open(&self) -> Result<usize, StoreError> {
-        let count = sqlx::query_scalar(&self.sql.count_open)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        sql::to_count(count)
-    }
-
-    async fn count_open_for(&self, owner: &Owner) -> Result<usize, StoreError> {
-        let count = sqlx::query_scalar(&self.sql.count_open_for)
-            .bind(owner.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        sql::to_count(count)
-    }
-
-    async fn list_idle(&self, cutoff_ms: u64) -> Result<Vec<SessionRecord>, StoreError> {
-        let rows = sqlx::query_as(&self.sql.list_idle)
-            .bind(sql::saturating_i64(cutoff_ms.into()))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(sql::decode_listed(rows))
+        let tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        self.remove_in(tx, id).await
     }
 
     fn is_shared(&self) -> bool {
@@ -327,16 +190,6 @@ impl SessionStore for PostgresStore {
             .await
             .map_err(StoreError::backend)?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn release_lease(&self, id: SessionId, holder: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.sql.release_lease)
-            .bind(id.to_string())
-            .bind(holder)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(())
     }
 
     async fn close(&self) -> Result<(), StoreError> {

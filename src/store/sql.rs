@@ -2,8 +2,13 @@
 //! table names, the statements whose text both databases accept, and how a record maps to its
 //! row. The statements that measure time (leases) differ and come from each backend.
 //!
-//! Each store runs these statements itself: the drivers' row and argument types differ, and a
-//! generic layer over them would be larger than the few lines it saves.
+//! The code that runs the shared statements differs between the stores only in the driver's
+//! types, so it is written once, as two macros each store expands in its own impl blocks:
+//! [`helper_methods!`] (private helpers) and [`session_store_methods!`] (most of
+//! [`SessionStore`](super::SessionStore)). Generic code over `sqlx::Database` would need a
+//! trait bound for every type it binds or decodes and for every executor, longer than the code
+//! itself. What differs stays in each store: connecting, leases (each database keeps time its
+//! own way), how `migrate` and `remove` begin their transactions, and `close`.
 
 use std::fmt;
 
@@ -263,6 +268,259 @@ pub(super) fn holder_vanished() -> StoreError {
         "the destination was busy, but its holder vanished {BUSY_RETRIES} times in a row"
     ))
 }
+
+/// Expands, inside a store's inherent `impl` block, to the private methods that
+/// [`session_store_methods!`] and the store's own `migrate` and `remove` call:
+///
+/// * `write(statement, row, expected)`: runs [`Sql::insert`] (`expected` is `None`) or
+///   [`Sql::update`] (`Some(revision)`) with `row` bound; whether it changed a row. A write
+///   refused by the unique index on held destinations becomes
+///   [`StoreError::DestinationBusy`] naming the holder; if the holder has let go by the time
+///   it is looked up, the write is retried, up to [`BUSY_RETRIES`] times.
+/// * `holder(destination)`: the session holding `destination`, if any.
+/// * `exists(id)`: whether a session `id` is stored.
+/// * `migrate_in(tx)`: runs [`Sql::migrate`] in `tx` and commits it.
+/// * `remove_in(tx, id)`: deletes session `id` and its lease in `tx` and commits it; whether
+///   the session was there.
+///
+/// The store begins the transactions of `migrate_in` and `remove_in` (and locks, if it must)
+/// as its database needs.
+///
+/// `$db` is the store's `sqlx::Database` (`Postgres`, `Sqlite`). The store must have the
+/// fields `pool: sqlx::Pool<$db>` and `sql`, which derefs to [`Sql`]; the module that expands
+/// the macro must have the `sqlx` crate in scope, as every crate using it does.
+///
+/// ```text
+/// impl PostgresStore {
+///     sql::helper_methods!(Postgres);
+/// }
+/// ```
+macro_rules! helper_methods {
+    ($db:ty) => {
+        async fn write(
+            &self,
+            statement: &str,
+            row: &$crate::store::sql::Row,
+            expected: Option<i64>,
+        ) -> Result<bool, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            for _ in 0..sql::BUSY_RETRIES {
+                // `$1..$8` of `Sql::insert` and `Sql::update`, then `$9` of `Sql::update`.
+                let mut query = sqlx::query(statement)
+                    .bind(&row.id)
+                    .bind(row.revision)
+                    .bind(&row.destination)
+                    .bind(row.holds_destination)
+                    .bind(row.is_open)
+                    .bind(&row.owner)
+                    .bind(row.updated_ms)
+                    .bind(&row.record);
+                if let Some(expected) = expected {
+                    query = query.bind(expected);
+                }
+                match query.execute(&self.pool).await {
+                    Ok(done) => return Ok(done.rows_affected() != 0),
+                    Err(error) if self.sql.is_busy_destination(&error) => {
+                        if let Some(holder) = self.holder(&row.destination).await? {
+                            return Err(StoreError::DestinationBusy { holder });
+                        }
+                    }
+                    Err(error) => return Err(StoreError::backend(error)),
+                }
+            }
+            Err(sql::holder_vanished())
+        }
+
+        async fn holder(
+            &self,
+            destination: &str,
+        ) -> Result<Option<$crate::session::SessionId>, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let id: Option<String> = sqlx::query_scalar(&self.sql.holder)
+                .bind(destination)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            id.as_deref().map(sql::parse_id).transpose()
+        }
+
+        async fn exists(&self, id: &str) -> Result<bool, $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            let found = sqlx::query(&self.sql.exists)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(found.is_some())
+        }
+
+        async fn migrate_in(
+            &self,
+            mut tx: sqlx::Transaction<'_, $db>,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            for statement in &self.sql.migrate {
+                // Not `raw_sql`: its future cannot be spawned (sqlx issue 3150).
+                sqlx::query(statement)
+                    .persistent(false)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::backend)?;
+            }
+            tx.commit().await.map_err(StoreError::backend)
+        }
+
+        async fn remove_in(
+            &self,
+            mut tx: sqlx::Transaction<'_, $db>,
+            id: $crate::session::SessionId,
+        ) -> Result<bool, $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            let id = id.to_string();
+            let removed = sqlx::query(&self.sql.remove)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            sqlx::query(&self.sql.remove_lease)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            tx.commit().await.map_err(StoreError::backend)?;
+            Ok(removed.rows_affected() > 0)
+        }
+    };
+}
+pub(super) use helper_methods;
+
+/// Expands, inside `impl SessionStore for` a store, to the methods that are the same for
+/// every SQL store: `create`, `load`, `update`, `list`, `count_open`, `count_open_for`,
+/// `list_idle` and `release_lease`. The store writes the others (`remove`, `is_shared`,
+/// `acquire_lease`, `close`) itself.
+///
+/// The store must have the fields `pool` (a `sqlx::Pool`) and `sql` (derefs to [`Sql`]) and
+/// expand [`helper_methods!`] in its inherent `impl` block.
+///
+/// ```text
+/// impl SessionStore for PostgresStore {
+///     sql::session_store_methods!();
+///
+///     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
+///         let tx = self.pool.begin().await.map_err(StoreError::backend)?;
+///         self.remove_in(tx, id).await
+///     }
+///     // ..
+/// }
+/// ```
+macro_rules! session_store_methods {
+    () => {
+        async fn create(
+            &self,
+            record: &$crate::session::SessionRecord,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let row = sql::Row::new(record)?;
+            if self.write(&self.sql.insert, &row, None).await? {
+                Ok(())
+            } else {
+                Err(StoreError::AlreadyExists)
+            }
+        }
+
+        async fn load(
+            &self,
+            id: $crate::session::SessionId,
+        ) -> Result<Option<$crate::session::SessionRecord>, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let json: Option<String> = sqlx::query_scalar(&self.sql.load)
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            json.as_deref().map(sql::decode).transpose()
+        }
+
+        async fn update(
+            &self,
+            expected: u64,
+            record: &$crate::session::SessionRecord,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let row = sql::Row::new(record)?;
+            let expected = sql::to_i64(expected, "expected revision")?;
+            if self.write(&self.sql.update, &row, Some(expected)).await? {
+                Ok(())
+            } else if self.exists(&row.id).await? {
+                Err(StoreError::Conflict)
+            } else {
+                Err(StoreError::NotFound)
+            }
+        }
+
+        async fn list(
+            &self,
+        ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let rows = sqlx::query_as(&self.sql.list)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(sql::decode_listed(rows))
+        }
+
+        async fn count_open(&self) -> Result<usize, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let count = sqlx::query_scalar(&self.sql.count_open)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            sql::to_count(count)
+        }
+
+        async fn count_open_for(
+            &self,
+            owner: &$crate::session::Owner,
+        ) -> Result<usize, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let count = sqlx::query_scalar(&self.sql.count_open_for)
+                .bind(owner.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            sql::to_count(count)
+        }
+
+        async fn list_idle(
+            &self,
+            cutoff_ms: u64,
+        ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let rows = sqlx::query_as(&self.sql.list_idle)
+                .bind(sql::saturating_i64(cutoff_ms.into()))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(sql::decode_listed(rows))
+        }
+
+        async fn release_lease(
+            &self,
+            id: $crate::session::SessionId,
+            holder: &str,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            sqlx::query(&self.sql.release_lease)
+                .bind(id.to_string())
+                .bind(holder)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(())
+        }
+    };
+}
+pub(super) use session_store_methods;
 
 #[cfg(test)]
 mod tests {
