@@ -1,11 +1,11 @@
 //! Crash safety under fire: many concurrent uploads while the server process is SIGKILLed at
 //! random moments, dozens of times, and restarted on the same root and port.
 //!
-//! The test binary re-executes itself, as `restart.rs` does: the `crash_child_server` test
-//! serves the BITS layer when `AXUM_BITS_CRASH_CHILD_ROOT` is set (and does nothing
-//! otherwise). A killer thread SIGKILLs the child after a random delay and starts the next one
-//! on the same root and port, until every upload is done. Meanwhile clients that behave like
-//! Windows (protocol reference, sections 4, 5.2, 8.5 and 13.1) upload files: they re-send a
+//! The test binary re-executes itself (`common::node`, as in `restart.rs`): the
+//! `crash_child_server` test serves the BITS layer when `AXUM_BITS_CRASH_CHILD_ROOT` is set
+//! (and does nothing otherwise). A killer thread SIGKILLs the child after a random delay and
+//! starts the next one on the same root and port, until every upload is done. Meanwhile
+//! clients that behave like Windows (protocol reference, sections 4, 5.2, 8.5 and 13.1) upload files: they re-send a
 //! packet whose Ack never came, follow `BITS-Received-Content-Range`, retry transient errors
 //! and start over on `0x8020001F`. Afterwards every file must be intact, every session a
 //! tombstone, and one sweep must leave nothing behind.
@@ -17,12 +17,10 @@
 mod common;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -30,6 +28,7 @@ use axum::routing::get;
 use axum_bits::BitsLayer;
 use axum_bits::session::{Phase, SessionRecord};
 use bytes::Bytes;
+use common::node::{self, Node, NodeCommand};
 use common::{PROTOCOL, bits_post};
 
 const ROOT_ENV: &str = "AXUM_BITS_CRASH_CHILD_ROOT";
@@ -72,8 +71,6 @@ const MAX_RESTARTS_PER_UPLOAD: u32 = 10;
 const MAX_REQUESTS: u64 = 200_000;
 /// The whole upload phase.
 const DEADLINE: Duration = Duration::from_secs(110);
-/// How long a starting child may take to report that it listens.
-const STARTUP_LIMIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The child server.
@@ -90,29 +87,7 @@ fn crash_child_server() {
         .expect("the port")
         .parse()
         .expect("a port number");
-    // If the parent test process dies without killing us, its end of our stdin closes.
-    std::thread::spawn(|| {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 64];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => std::process::exit(0),
-                Ok(_) => {}
-            }
-        }
-    });
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
+    node::run_child(async move {
         let layer = BitsLayer::builder(PathBuf::from(root))
             .abandoned_after(ABANDONED_AFTER)
             .build()
@@ -135,77 +110,20 @@ fn crash_child_server() {
                 Err(e) => panic!("cannot bind {addr}: {e}"),
             }
         };
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "LISTENING {addr}").expect("stdout");
-        stdout.flush().expect("flush");
-        drop(stdout);
+        node::announce(addr);
         axum::serve(listener, app).await.expect("serve");
     });
 }
 
-/// A child server process. Killed (SIGKILL) and reaped when dropped, so that no exit path,
-/// panics included, leaves a server behind.
-struct ServerProcess {
-    child: Child,
-    _stdin: ChildStdin,
-}
-
-impl ServerProcess {
-    /// Starts a child on `root` and `port` and waits until it listens.
-    fn spawn(root: &Path, port: u16) -> Self {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env(ROOT_ENV, root)
-            .env(PORT_ENV, port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child server");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        // Built before the wait, so that a failed start still kills and reaps the child.
-        let process = Self {
-            child,
-            _stdin: stdin,
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Read every line (so the child never blocks on a full pipe), report readiness.
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may print "test crash_child_server ... " on the same line first.
-                if line.contains("LISTENING ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        if let Err(e) = rx.recv_timeout(STARTUP_LIMIT) {
-            panic!("the child server did not start listening on port {port}: {e}");
-        }
-        process
-    }
-
-    /// SIGKILL (on unix `Child::kill` sends SIGKILL) and reap. A child that already exited
-    /// crashed by itself: a bug.
-    fn kill(mut self) {
-        if let Some(status) = self.child.try_wait().expect("child status") {
-            panic!("the child server exited by itself ({status}): see its stderr above");
-        }
-        self.child.kill().expect("kill the child");
-        self.child.wait().expect("reap the child");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a child server on `root` and `port` and waits until it listens. The child is
+/// SIGKILLed and reaped when dropped, so that no exit path, panics included, leaves a server
+/// behind.
+fn spawn_server(root: &Path, port: u16) -> Node {
+    NodeCommand::new(CHILD_TEST)
+        .env(ROOT_ENV, root)
+        .env(PORT_ENV, port.to_string())
+        .try_spawn()
+        .unwrap_or_else(|e| panic!("the child server did not start listening on port {port}: {e}"))
 }
 
 /// A port for every child of the run, free now. Taken below the kernel's ephemeral range when
@@ -381,7 +299,7 @@ impl Drop for FailOnPanic {
 }
 
 impl Killer {
-    fn start(run: Arc<Run>, root: PathBuf, port: u16, first: ServerProcess) -> Self {
+    fn start(run: Arc<Run>, root: PathBuf, port: u16, first: Node) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -401,7 +319,7 @@ impl Killer {
                 let at = run.ms();
                 server.kill();
                 let kill = run.kills.fetch_add(1, Ordering::SeqCst) + 1;
-                server = ServerProcess::spawn(&root, port);
+                server = spawn_server(&root, port);
                 let down = killed.elapsed();
                 downtime.total += down;
                 downtime.max = downtime.max.max(down);
@@ -1041,7 +959,7 @@ async fn concurrent_uploads_survive_sigkills_at_random_moments() {
         kill_log: Mutex::new(Vec::new()),
     });
 
-    let first = ServerProcess::spawn(&root, port);
+    let first = spawn_server(&root, port);
     let killer = Killer::start(run.clone(), root.clone(), port, first);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {

@@ -9,11 +9,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -22,6 +18,7 @@ use axum_bits::completion::Backoff;
 use axum_bits::session::DeferredStatus;
 use axum_bits::session::{Phase, SessionRecord};
 use axum_bits::{BitsLayer, CompletionPolicy};
+use common::node::{self, Node, NodeCommand};
 use common::{BitsClient, RawConn, Reply, data, fragment_head};
 
 const CHILD_ENV: &str = "AXUM_BITS_CHILD_ROOT";
@@ -39,23 +36,7 @@ fn child_server() {
     let Some(root) = std::env::var_os(CHILD_ENV) else {
         return;
     };
-    // If the parent test process dies without killing us, its end of our stdin closes.
-    std::thread::spawn(|| {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 64];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => std::process::exit(0),
-                Ok(_) => {}
-            }
-        }
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
+    node::run_child(async move {
         let mut builder = BitsLayer::builder(PathBuf::from(root));
         let defer = std::env::var(POLICY_ENV).is_ok_and(|p| p == "defer");
         if defer {
@@ -72,83 +53,22 @@ fn child_server() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "LISTENING {addr}").expect("stdout");
-        stdout.flush().expect("flush");
-        drop(stdout);
+        node::announce(listener.local_addr().expect("addr"));
         axum::serve(listener, app).await.expect("serve");
     });
 }
 
-/// A child server process. Killed (SIGKILL) and reaped when dropped, so a failing test
-/// leaves no server behind.
-struct ServerProcess {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _stdin: ChildStdin,
+/// Starts a child server on `root` and waits until it listens. The child is SIGKILLed and
+/// reaped when dropped, so a failing test leaves no server behind.
+fn spawn(root: &Path) -> Node {
+    spawn_with(root, "default")
 }
 
-impl ServerProcess {
-    fn spawn(root: &Path) -> Self {
-        Self::spawn_with(root, "default")
-    }
-
-    fn spawn_with(root: &Path, policy: &str) -> Self {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, root)
-            .env(POLICY_ENV, policy)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child server");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Read every line (so the child never blocks on a full pipe), report the address.
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may print "test child_server ... " on the same line first.
-                if let Some((_, addr)) = line.split_once("LISTENING ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().parse::<SocketAddr>());
-                    }
-                }
-            }
-        });
-        let mut process = Self {
-            child,
-            addr: "127.0.0.1:1".parse().expect("placeholder"),
-            _stdin: stdin,
-        };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(addr)) => process.addr = addr,
-            other => panic!("child server did not report its address: {other:?}"),
-        }
-        process
-    }
-
-    fn client(&self) -> BitsClient {
-        BitsClient::new(self.addr)
-    }
-
-    /// SIGKILL (on unix `Child::kill` sends SIGKILL) and reap.
-    fn kill(mut self) {
-        self.child.kill().expect("kill child");
-        self.child.wait().expect("reap child");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn_with(root: &Path, policy: &str) -> Node {
+    NodeCommand::new("child_server")
+        .env(CHILD_ENV, root)
+        .env(POLICY_ENV, policy)
+        .spawn()
 }
 
 /// Every session record in the root (only call while no server runs on it).
@@ -266,8 +186,8 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     let total = source.len();
 
     // First process: five fragments, every Ack exact.
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let sid = client.create_ok(path).await;
     for i in 0..5 {
         let first = i * FRAG;
@@ -286,7 +206,7 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     // The client never saw the fifth Ack: it believes the server holds 4 fragments.
     let acked = 5 * FRAG as u64;
     let believed = 4 * FRAG as u64;
-    server.kill();
+    server.stop();
 
     // Durable state: the record holds the acknowledged offset, the part holds the bytes.
     let recs = records(root).await;
@@ -298,8 +218,8 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     assert_part_prefix(root, &sid, &source, acked);
 
     // Second process: re-sent fragments for acknowledged bytes get 200 and the same offset.
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let b = usize::try_from(believed).unwrap();
     let reply = client
         .fragment(path, &sid, believed, &source[b..b + FRAG], total as u64)
@@ -317,14 +237,14 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     let a = usize::try_from(acked).unwrap();
     let big = MIB;
     let sent = 640 * KIB;
-    let mut raw = RawConn::connect(server.addr).await;
+    let mut raw = RawConn::connect(server.addr()).await;
     raw.write(&fragment_head(path, &sid, a, big, total)).await;
     raw.write(&source[a..a + sent]).await;
     wait_for(Duration::from_secs(10), "the part to grow", || {
         part_len(root, &sid) >= acked + 256 * KIB as u64
     })
     .await;
-    server.kill();
+    server.stop();
     drop(raw);
 
     let recs = records(root).await;
@@ -339,8 +259,8 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
 
     // Third process: the client last saw `acked`; it is impatient and first tries a fragment
     // further on (a gap: 416 with the server's offset), then follows the offsets to the end.
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let ahead = (10 * FRAG) as u64;
     let reply = client
         .fragment(
@@ -368,12 +288,12 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
     client.close(path, &sid).await.assert_ok();
     assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
-    server.kill();
+    server.stop();
     assert_only_closed_tombstones(root, 1).await;
 
     // Fourth process: the tombstone answers repeats consistently (section 8.5).
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     client.close(path, &sid).await.assert_ok();
     let last = total - FRAG;
     let reply = client
@@ -382,7 +302,7 @@ async fn resumes_after_sigkill_between_and_during_fragments() {
     reply.assert_ok();
     assert_eq!(reply.received(), Some(total as u64));
     client.create(path).await.assert_error(403, "0x80070005");
-    server.kill();
+    server.stop();
     assert!(std::fs::read(root.join("big.bin")).unwrap() == source);
     assert_only_closed_tombstones(root, 1).await;
 }
@@ -395,20 +315,20 @@ async fn sigkill_with_half_a_fragment_sent_then_after_the_final_ack() {
     let source = data(MIB + 12_345, 7);
     let total = source.len();
 
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let sid = client.create_ok(path).await;
     client
         .fragment(path, &sid, 0, &source[..FRAG], total as u64)
         .await
         .assert_ok();
     // Half of the second fragment's body, then the server dies.
-    let mut raw = RawConn::connect(server.addr).await;
+    let mut raw = RawConn::connect(server.addr()).await;
     raw.write(&fragment_head(path, &sid, FRAG, FRAG, total))
         .await;
     raw.write(&source[FRAG..FRAG + FRAG / 2]).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    server.kill();
+    server.stop();
     drop(raw);
 
     let recs = records(root).await;
@@ -416,18 +336,18 @@ async fn sigkill_with_half_a_fragment_sent_then_after_the_final_ack() {
     assert!((FRAG as u64..=(FRAG + FRAG / 2) as u64).contains(&recs[0].received));
 
     // The client re-sends the interrupted fragment and follows the offsets.
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let replies = resume(&client, path, &sid, &source, FRAG as u64, FRAG).await;
     let final_reply = replies.last().unwrap();
     assert_eq!(final_reply.received(), Some(total as u64));
     assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
     // The final Ack is lost and the server dies before the client's Close-Session.
-    server.kill();
+    server.stop();
     assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
 
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let last = total - 5000;
     let reply = client
         .fragment(path, &sid, last as u64, &source[last..], total as u64)
@@ -435,7 +355,7 @@ async fn sigkill_with_half_a_fragment_sent_then_after_the_final_ack() {
     reply.assert_ok();
     assert_eq!(reply.received(), Some(total as u64));
     client.close(path, &sid).await.assert_ok();
-    server.kill();
+    server.stop();
     assert!(std::fs::read(root.join("half.bin")).unwrap() == source);
     assert_only_closed_tombstones(root, 1).await;
 }
@@ -448,8 +368,8 @@ async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
     let source = data(MIB + MIB / 2, 9);
     let total = source.len() as u64;
 
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let sid = client.create_ok(path).await;
     for first in (0..4 * FRAG).step_by(FRAG) {
         let reply = client
@@ -464,7 +384,7 @@ async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
         reply.assert_ok();
         assert_eq!(reply.received(), Some((first + FRAG) as u64));
     }
-    server.kill();
+    server.stop();
 
     // A power loss took the unsynced tail of the part (the default staging does not fsync
     // fragments): the part is shorter than the record claims.
@@ -476,8 +396,8 @@ async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
         .set_len(kept)
         .unwrap();
 
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let first = 4 * FRAG;
     let reply = client
         .fragment(
@@ -492,7 +412,7 @@ async fn restart_after_losing_unsynced_part_data_resumes_from_the_data() {
     assert_eq!(reply.received(), Some(kept), "must resume from the data");
     resume(&client, path, &sid, &source, kept, FRAG).await;
     client.close(path, &sid).await.assert_ok();
-    server.kill();
+    server.stop();
     assert!(std::fs::read(root.join("lossy.bin")).unwrap() == source);
     assert_only_closed_tombstones(root, 1).await;
 }
@@ -506,8 +426,8 @@ async fn retry_later_survives_a_restart() {
     let root = tmp.path();
     let source = data(3 * FRAG, 41);
     let total = source.len() as u64;
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let sid = client.create_ok("/busy.bin").await;
     for i in 0..2 {
         let range = i * FRAG..(i + 1) * FRAG;
@@ -528,11 +448,11 @@ async fn retry_later_survives_a_restart() {
         .await;
     reply.assert_error(503, "0x80070050");
     assert_eq!(reply.received(), Some(total));
-    server.kill();
+    server.stop();
 
     std::fs::remove_file(root.join("busy.bin")).unwrap();
-    let server = ServerProcess::spawn(root);
-    let client = server.client();
+    let server = spawn(root);
+    let client = BitsClient::new(server.addr());
     let reply = client
         .fragment(
             "/busy.bin",
@@ -558,8 +478,8 @@ async fn deferred_commit_survives_a_restart() {
     let root = tmp.path();
     let source = data(2 * FRAG + 100, 42);
     let total = source.len() as u64;
-    let server = ServerProcess::spawn_with(root, "defer");
-    let client = server.client();
+    let server = spawn_with(root, "defer");
+    let client = BitsClient::new(server.addr());
     let sid = client.create_ok("/later.bin").await;
     client
         .fragment("/later.bin", &sid, 0, &source[..FRAG], total)
@@ -574,7 +494,7 @@ async fn deferred_commit_survives_a_restart() {
     client.close("/later.bin", &sid).await.assert_ok();
     // A few background attempts fail while the destination is in the way.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    server.kill();
+    server.stop();
 
     let pending = records(root).await;
     assert_eq!(pending.len(), 1);
@@ -588,7 +508,7 @@ async fn deferred_commit_survives_a_restart() {
     );
 
     std::fs::remove_file(root.join("later.bin")).unwrap();
-    let server = ServerProcess::spawn_with(root, "defer");
+    let server = spawn_with(root, "defer");
     wait_for(Duration::from_secs(20), "the deferred commit", || {
         std::fs::read(root.join("later.bin")).is_ok_and(|b| b == source)
     })

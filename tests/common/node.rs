@@ -4,9 +4,9 @@
 //!
 //! The parent side is [`Node`] (started with [`NodeCommand`]): it waits for the child's
 //! `LISTENING <addr>` line on stdout, SIGKILLs and reaps the child when dropped, and its
-//! [`kill`](Node::kill) fails the test if the child had already died by itself. The child
-//! side is [`run_child`] and [`announce`]: the child exits when its parent dies (its stdin
-//! closes), so no server outlives a test run.
+//! [`kill`](Node::kill) fails the test if the child had already died by itself
+//! ([`stop`](Node::stop) does not look). The child side is [`run_child`] and [`announce`]:
+//! the child exits when its parent dies (its stdin closes), so no server outlives a test run.
 //!
 //! ```ignore
 //! const ROOT_ENV: &str = "MY_CHILD_ROOT";
@@ -236,6 +236,12 @@ impl Node {
                 self.test, self.addr
             );
         }
+        self.stop();
+    }
+
+    /// SIGKILL and reap, without [`kill`](Self::kill)'s check that the child was still
+    /// running.
+    pub fn stop(mut self) {
         self.child.kill().expect("kill the child");
         self.child.wait().expect("reap the child");
     }
