@@ -492,8 +492,20 @@ async fn deferred_commit_survives_a_restart() {
     reply.assert_ok();
     assert_eq!(reply.received(), Some(total));
     client.close("/later.bin", &sid).await.assert_ok();
-    // A few background attempts fail while the destination is in the way.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A few background attempts fail while the destination is in the way. (Polled: on a busy
+    // machine the second attempt may take longer than its backoff.)
+    let waited = std::time::Instant::now();
+    loop {
+        let attempts = records(root).await.first().and_then(|r| r.deferred.clone());
+        if attempts.as_ref().is_some_and(|d| d.attempts >= 2) {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no second attempt within 10 s: {attempts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.stop();
 
     let pending = records(root).await;
