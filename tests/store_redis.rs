@@ -14,9 +14,6 @@ use axum_bits::session::{DeferredState, Owner, Phase, SessionId, SessionRecord};
 use axum_bits::store::conformance::{self, fresh_record, race};
 use axum_bits::store::{RedisStore, SessionStore, StoreError};
 
-/// How many tasks race in the two-node checks (as in the conformance suite).
-const RACERS: usize = 16;
-
 /// The test server's URL, or `None` (skip) when it is not configured outside CI.
 fn redis_url() -> Option<String> {
     match std::env::var("AXUM_BITS_TEST_REDIS_URL") {
@@ -175,127 +172,18 @@ async fn leases_are_exclusive_between_nodes() {
         "a released lease can be taken from the other node"
     );
     nodes[1].release_lease(id, "b").await.unwrap();
-
-    let nodes = Arc::new(nodes);
-    for round in 0..3 {
-        let granted = race(RACERS, |i| {
-            let nodes = nodes.clone();
-            async move {
-                let holder = format!("racer-{i}");
-                let got = nodes[i % 2].acquire_lease(id, &holder, long).await;
-                got.expect("acquire_lease").then_some(holder)
-            }
-        })
-        .await;
-        let holders: Vec<String> = granted.into_iter().flatten().collect();
-        assert_eq!(
-            holders.len(),
-            1,
-            "round {round}: exactly one lease request across two nodes is granted"
-        );
-        nodes[0].release_lease(id, &holders[0]).await.unwrap();
-    }
 }
 
+/// Creates, compare-and-sets and leases racing over two nodes (connections).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn create_race_across_nodes_has_one_winner() {
+async fn races_across_nodes() {
     let Some(url) = redis_url() else { return };
     let prefix = Prefix::new(&url);
-    let nodes = Arc::new([prefix.store().await, prefix.store().await]);
-
-    let destination = fresh_record("contested.bin").destination;
-    let attempts = race(RACERS, |i| {
-        let nodes = nodes.clone();
-        let record = holding(&destination);
-        async move { (record.id, nodes[i % 2].create(&record).await) }
-    })
-    .await;
-    let winners: Vec<SessionId> = attempts
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(id, _)| *id)
-        .collect();
-    assert_eq!(winners.len(), 1, "one create for a destination wins");
-    for (_, result) in &attempts {
-        match result {
-            Ok(()) => {}
-            Err(StoreError::DestinationBusy { holder }) => assert_eq!(*holder, winners[0]),
-            Err(e) => panic!("a loser must get DestinationBusy, got {e:?}"),
-        }
-    }
-
-    let id = SessionId::new();
-    let attempts = race(RACERS, |i| {
-        let nodes = nodes.clone();
-        let mut record = fresh_record("same-id.bin");
-        record.id = id;
-        async move {
-            (
-                record.destination.clone(),
-                nodes[i % 2].create(&record).await,
-            )
-        }
-    })
-    .await;
-    let won: Vec<&String> = attempts
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(d, _)| d)
-        .collect();
-    assert_eq!(won.len(), 1, "one create of an id wins");
-    assert!(
-        attempts
-            .iter()
-            .all(|(_, r)| matches!(r, Ok(()) | Err(StoreError::AlreadyExists))),
-        "the losers of an id race get AlreadyExists"
-    );
-    assert_eq!(&load(&nodes[1], id).await.destination, won[0]);
-    assert_eq!(nodes[0].count_open().await.unwrap(), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn compare_and_set_across_nodes_loses_no_update() {
-    const ROUNDS: u64 = 20;
-    let Some(url) = redis_url() else { return };
-    let prefix = Prefix::new(&url);
-    let nodes = Arc::new([prefix.store().await, prefix.store().await]);
-    let record = fresh_record("race.bin");
-    nodes[0].create(&record).await.unwrap();
-    let id = record.id;
-
-    let wins = race(RACERS, |i| {
-        let nodes = nodes.clone();
-        async move {
-            let store = &nodes[i % 2];
-            let mut wins = 0u64;
-            for _ in 0..ROUNDS {
-                loop {
-                    let mut current = load(store, id).await;
-                    let expected = current.revision;
-                    current.revision += 1;
-                    current.received += 1;
-                    match store.update(expected, &current).await {
-                        Ok(()) => {
-                            wins += 1;
-                            break;
-                        }
-                        Err(StoreError::Conflict) => tokio::task::yield_now().await,
-                        Err(e) => panic!("update in a race: {e:?}"),
-                    }
-                }
-            }
-            wins
-        }
-    })
-    .await;
-    let total = RACERS as u64 * ROUNDS;
-    assert_eq!(wins.iter().sum::<u64>(), total);
-    let last = load(&nodes[1], id).await;
-    assert_eq!(
-        (last.revision, last.received),
-        (total, total),
-        "no update across two nodes was lost or applied twice"
-    );
+    let nodes = [
+        Arc::new(prefix.store().await),
+        Arc::new(prefix.store().await),
+    ];
+    conformance::races_across(&nodes).await;
 }
 
 #[tokio::test]

@@ -8,83 +8,7 @@
 
 #![cfg(all(feature = "conformance", any(feature = "sqlite", feature = "postgres")))]
 
-use std::sync::Arc;
-
-use axum_bits::session::SessionId;
 use axum_bits::store::{SessionStore, StoreError, conformance};
-
-/// Racing tasks per contest, as many as the conformance suite uses.
-const RACERS: usize = 16;
-
-/// `RACERS` tasks, alternating between the two stores, create sessions for one destination at
-/// once: exactly one wins, and every loser is told the winner holds it. Then the same for one
-/// id.
-async fn create_race_across<S: SessionStore>(a: Arc<S>, b: Arc<S>) {
-    let destination = conformance::fresh_record("across.bin").destination;
-    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
-    let tasks: Vec<_> = (0..RACERS)
-        .map(|i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let start = start.clone();
-            let mut record = conformance::fresh_record("across.bin");
-            record.destination = destination.clone();
-            tokio::spawn(async move {
-                start.wait().await;
-                (record.id, store.create(&record).await)
-            })
-        })
-        .collect();
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
-    let winners: Vec<SessionId> = results
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(id, _)| *id)
-        .collect();
-    assert_eq!(winners.len(), 1, "one winner across stores: {results:?}");
-    for (_, result) in &results {
-        match result {
-            Ok(()) => {}
-            Err(StoreError::DestinationBusy { holder }) => assert_eq!(
-                *holder, winners[0],
-                "a loser across stores is told who holds the destination"
-            ),
-            Err(e) => panic!("a loser of a create race across stores: {e:?}"),
-        }
-    }
-    assert_eq!(
-        b.load(winners[0]).await.unwrap().map(|r| r.destination),
-        Some(destination.clone()),
-    );
-    a.remove(winners[0]).await.unwrap();
-
-    let id = SessionId::new();
-    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
-    let tasks: Vec<_> = (0..RACERS)
-        .map(|i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let start = start.clone();
-            let mut record = conformance::fresh_record("same-id.bin");
-            record.id = id;
-            tokio::spawn(async move {
-                start.wait().await;
-                store.create(&record).await
-            })
-        })
-        .collect();
-    let mut won = 0;
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(()) => won += 1,
-            Err(StoreError::AlreadyExists) => {}
-            other => panic!("a loser of an id race across stores: {other:?}"),
-        }
-    }
-    assert_eq!(won, 1, "one winner of an id race across stores");
-    b.remove(id).await.unwrap();
-}
 
 /// What one store writes the other reads, and a lease one holds the other cannot take.
 async fn records_and_leases_across<S: SessionStore>(a: &S, b: &S) {
@@ -194,7 +118,7 @@ mod sqlite {
         let a = open(&dir).await;
         let b = open(&dir).await;
         super::records_and_leases_across(&a, &b).await;
-        super::create_race_across(Arc::new(a), Arc::new(b)).await;
+        conformance::races_across(&[Arc::new(a), Arc::new(b)]).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -391,7 +315,7 @@ mod postgres {
             let b = store(&url, &prefix).await;
             a.migrate().await.unwrap();
             super::records_and_leases_across(&a, &b).await;
-            super::create_race_across(Arc::new(a), Arc::new(b)).await;
+            conformance::races_across(&[Arc::new(a), Arc::new(b)]).await;
         })
         .await;
     }

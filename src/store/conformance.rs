@@ -101,6 +101,28 @@ pub async fn run<S: SessionStore>(store: Arc<S>) {
     }
 }
 
+/// The races of [`run`] with the racing tasks spread over `nodes`: several instances of one
+/// shared store (separate pools or connections to the same database), as the nodes of a farm
+/// hold. Creates and compare-and-sets must be atomic across them, and, for a shared store,
+/// leases exclusive across them.
+///
+/// # Panics
+///
+/// If `nodes` is empty, or a rule is broken.
+pub async fn races_across<S: SessionStore>(nodes: &[Arc<S>]) {
+    assert!(!nodes.is_empty(), "races_across needs at least one store");
+    creates_across(nodes).await;
+    compare_and_set_across(nodes).await;
+    if nodes[0].is_shared() {
+        leases_across(nodes).await;
+    }
+}
+
+/// The store task `i` of a race uses.
+fn node<S>(nodes: &[Arc<S>], i: usize) -> Arc<S> {
+    nodes[i % nodes.len()].clone()
+}
+
 /// A record with a fresh id and a destination no other check uses.
 pub fn fresh_record(name: &str) -> SessionRecord {
     let id = SessionId::new();
@@ -462,9 +484,15 @@ pub async fn idle_listing(store: &impl SessionStore) {
 /// Many tasks create sessions at once: for one destination exactly one wins and the others
 /// are told who holds it; for one id exactly one wins.
 pub async fn concurrent_creates<S: SessionStore>(store: Arc<S>) {
+    creates_across(&[store]).await;
+}
+
+/// [`concurrent_creates`] with the tasks spread over `nodes`.
+async fn creates_across<S: SessionStore>(nodes: &[Arc<S>]) {
+    let store = &nodes[0];
     let destination = fresh_record("contested.bin").destination;
-    let attempts = race(RACERS, |_| {
-        let store = store.clone();
+    let attempts = race(RACERS, |i| {
+        let store = node(nodes, i);
         let mut record = fresh_record("contested.bin");
         record.destination = destination.clone();
         async move { (record.id, store.create(&record).await) }
@@ -493,8 +521,8 @@ pub async fn concurrent_creates<S: SessionStore>(store: Arc<S>) {
     store.remove(winners[0]).await.ok();
 
     let id = SessionId::new();
-    let attempts = race(RACERS, |_| {
-        let store = store.clone();
+    let attempts = race(RACERS, |i| {
+        let store = node(nodes, i);
         let mut record = fresh_record("same-id.bin");
         record.id = id;
         async move { (record.destination.clone(), store.create(&record).await) }
@@ -517,7 +545,7 @@ pub async fn concurrent_creates<S: SessionStore>(store: Arc<S>) {
         "the losers of an id race get AlreadyExists"
     );
     assert_eq!(
-        &load(store.as_ref(), id).await.destination,
+        &load(node(nodes, 1).as_ref(), id).await.destination,
         won[0],
         "the stored record is the winner's"
     );
@@ -527,12 +555,18 @@ pub async fn concurrent_creates<S: SessionStore>(store: Arc<S>) {
 /// Many tasks advance one record by compare-and-set at once; no update is lost and none is
 /// applied twice.
 pub async fn concurrent_compare_and_set<S: SessionStore>(store: Arc<S>) {
+    compare_and_set_across(&[store]).await;
+}
+
+/// [`concurrent_compare_and_set`] with the tasks spread over `nodes`.
+async fn compare_and_set_across<S: SessionStore>(nodes: &[Arc<S>]) {
+    let store = &nodes[0];
     const ROUNDS: u64 = 25;
     let record = fresh_record("race.bin");
     assert_ok(store.create(&record).await, "create");
     let id = record.id;
-    let wins = race(RACERS, |_| {
-        let store = store.clone();
+    let wins = race(RACERS, |i| {
+        let store = node(nodes, i);
         async move {
             let mut wins = 0u64;
             for _ in 0..ROUNDS {
@@ -561,7 +595,7 @@ pub async fn concurrent_compare_and_set<S: SessionStore>(store: Arc<S>) {
         total,
         "every task won each round once"
     );
-    let last = load(store.as_ref(), id).await;
+    let last = load(node(nodes, 1).as_ref(), id).await;
     assert_eq!(
         (last.revision, last.received),
         (total, total),
@@ -656,10 +690,15 @@ pub async fn leases(store: &impl SessionStore) {
 
 /// Many holders ask for one lease at once: exactly one gets it.
 pub async fn concurrent_leases<S: SessionStore>(store: Arc<S>) {
+    leases_across(&[store]).await;
+}
+
+/// [`concurrent_leases`] with the requests spread over `nodes`.
+async fn leases_across<S: SessionStore>(nodes: &[Arc<S>]) {
     let id = SessionId::new();
     for round in 0..3 {
         let granted = race(RACERS, |i| {
-            let store = store.clone();
+            let store = node(nodes, i);
             async move {
                 let holder = format!("racer-{i}");
                 let got = lease(store.as_ref(), id, &holder, Duration::from_secs(60)).await;
@@ -673,7 +712,7 @@ pub async fn concurrent_leases<S: SessionStore>(store: Arc<S>) {
             1,
             "round {round}: exactly one of {RACERS} concurrent lease requests is granted"
         );
-        release(store.as_ref(), id, &holders[0]).await;
+        release(node(nodes, 1).as_ref(), id, &holders[0]).await;
     }
 }
 

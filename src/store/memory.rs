@@ -89,4 +89,15 @@ mod tests {
         crate::store::conformance::leases(store.as_ref()).await;
         crate::store::conformance::concurrent_leases(store).await;
     }
+
+    /// The cross-node races can fail: two stores that share nothing both accept a destination.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[should_panic(expected = "concurrent creates for one destination")]
+    async fn races_across_stores_that_share_nothing_fail() {
+        let nodes = [
+            std::sync::Arc::new(MemoryStore::new()),
+            std::sync::Arc::new(MemoryStore::new()),
+        ];
+        crate::store::conformance::races_across(&nodes).await;
+    }
 }
