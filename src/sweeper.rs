@@ -42,14 +42,10 @@ impl Sweeper {
     /// Sweeps once.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
         let shared = &self.shared;
-        let timeout_ms =
-            u64::try_from(shared.config.session_timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms = handler::duration_ms(shared.config.session_timeout);
         let mut report = SweepReport::default();
         let cutoff = now_ms().saturating_sub(timeout_ms);
         for candidate in shared.store.list_idle(cutoff).await? {
-            if !is_expired(&candidate, now_ms(), timeout_ms) {
-                continue;
-            }
             let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
                 continue;
             };

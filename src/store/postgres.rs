@@ -32,7 +32,8 @@ const MIGRATE_LOCK: i64 = 0x6269_7473_6d69_6772;
 ///   `is_open`, `owner`, `updated_ms`) for the indexes. A partial unique index on
 ///   `destination` where `holds_destination` makes a second claim on a destination fail in
 ///   the same statement that would store it.
-/// * `bits_leases`: one row per held lease: `id`, `holder`, `expires` (`timestamptz`).
+/// * `bits_leases`: one row per held lease: `id`, `holder`, `expires` (`timestamptz`);
+///   `UNLOGGED`, since a lease needs no durability.
 /// * `bits_schema`: the schema versions applied (now `1`).
 ///
 /// # Sharing
