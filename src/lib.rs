@@ -70,6 +70,7 @@
 //! | `postgres` | `store::PostgresStore`, and `sqlx` re-exported |
 //! | `redis` | `store::RedisStore`, and `redis` re-exported |
 //! | `conformance` | `store::conformance`: the suite every [`SessionStore`](store::SessionStore) must pass |
+//! | `client` | `client::BitsClient`: an async BITS upload client (HTTPS with rustls), and `reqwest` re-exported |
 //!
 //! The memory and file stores and local staging are always compiled. A farm of nodes shares a
 //! PostgreSQL or Redis store and the upload root; see the README's "Running a farm".
@@ -77,6 +78,8 @@
 #![warn(clippy::unwrap_used)]
 
 mod body;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod completion;
 mod config;
 mod deferred;
@@ -116,6 +119,10 @@ pub use sweeper::{SweepReport, Sweeper};
 /// versions agree.
 #[cfg(feature = "redis")]
 pub use ::redis;
+/// The HTTP client the [`BitsClient`](client::BitsClient) uses, re-exported so that your
+/// versions agree (for [`BitsClientBuilder::http_client`](client::BitsClientBuilder::http_client)).
+#[cfg(feature = "client")]
+pub use ::reqwest;
 /// The SQL toolkit the [`SqliteStore`](store::SqliteStore) and
 /// [`PostgresStore`](store::PostgresStore) use, re-exported so that your versions agree (and
 /// so that you can enable its TLS features for a remote PostgreSQL).

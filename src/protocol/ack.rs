@@ -48,6 +48,74 @@ impl Hresult {
     pub fn http_error(status: StatusCode) -> Self {
         Self(0x8019_0000 + u32::from(status.as_u16()))
     }
+
+    /// The HTTP status a `BG_E_HTTP_ERROR_<status>` code relays, if this is one.
+    pub fn relayed_http_status(self) -> Option<StatusCode> {
+        let status = self.0.checked_sub(0x8019_0000)?;
+        u16::try_from(status)
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok())
+    }
+
+    /// The symbolic name of a code a BITS server sends or a BITS client reports, if known
+    /// (`BG_E_SESSION_NOT_FOUND`, `E_INVALIDARG`, ...).
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            0 => "S_OK",
+            0x8007_0057 => "E_INVALIDARG",
+            0x8007_0005 => "E_ACCESSDENIED",
+            0x8000_4005 => "E_FAIL",
+            0x8020_001F => "BG_E_SESSION_NOT_FOUND",
+            0x8020_0020 => "BG_E_TOO_LARGE",
+            0x8020_001B => "BG_E_INVALID_SERVER_RESPONSE",
+            0x8020_0022 => "BG_E_CLIENT_SERVER_PROTOCOL_MISMATCH",
+            0x8020_001D => "BG_E_LOCAL_FILE_CHANGED",
+            0x8007_0070 => "ERROR_DISK_FULL",
+            0x8007_0003 => "ERROR_PATH_NOT_FOUND",
+            0x8007_0020 => "ERROR_SHARING_VIOLATION",
+            0x8007_0045 => "ERROR_TOO_MANY_SESS",
+            0x8007_05B4 => "ERROR_TIMEOUT",
+            0x8007_0112 => "ERROR_TIMEOUT (as printed by MC-BUP)",
+            0x8007_0050 => "ERROR_FILE_EXISTS",
+            0x8007_045B => "ERROR_SHUTDOWN_IN_PROGRESS",
+            0x8007_00AA => "ERROR_BUSY",
+            _ if self.relayed_http_status().is_some() => "BG_E_HTTP_ERROR",
+            _ => return None,
+        })
+    }
+
+    /// What the code means, in a sentence a person can act on; `None` for unknown codes.
+    pub fn description(self) -> Option<String> {
+        let text = match self.0 {
+            0 => "no error",
+            0x8007_0057 => "the server rejected the request as invalid",
+            0x8007_0005 => {
+                "access denied: not allowed to write this URL, the file exists and may not be \
+                 overwritten, or BITS uploads are not enabled here"
+            }
+            0x8000_4005 => "the server failed for an unspecified reason",
+            0x8020_001F => "the server does not know the upload session (expired or lost)",
+            0x8020_0020 => "the file is larger than the server accepts",
+            0x8020_001B => "the server's answer did not follow the BITS protocol",
+            0x8020_0022 => "client and server have no upload protocol in common",
+            0x8020_001D => "the local file changed while it was being uploaded",
+            0x8007_0070 => "the server is out of disk space",
+            0x8007_0003 => "the destination folder does not exist on the server",
+            0x8007_0020 => "another upload to the same destination is in progress",
+            0x8007_0045 => "the server has too many upload sessions open",
+            0x8007_05B4 | 0x8007_0112 => "the server (or its application) did not finish in time",
+            0x8007_0050 => "the destination file already exists",
+            0x8007_045B => "the server is shutting down",
+            0x8007_00AA => "another server node is busy with this session",
+            _ => {
+                return self
+                    .relayed_http_status()
+                    .map(|s| format!("the server application answered HTTP {s}"));
+            }
+        };
+        Some(text.to_owned())
+    }
 }
 
 impl fmt::Display for Hresult {

@@ -2,7 +2,8 @@
 //!
 //! Everything in this module is pure: it takes [`http::request::Parts`] or header values and
 //! returns values. No I/O happens here, which is why it is public and fuzzed: a client
-//! implementation or a test harness can use the same parsers.
+//! implementation or a test harness can use the same parsers. [`ParsedAck`] reads a
+//! server's answer the way a client needs it.
 
 mod ack;
 mod error;
@@ -10,12 +11,14 @@ pub mod headers;
 mod method;
 mod packet;
 mod range;
+mod response;
 
 pub use ack::{Ack, ErrorContext, Hresult};
 pub use error::ProtocolError;
-pub use method::{BITS_POST, is_bits_post};
+pub use method::{BITS_POST, bits_post, is_bits_post};
 pub use packet::{CreateSession, Fragment, Packet, PacketType, SessionHeader, negotiate_protocol};
 pub use range::FragmentRange;
+pub use response::{AckParseError, ParsedAck};
 
 /// The one upload protocol that exists: "BITS 1.5 Upload Protocol", in its canonical braced form.
 pub const UPLOAD_PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";

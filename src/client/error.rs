@@ -1,0 +1,319 @@
+//! What can go wrong in an upload, and what to tell the person running it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::protocol::Hresult;
+
+/// Why an upload (or a single packet) failed.
+///
+/// Every variant's message is written for the person running the upload; a
+/// [`ServerError`] adds [`ServerError::hint`] with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The URL cannot be used for a BITS upload.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The server answered with an error that retrying will not fix, or with a transient one
+    /// for longer than the no-progress timeout.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// A session id to resume or cancel that cannot be sent in a header.
+    #[error("{0:?} is not a valid BITS session id")]
+    InvalidSessionId(String),
+    /// The server's answer does not follow the protocol (`BG_E_INVALID_SERVER_RESPONSE`).
+    #[error("{packet}: the server's answer ({status}) is not a valid BITS Ack: {reason}")]
+    InvalidResponse {
+        /// The packet that was answered.
+        packet: &'static str,
+        /// The answer's HTTP status.
+        status: StatusCode,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request did not get an answer: connection refused or reset, TLS failure, timeout.
+    #[error("{packet}: {source}")]
+    Transport {
+        /// The packet that was being sent.
+        packet: &'static str,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Transient failures went on for longer than the no-progress timeout.
+    #[error("no progress for {:.0?}; giving up. The last error: {last}", elapsed)]
+    NoProgress {
+        /// How long nothing moved.
+        elapsed: Duration,
+        /// The failure that ended it.
+        last: Box<Error>,
+    },
+    /// The server kept losing the session (`BG_E_SESSION_NOT_FOUND`) and the upload started
+    /// over more often than allowed.
+    #[error("the server lost the upload session {0} times; giving up")]
+    TooManyRestarts(u32),
+    /// The server answers 413 even to fragments of the smallest size a BITS client sends.
+    #[error(
+        "the server rejects fragments of {0} bytes as too large (413), and BITS does not go \
+         below 5 KiB"
+    )]
+    FragmentTooLarge(u64),
+    /// The server chose a protocol this client does not speak.
+    #[error("the server chose the unknown upload protocol {0:?}")]
+    ProtocolMismatch(String),
+    /// Reading the file (or stream) being uploaded failed.
+    #[error("reading {}: {source}", path.as_ref().map_or("the upload source".into(), |p| p.display().to_string()))]
+    Source {
+        /// The file, if the source is one.
+        path: Option<PathBuf>,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's size or modification time changed after the upload began
+    /// (`BG_E_LOCAL_FILE_CHANGED`).
+    #[error("{} changed while it was being uploaded", path.display())]
+    LocalFileChanged {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The server asked for bytes a stream source has already passed.
+    #[error(
+        "the server asked for byte {offset} again, but the stream being uploaded is already \
+         past byte {position} and cannot go back (upload a file to allow that)"
+    )]
+    NotRewindable {
+        /// The byte the server expects next.
+        offset: u64,
+        /// The first byte the stream can still provide.
+        position: u64,
+    },
+    /// A reply was asked for, but the final Ack carried no `BITS-Reply-URL`. The upload itself
+    /// completed and the session was closed.
+    #[error(
+        "the upload completed, but the server sent no BITS-Reply-URL: this URL is not set up \
+         for upload-reply jobs"
+    )]
+    NoReplyUrl,
+    /// The reply is larger than the in-memory limit.
+    #[error("the reply is larger than the {limit} bytes allowed in memory")]
+    ReplyTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// Writing the reply to its file failed.
+    #[error("writing the reply to {}: {source}", path.display())]
+    ReplyWrite {
+        /// The reply file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upload was cancelled; the server was sent Cancel-Session.
+    #[error("the upload was cancelled")]
+    Cancelled,
+    /// The HTTP client could not be built (TLS setup, an invalid certificate, ...).
+    #[error("building the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+impl Error {
+    /// The server's error, if this is one (also inside [`Error::NoProgress`]).
+    pub fn server_error(&self) -> Option<&ServerError> {
+        match self {
+            Self::Server(e) => Some(e),
+            Self::NoProgress { last, .. } => last.server_error(),
+            _ => None,
+        }
+    }
+
+    /// The `BITS-Error-Code` the server sent, if any.
+    pub fn code(&self) -> Option<Hresult> {
+        self.server_error().and_then(ServerError::code)
+    }
+}
+
+/// An error answer from the server (or from something in front of it, when
+/// [`ServerError::is_ack`] is false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub(crate) packet: &'static str,
+    pub(crate) status: StatusCode,
+    pub(crate) code: Option<Hresult>,
+    pub(crate) context: Option<u32>,
+    pub(crate) is_ack: bool,
+    pub(crate) transient: bool,
+}
+
+impl ServerError {
+    /// The packet (or `reply download`) that was answered.
+    pub fn packet(&self) -> &'static str {
+        self.packet
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// `BITS-Error-Code`.
+    pub fn code(&self) -> Option<Hresult> {
+        self.code
+    }
+
+    /// `BITS-Error-Context`: 5 when the BITS server itself failed, 7 when its application did.
+    pub fn context(&self) -> Option<u32> {
+        self.context
+    }
+
+    /// Whether the answer was a BITS Ack. If not, it came from a proxy, an authentication
+    /// layer, or a web server that does not handle BITS at this URL.
+    pub fn is_ack(&self) -> bool {
+        self.is_ack
+    }
+
+    /// Whether the protocol counts this error as transient (worth retrying later).
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
+    /// What the error most likely means and what to do about it.
+    pub fn hint(&self) -> String {
+        if let Some(text) = self.code.and_then(Hresult::description) {
+            let code = self.code.unwrap_or(Hresult::S_OK);
+            return match (code, self.status.as_u16()) {
+                (Hresult::E_ACCESSDENIED, 501) => {
+                    "BITS uploads are not enabled for this URL on the server".into()
+                }
+                (Hresult::E_ACCESSDENIED, _) => format!(
+                    "{text}; check the URL, your credentials, and whether the server allows \
+                     overwriting"
+                ),
+                (Hresult::E_INVALIDARG, _) => format!(
+                    "{text} (a path that names a folder, a changed file size, or a server that \
+                     dislikes this client's headers)"
+                ),
+                _ => text,
+            };
+        }
+        match self.status.as_u16() {
+            401 => "the server wants credentials: pass a user name and password (Basic) or an \
+                    Authorization header"
+                .into(),
+            407 => "the proxy wants credentials".into(),
+            404 if !self.is_ack => {
+                "the URL does not exist on the server (or BITS uploads are not enabled there)"
+                    .into()
+            }
+            405 | 501 if !self.is_ack => {
+                "the server does not accept BITS_POST at this URL: BITS uploads are not enabled \
+                 there"
+                    .into()
+            }
+            300..=399 => "the server redirects; BITS uploads do not follow redirects, so use \
+                          the final URL"
+                .into(),
+            _ if !self.is_ack => "the answer is not a BITS Ack: a proxy, a load balancer, or a \
+                                  web server without BITS answered"
+                .into(),
+            _ if self.transient => "a temporary server-side failure".into(),
+            _ => "the server refused the request".into(),
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: the server answered {}", self.packet, self.status)?;
+        match self.code {
+            Some(code) => {
+                write!(f, " with BITS-Error-Code {code}")?;
+                if let Some(name) = code.name() {
+                    write!(f, " ({name})")?;
+                }
+                match self.context {
+                    Some(7) => f.write_str(" from the server's application")?,
+                    Some(5) | None => {}
+                    Some(other) => write!(f, ", context {other:#x}")?,
+                }
+            }
+            None if !self.is_ack => f.write_str(" (not a BITS Ack)")?,
+            None => {}
+        }
+        write!(f, ": {}", self.hint())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status: u16, code: Option<u32>, context: Option<u32>, is_ack: bool) -> ServerError {
+        ServerError {
+            packet: "Fragment",
+            status: StatusCode::from_u16(status).unwrap(),
+            code: code.map(Hresult),
+            context,
+            is_ack,
+            transient: false,
+        }
+    }
+
+    #[test]
+    fn messages_name_the_code_and_say_what_to_do() {
+        let too_large = server(500, Some(0x8020_0020), Some(5), true).to_string();
+        assert!(
+            too_large.contains("0x80200020 (BG_E_TOO_LARGE)"),
+            "{too_large}"
+        );
+        assert!(
+            too_large.contains("larger than the server accepts"),
+            "{too_large}"
+        );
+
+        let disabled = server(501, Some(0x8007_0005), Some(5), true).to_string();
+        assert!(disabled.contains("not enabled"), "{disabled}");
+
+        let denied = server(403, Some(0x8007_0005), Some(5), true).to_string();
+        assert!(denied.contains("overwriting"), "{denied}");
+
+        let app = server(500, Some(0x8019_01F4), Some(7), true).to_string();
+        assert!(app.contains("from the server's application"), "{app}");
+        assert!(app.contains("answered HTTP 500"), "{app}");
+
+        let proxy = server(502, None, None, false).to_string();
+        assert!(proxy.contains("not a BITS Ack"), "{proxy}");
+
+        let auth = server(401, None, None, false).to_string();
+        assert!(auth.contains("credentials"), "{auth}");
+
+        let method = server(405, None, None, false).hint();
+        assert!(method.contains("BITS_POST"), "{method}");
+
+        let unknown = server(500, Some(0x1234_5678), Some(0x9), true).to_string();
+        assert!(unknown.contains("0x12345678"), "{unknown}");
+        assert!(unknown.contains("context 0x9"), "{unknown}");
+    }
+
+    #[test]
+    fn code_is_found_through_no_progress() {
+        let e = Error::NoProgress {
+            elapsed: Duration::from_secs(1),
+            last: Box::new(Error::Server(server(503, Some(0x8007_00AA), Some(5), true))),
+        };
+        assert_eq!(e.code(), Some(Hresult::BUSY));
+        assert!(Error::Cancelled.code().is_none());
+    }
+}
