@@ -41,7 +41,7 @@ pub enum Error {
         reason: String,
     },
     /// The request did not get an answer: connection refused or reset, TLS failure, timeout.
-    #[error("{packet}: {source}")]
+    #[error("{packet}: {}", with_causes(source))]
     Transport {
         /// The packet that was being sent.
         packet: &'static str,
@@ -125,6 +125,22 @@ pub enum Error {
     /// The HTTP client could not be built (TLS setup, an invalid certificate, ...).
     #[error("building the HTTP client: {0}")]
     Build(#[source] reqwest::Error),
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message hides the cause, such as
+/// "connection refused").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 impl Error {
