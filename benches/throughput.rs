@@ -1,44 +1,118 @@
-//! Upload throughput and server memory: the BITS layer against a plain streaming handler.
+//! The benchmark program of axum-bits: the BITS layer against a plain axum handler that
+//! streams POST bodies to a file, in four parts, each against a target of the performance
+//! issue. One run prints every part's table and ends with a summary: one line per target with
+//! the measured value, the target and PASS or MISS.
 //!
 //! ```text
-//! cargo bench --bench throughput                    # 1 GiB, one run
-//! cargo bench --bench throughput -- --runs 3        # three runs and their spread
-//! cargo bench --bench throughput -- --quick         # 64 MiB (CI)
-//! cargo bench --bench throughput -- --mib 256       # any size, in 8 MiB steps
+//! cargo bench --bench throughput                    # the full run (all four parts)
+//! cargo bench --bench throughput -- --quick         # a CI-sized run of every part and code path
+//! cargo bench --bench throughput -- --only a,c      # some of the parts
+//! cargo bench --bench throughput -- --runs 3        # (a) and (b) three times, with their spread
+//! cargo bench --bench throughput -- --help          # every flag
 //! ```
 //!
+//! # Common set-up
+//!
 //! Each server runs in a child process (this program re-executed with
-//! `AXUM_BITS_BENCH_SERVER=bits|baseline`), so its peak RSS (`VmHWM` in `/proc/<pid>/status`)
-//! is its own. Both listen on 127.0.0.1, on an ephemeral port they print on stdout, and run a
-//! default multi-threaded tokio runtime. The client lives in this process and sends every
-//! request body from one pre-generated 8 MiB buffer (`Bytes` clones, no copies), one request
-//! at a time over a kept-alive connection, as the Windows BITS client does.
+//! `AXUM_BITS_BENCH_SERVER=bits|baseline`), started fresh for every measurement, so its peak
+//! RSS (`VmHWM` in `/proc/<pid>/status`) and its CPU time (`utime + stime` in
+//! `/proc/<pid>/stat`) are that measurement's own. Both servers are `axum::serve` (no
+//! connection cap) on an ephemeral 127.0.0.1 port, on a default multi-threaded tokio runtime.
+//! The clients live in this process and send every body from one pre-generated 8 MiB buffer of
+//! incompressible bytes (`Bytes` slices, no copies).
 //!
-//! * **bits**: `BitsLayer::builder(root).max_upload_size(..)` with the default `FileStore` and
-//!   `LocalStaging`; Create-Session, one 8 MiB Fragment after another, Close-Session. The
-//!   clock runs from Create-Session to the Close-Session Ack, which includes the commit (an
-//!   fsync of the part file, a link into place and an fsync of the folder; by default it
-//!   runs with the last Fragment). "final s" is the time from the last Fragment's start to
-//!   the end.
-//! * **baseline**: an axum handler that opens the file in append mode and writes each body
-//!   frame with `tokio::fs::File`. The same 8 MiB POSTs go to it. It is measured twice: as is
-//!   (data left in the page cache) and with an fsync after the last POST, which is the
-//!   durability point the BITS commit reaches and so the fair comparison.
+//! * **bits**: `BitsLayer::builder(root).max_upload_size(1 TiB)` with the default `FileStore`,
+//!   `LocalStaging` and commit point (the commit, an fsync of the part file, a link into place
+//!   and an fsync of the folder, runs with the last Fragment). An upload is Create-Session,
+//!   the Fragments one after another, Close-Session, on one kept-alive connection, as the
+//!   Windows client does. For part (c) `max_sessions` and `max_sessions_per_owner` are raised
+//!   to twice the number of sessions.
+//! * **baseline**: an axum handler that opens `root/<name>` in append mode and writes each
+//!   body frame with `tokio::fs::File`; the same POSTs, one after another on one kept-alive
+//!   connection. With the header `x-bench-fsync` it fsyncs the file after the body.
 //!
-//! Before each measurement the same number of bytes is written to a scratch file and deleted,
-//! untimed, so that no server pays for faulting in fresh page-cache memory (which is slow on
-//! VMs that hand idle memory back to the host; `--no-warm-up` skips it).
+//! Before each measurement of (a), (b) and (d) as many bytes as the measurement uploads are
+//! written to a scratch file and deleted, untimed, so that no server pays for faulting in
+//! fresh page-cache memory (slow on VMs that hand idle memory back to the host;
+//! `--no-warm-up` skips it). After each measurement every uploaded file is read back and
+//! compared with what was sent. Files go to a temporary folder under `$AXUM_BITS_BENCH_DIR`
+//! (default: the system temp folder; it should be on a real disk, not tmpfs) and are removed
+//! after each measurement. With `AXUM_BITS_BENCH_SYNC_DATA=1` the bits server runs with
+//! `sync_data(true)` (an fsync of the fragment's data and of its session record before every
+//! Ack). MB = 10^6 bytes; RSS in MiB.
 //!
-//! With `AXUM_BITS_BENCH_SYNC_DATA=1` the bits server runs with `sync_data(true)` (an fsync of
-//! the fragment's data and of its session record before every Ack).
+//! # (a) Large fragments: MB/s
 //!
-//! Files go to a temporary folder under `$AXUM_BITS_BENCH_DIR` (default: the system temp
-//! folder; it should be on a real disk, not tmpfs) and are removed after each measurement.
+//! One 1 GiB upload (`--mib`; `--quick`: 64 MiB) in 8 MiB requests, by the bits server and by
+//! the baseline. MB/s = bytes / (first request sent .. last response received); for bits that
+//! is Create-Session .. Close-Session Ack, and "final s" is the time from the start of the
+//! last Fragment to the end (it includes the commit). Target: bits / baseline >= 0.95 against
+//! the baseline as is (data left in the page cache). The baseline with an fsync after the last
+//! POST, the durability point the bits commit reaches, is an extra row for context.
+//!
+//! # (b) Small fragments: requests per second
+//!
+//! One sequential upload of 4,096 Fragments of 64 KiB (256 MiB; `--b-fragments`; `--quick`:
+//! 512) to the bits server, in fragments per second = fragments / (Create-Session .. Close-Session
+//! Ack), against as many sequential 64 KiB POSTs to the baseline, in POSTs per second = POSTs /
+//! (first sent .. last answered). Target: bits / baseline >= 0.70. Extra row: the same number
+//! of requests split over 8 concurrent uploads / POST streams (`--b-streams`), each on its own
+//! connection, rate = all requests / wall time. "srv CPU us/req" is the server process's CPU
+//! time divided by the requests.
+//!
+//! # (c) 1,000 concurrent sessions: Ack latency
+//!
+//! A closed loop that keeps 1,000 requests in flight has, by Little's law, a latency of 1,000 /
+//! throughput (about a second on two cores) whatever the server does, so the clients are paced
+//! like real BITS clients behind WAN links. 1,000 client tasks (`--c-sessions`; `--quick`:
+//! 100), each with its own HTTP/1.1 connection (hyper's connection-level client), arrive
+//! spread uniformly over a 1 s ramp (`--c-ramp-ms`; `--quick`: 200). Each connects, sends
+//! Create-Session, then its 1 MiB (`--c-size-kib`; `--quick`: 256) as Fragments of 256 KiB
+//! (`--c-fragment-kib`; `--quick`: 64) whose bodies are streamed at 512 KiB/s
+//! (`--c-rate-kib`): 16 KiB chunks released on a tokio sleep schedule, the k-th chunk k x 16
+//! KiB / rate after the body is first polled. Then Close-Session. The client runs on a
+//! two-thread tokio runtime.
+//!
+//! The Ack latency of a packet is the time from the moment the request was fully handed to the
+//! connection (for Create-Session and Close-Session, just before the request is sent; for a
+//! Fragment, when its paced body yields its last chunk) until the response head has been
+//! parsed. Every packet's latency is recorded; p50, p99 and max are over all packets (nearest
+//! rank), also shown per packet type, the last Fragment (whose Ack waits for the commit)
+//! apart from the others. "peak open" is the most sessions open at once as the clients see
+//! them (from the Create-Session Ack to the Close-Session Ack), to show that the sessions did
+//! overlap (if the server falls behind, later sessions start after earlier ones ended and it
+//! is lower); total time runs from the first Create-Session sent to the last Close-Session
+//! Ack. Client and server CPU seconds show how busy the machine was. Any non-200 answer,
+//! transport error, wrong `BITS-Received-Content-Range` or file that does not match what was
+//! sent is an error (the first few are printed), and that session stops there. Targets: no
+//! errors, p99 < 100 ms. The server needs about two file descriptors per session (its socket,
+//! the part file of a fragment in flight): the program stops with a clear message if
+//! `ulimit -n` is too low. With `--c-baseline` the same clients also send the same paced
+//! fragments as plain POSTs (no Create or Close) to a fresh baseline server, for context: what
+//! the load itself costs on the machine.
+//!
+//! # (d) Memory: peak RSS does not grow with the upload
+//!
+//! The bits server's peak RSS (`VmHWM`) for one 1 GiB upload (the same size as (a), whose bits
+//! measurement it reuses when (a) runs) and for one 4 GiB upload (`--d-mib`; `--quick`: 64 MiB
+//! and 256 MiB), in 8 MiB Fragments, each in a fresh server process. The free space of the
+//! bench folder is checked (with `df`) before the large upload. Targets: both < 64 MiB, and
+//! large / small within 0.90 ..= 1.10.
+//!
+//! # Exit status
+//!
+//! 0 when every selected part ran without an error, whether or not its targets were met
+//! (timings on a shared machine are noisy; the summary says PASS or MISS); 1 when a part could
+//! not run (a server or disk error, a wrong file) or (c) saw any error; 2 for bad arguments.
 
+use std::convert::Infallible;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -48,17 +122,26 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_bits::BitsLayer;
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// Size of every fragment / POST body.
+/// Size of every fragment / POST body in (a) and (d), and of the payload buffer.
 const FRAGMENT: usize = 8 << 20;
+/// Size of every fragment / POST body in (b).
+const SMALL_FRAGMENT: usize = 64 << 10;
+/// The chunks a paced body of (c) yields.
+const PACE_CHUNK: usize = 16 << 10;
 /// Selects the server role in a child process.
 const ROLE_ENV: &str = "AXUM_BITS_BENCH_SERVER";
 /// The upload root of a child server.
 const ROOT_ENV: &str = "AXUM_BITS_BENCH_ROOT";
 /// `1`: the bits server fsyncs every fragment and record before its Ack (`sync_data(true)`).
 const SYNC_DATA_ENV: &str = "AXUM_BITS_BENCH_SYNC_DATA";
+/// Raises the bits server's `max_sessions` and `max_sessions_per_owner` to this.
+const MAX_SESSIONS_ENV: &str = "AXUM_BITS_BENCH_MAX_SESSIONS";
 /// Where the temporary upload roots are made.
 const DIR_ENV: &str = "AXUM_BITS_BENCH_DIR";
 /// A child announces its port with this line.
@@ -67,8 +150,10 @@ const PORT_LINE: &str = "listening on port ";
 const FSYNC_HEADER: &str = "x-bench-fsync";
 /// The one upload protocol.
 const PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
-/// Name of the uploaded file under each root.
-const FILE_NAME: &str = "upload.bin";
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on every Linux port).
+const USER_HZ: f64 = 100.0;
+/// How many errors of (c) are printed.
+const SHOWN_ERRORS: usize = 5;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -83,39 +168,89 @@ fn main() -> ExitCode {
         };
     }
     let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
             eprintln!("{message}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
-    match run(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("benchmark failed: {e}");
-            ExitCode::FAILURE
-        }
+    let started = Instant::now();
+    let summary = run(&options);
+    summary.print(started.elapsed());
+    if summary.failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
-const USAGE: &str = "usage: throughput [--quick] [--mib N] [--runs N] [--no-warm-up]
-  --quick       upload 64 MiB instead of 1024 MiB (CI)
-  --mib N       upload N MiB (a multiple of 8)
-  --runs N      repeat the whole measurement N times and print the spread (default 1)
-  --no-warm-up  skip the untimed page-cache warm-up before each measurement";
+const USAGE: &str =
+    "usage: throughput [--quick] [--only a,b,c,d] [--runs N] [--no-warm-up] [part flags]
+  --quick               a CI-sized run of every part (sizes below in brackets)
+  --only LIST           run only these parts, e.g. a,c (default: a,b,c,d)
+  --runs N              repeat (a) and (b) N times and print the spread (default 1)
+  --no-warm-up          skip the untimed page-cache warm-up before each measurement
+  --mib N               (a) upload size in MiB, a multiple of 8; also the small upload of (d)
+                        (default 1024 [64])
+  --b-fragments N       (b) 64 KiB fragments / POSTs per measurement (default 4096 [512])
+  --b-streams N         (b) concurrent uploads / POST streams of the extra row (default 8)
+  --c-sessions N        (c) concurrent sessions (default 1000 [100])
+  --c-size-kib N        (c) upload size per session in KiB (default 1024 [256])
+  --c-fragment-kib N    (c) fragment size in KiB, at most 8192 (default 256 [64])
+  --c-rate-kib N        (c) per-client body rate in KiB/s (default 512)
+  --c-ramp-ms N         (c) arrivals spread over this many ms (default 1000 [200])
+  --c-baseline          (c) also send the same paced load as plain POSTs to the baseline
+  --d-mib N             (d) large upload size in MiB, a multiple of 8 (default 4096 [256])";
+
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    a: bool,
+    b: bool,
+    c: bool,
+    d: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CConfig {
+    sessions: usize,
+    size: u64,
+    fragment: u64,
+    /// Bytes per second of each client's bodies.
+    rate: u64,
+    ramp: Duration,
+}
 
 #[derive(Debug)]
 struct Options {
-    total: u64,
+    quick: bool,
+    parts: Parts,
     runs: usize,
     warm_up: bool,
+    a_total: u64,
+    b_fragments: u64,
+    b_streams: usize,
+    c: CConfig,
+    /// Also run (c)'s load as plain POSTs against the baseline, for context.
+    c_baseline: bool,
+    d_total: u64,
 }
 
 impl Options {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Self, String> {
-        let mut mib: u64 = 1024;
+    /// `None` for `--help`.
+    fn parse(args: impl Iterator<Item = String>) -> Result<Option<Self>, String> {
+        let mut quick = false;
+        let mut parts = None;
         let mut runs = 1;
         let mut warm_up = true;
+        let mut c_baseline = false;
+        let (mut mib, mut b_fragments, mut b_streams) = (None, None, None);
+        let (mut c_sessions, mut c_size, mut c_fragment, mut c_rate, mut c_ramp) =
+            (None, None, None, None, None);
+        let mut d_mib = None;
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
@@ -127,22 +262,93 @@ impl Options {
             match arg.as_str() {
                 // Passed by `cargo bench`.
                 "--bench" => {}
-                "--quick" => mib = 64,
+                "--help" | "-h" => return Ok(None),
+                "--quick" => quick = true,
                 "--no-warm-up" => warm_up = false,
-                "--mib" => mib = value("--mib")?,
-                "--runs" => runs = usize::try_from(value("--runs")?).map_err(|e| e.to_string())?,
+                "--c-baseline" => c_baseline = true,
+                "--only" => {
+                    let list = args.next().ok_or("--only needs a list such as a,c")?;
+                    parts = Some(parse_parts(&list)?);
+                }
+                "--runs" => runs = to_usize(value("--runs")?)?,
+                "--mib" => mib = Some(value("--mib")?),
+                "--b-fragments" => b_fragments = Some(value("--b-fragments")?),
+                "--b-streams" => b_streams = Some(to_usize(value("--b-streams")?)?),
+                "--c-sessions" => c_sessions = Some(to_usize(value("--c-sessions")?)?),
+                "--c-size-kib" => c_size = Some(value("--c-size-kib")?),
+                "--c-fragment-kib" => c_fragment = Some(value("--c-fragment-kib")?),
+                "--c-rate-kib" => c_rate = Some(value("--c-rate-kib")?),
+                "--c-ramp-ms" => c_ramp = Some(value("--c-ramp-ms")?),
+                "--d-mib" => d_mib = Some(value("--d-mib")?),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
-        if mib % 8 != 0 {
-            return Err("--mib must be a multiple of 8".into());
+        let pick =
+            |set: Option<u64>, full: u64, ci: u64| set.unwrap_or(if quick { ci } else { full });
+        let mib = pick(mib, 1024, 64);
+        let d_mib = pick(d_mib, 4096, 256);
+        if mib % 8 != 0 || d_mib % 8 != 0 {
+            return Err("--mib and --d-mib must be multiples of 8".into());
         }
-        Ok(Self {
-            total: mib << 20,
+        let b_fragments = pick(b_fragments, 4096, 512);
+        let b_streams = b_streams.unwrap_or(8);
+        if b_fragments < b_streams as u64 {
+            return Err("--b-fragments must be at least --b-streams".into());
+        }
+        let c = CConfig {
+            sessions: c_sessions.unwrap_or(if quick { 100 } else { 1000 }),
+            size: pick(c_size, 1024, 256) << 10,
+            fragment: pick(c_fragment, 256, 64) << 10,
+            rate: c_rate.unwrap_or(512) << 10,
+            ramp: Duration::from_millis(pick(c_ramp, 1000, 200)),
+        };
+        if c.fragment > FRAGMENT as u64 {
+            return Err(format!(
+                "--c-fragment-kib must be at most {}",
+                FRAGMENT >> 10
+            ));
+        }
+        Ok(Some(Self {
+            quick,
+            parts: parts.unwrap_or(Parts {
+                a: true,
+                b: true,
+                c: true,
+                d: true,
+            }),
             runs,
             warm_up,
-        })
+            a_total: mib << 20,
+            b_fragments,
+            b_streams,
+            c,
+            c_baseline,
+            d_total: d_mib << 20,
+        }))
     }
+}
+
+fn to_usize(v: u64) -> Result<usize, String> {
+    usize::try_from(v).map_err(|e| e.to_string())
+}
+
+fn parse_parts(list: &str) -> Result<Parts, String> {
+    let mut parts = Parts {
+        a: false,
+        b: false,
+        c: false,
+        d: false,
+    };
+    for part in list.split(',').map(str::trim) {
+        match part {
+            "a" => parts.a = true,
+            "b" => parts.b = true,
+            "c" => parts.c = true,
+            "d" => parts.d = true,
+            other => return Err(format!("unknown part {other:?} in --only (a, b, c or d)")),
+        }
+    }
+    Ok(parts)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -157,13 +363,16 @@ fn serve(role: &str) -> Result<(), Error> {
         let app = match role {
             "bits" => {
                 let sync_data = std::env::var_os(SYNC_DATA_ENV).is_some_and(|v| v == "1");
-                let bits = BitsLayer::builder(&root)
+                let mut builder = BitsLayer::builder(&root)
                     .max_upload_size(1 << 40)
-                    .sync_data(sync_data)
-                    .build()?;
+                    .sync_data(sync_data);
+                if let Ok(limit) = std::env::var(MAX_SESSIONS_ENV) {
+                    let limit: usize = limit.parse()?;
+                    builder = builder.max_sessions(limit).max_sessions_per_owner(limit);
+                }
                 Router::new()
                     .route("/", get(|| async { "axum-bits benchmark server" }))
-                    .layer(bits)
+                    .layer(builder.build()?)
             }
             "baseline" => Router::new()
                 .route("/{name}", post(baseline_upload))
@@ -216,7 +425,108 @@ async fn baseline_upload(
 }
 
 // ------------------------------------------------------------------------------------------
-// Parent: the client and the report.
+// Parent: the parts and the summary.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Miss,
+    Error,
+}
+
+struct Line {
+    name: String,
+    measured: String,
+    target: String,
+    status: Status,
+}
+
+#[derive(Default)]
+struct Summary {
+    lines: Vec<Line>,
+    failed: bool,
+}
+
+impl Summary {
+    fn target(&mut self, name: String, measured: String, target: &str, pass: bool) {
+        self.lines.push(Line {
+            name,
+            measured,
+            target: target.to_owned(),
+            status: if pass { Status::Pass } else { Status::Miss },
+        });
+    }
+
+    fn error(&mut self, part: &str, error: &Error) {
+        println!("  part ({part}) FAILED: {}", chain(error.as_ref()));
+        self.lines.push(Line {
+            name: format!("({part}) did not complete"),
+            measured: "error (see above)".into(),
+            target: "-".into(),
+            status: Status::Error,
+        });
+        self.failed = true;
+    }
+
+    fn print(&self, elapsed: Duration) {
+        println!();
+        println!("summary ({:.0} s in all)", elapsed.as_secs_f64());
+        println!("{:<50} {:>30} {:>22}  result", "what", "measured", "target");
+        println!("{}", "-".repeat(112));
+        for line in &self.lines {
+            let status = match line.status {
+                Status::Pass => "PASS",
+                Status::Miss => "MISS",
+                Status::Error => "ERROR",
+            };
+            println!(
+                "{:<50} {:>30} {:>22}  {status}",
+                line.name, line.measured, line.target
+            );
+        }
+        if self.failed {
+            println!("errors occurred: exit status 1");
+        }
+    }
+}
+
+fn run(options: &Options) -> Summary {
+    let mut summary = Summary::default();
+    let payload = Bytes::from(pseudo_random(FRAGMENT));
+    let base = std::env::var_os(DIR_ENV).map_or_else(std::env::temp_dir, PathBuf::from);
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "axum-bits benchmark{}: client in this process, each server in a child process of its \
+         own, all on 127.0.0.1 ({cores} cores); files under {}",
+        if options.quick { " (--quick)" } else { "" },
+        base.display()
+    );
+    println!("MB = 10^6 bytes; RSS in MiB (idle: after start-up, peak: VmHWM after the upload)");
+
+    let mut a_bits = None;
+    if options.parts.a {
+        match part_a(options, &payload, &base, &mut summary) {
+            Ok(bits) => a_bits = Some(bits),
+            Err(e) => summary.error("a", &e),
+        }
+    }
+    if options.parts.b {
+        if let Err(e) = part_b(options, &payload, &base, &mut summary) {
+            summary.error("b", &e);
+        }
+    }
+    if options.parts.c {
+        if let Err(e) = part_c(options, &payload, &base, &mut summary) {
+            summary.error("c", &e);
+        }
+    }
+    if options.parts.d {
+        if let Err(e) = part_d(options, &payload, &base, a_bits, &mut summary) {
+            summary.error("d", &e);
+        }
+    }
+    summary
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -226,8 +536,6 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Self; 3] = [Self::Bits, Self::Baseline, Self::BaselineFsync];
-
     fn label(self) -> &'static str {
         match self {
             Self::Bits => "bits (FileStore + LocalStaging)",
@@ -244,14 +552,36 @@ impl Scenario {
     }
 }
 
+/// `streams` uploads at once, each `per_stream` requests with `fragment` as the body.
+struct Workload {
+    fragment: Bytes,
+    per_stream: u64,
+    streams: usize,
+}
+
+impl Workload {
+    fn stream_bytes(&self) -> u64 {
+        self.fragment.len() as u64 * self.per_stream
+    }
+
+    fn total(&self) -> u64 {
+        self.stream_bytes() * self.streams as u64
+    }
+
+    fn requests(&self) -> u64 {
+        self.per_stream * self.streams as u64
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Measurement {
     secs: f64,
-    /// For the BITS server: from the start of the last Fragment to the Close-Session Ack,
-    /// which covers the commit (by default it runs with the last Fragment).
+    /// For the BITS server: from the start of the last Fragment to the Close-Session Ack
+    /// (the longest over the streams), which covers the commit.
     final_secs: Option<f64>,
     idle_rss_kib: u64,
     peak_rss_kib: u64,
+    server_cpu_secs: f64,
 }
 
 impl Measurement {
@@ -260,186 +590,321 @@ impl Measurement {
     }
 }
 
-fn run(options: &Options) -> Result<(), Error> {
-    let payload = Bytes::from(pseudo_random(FRAGMENT));
-    let base = std::env::var_os(DIR_ENV).map_or_else(std::env::temp_dir, PathBuf::from);
+// ---- (a)
 
-    println!(
-        "axum-bits throughput: {} MiB per upload in {} MiB requests, {} run(s); \
-         client in this process, each server in its own process, all on 127.0.0.1; files under {}",
-        options.total >> 20,
-        FRAGMENT >> 20,
-        options.runs,
-        base.display()
-    );
-    println!("MB = 10^6 bytes; RSS in MiB (idle: after start-up, peak: VmHWM after the upload)");
+/// (a); returns the bits measurement whose peak RSS is the median, for (d).
+fn part_a(
+    options: &Options,
+    payload: &Bytes,
+    base: &Path,
+    summary: &mut Summary,
+) -> Result<Measurement, Error> {
+    let total = options.a_total;
+    let work = Workload {
+        fragment: payload.clone(),
+        per_stream: total / FRAGMENT as u64,
+        streams: 1,
+    };
     println!();
-    print_header();
-
+    println!(
+        "(a) one {} MiB upload in {} MiB requests, one kept-alive connection; {} run(s)",
+        total >> 20,
+        FRAGMENT >> 20,
+        options.runs
+    );
+    println!(
+        "{:>3}  {:<32} {:>9} {:>8} {:>8} {:>10} {:>9} {:>9}",
+        "run", "server", "MB/s", "time s", "final s", "srv CPU s", "idle RSS", "peak RSS"
+    );
+    println!("{}", "-".repeat(96));
+    const ALL: [Scenario; 3] = [Scenario::Bits, Scenario::Baseline, Scenario::BaselineFsync];
     let mut results: Vec<[Measurement; 3]> = Vec::with_capacity(options.runs);
     for run in 1..=options.runs {
-        let mut row = Vec::with_capacity(3);
-        for scenario in Scenario::ALL {
-            let m = measure(scenario, options, &payload, &base)?;
-            print_row(&run.to_string(), scenario, &m, options.total);
-            row.push(m);
+        let mut row = [None; 3];
+        for (slot, scenario) in row.iter_mut().zip(ALL) {
+            let m = measure(scenario, &work, base, options.warm_up.then_some(payload))?;
+            print_a_row(&run.to_string(), scenario, &m, total);
+            *slot = Some(m);
         }
-        let row: [Measurement; 3] = row.try_into().expect("three scenarios");
-        print_ratio(&row, options.total);
-        results.push(row);
+        let [Some(bits), Some(plain), Some(fsync)] = row else {
+            return Err("a scenario was not measured".into());
+        };
+        let b = bits.mb_per_sec(total);
+        println!(
+            "{:>3}  ratio bits / baseline: {:.2}x vs no fsync (headline), {:.2}x vs fsync at end",
+            "",
+            b / plain.mb_per_sec(total),
+            b / fsync.mb_per_sec(total)
+        );
+        results.push([bits, plain, fsync]);
     }
 
+    let speeds =
+        |i: usize| -> Vec<f64> { results.iter().map(|r| r[i].mb_per_sec(total)).collect() };
+    let ratios: Vec<f64> = results
+        .iter()
+        .map(|r| r[0].mb_per_sec(total) / r[1].mb_per_sec(total))
+        .collect();
     if options.runs > 1 {
-        println!();
         println!("spread over {} runs (min / median / max)", options.runs);
-        for (i, scenario) in Scenario::ALL.into_iter().enumerate() {
-            let speeds: Vec<f64> = results
-                .iter()
-                .map(|r| r[i].mb_per_sec(options.total))
-                .collect();
+        for (i, scenario) in ALL.into_iter().enumerate() {
             let peaks: Vec<f64> = results.iter().map(|r| mib(r[i].peak_rss_kib)).collect();
             println!(
-                "  {:<32} MB/s {}   peak RSS MiB {}",
+                "     {:<32} MB/s {}   peak RSS MiB {}",
                 scenario.label(),
-                spread(&speeds, 0),
+                spread(&speeds(i), 0),
                 spread(&peaks, 1)
             );
         }
-        let ratios: Vec<f64> = results
+        let fsync_ratios: Vec<f64> = results
             .iter()
-            .map(|r| r[0].mb_per_sec(options.total) / r[2].mb_per_sec(options.total))
-            .collect();
-        let raw_ratios: Vec<f64> = results
-            .iter()
-            .map(|r| r[0].mb_per_sec(options.total) / r[1].mb_per_sec(options.total))
+            .map(|r| r[0].mb_per_sec(total) / r[2].mb_per_sec(total))
             .collect();
         println!(
-            "  {:<32} {}",
-            "ratio bits / baseline (fsync)",
+            "     {:<32} {}",
+            "ratio bits / baseline (no fsync)",
             spread(&ratios, 2)
         );
         println!(
-            "  {:<32} {}",
-            "ratio bits / baseline (no fsync)",
-            spread(&raw_ratios, 2)
+            "     {:<32} {}",
+            "ratio bits / baseline (fsync)",
+            spread(&fsync_ratios, 2)
         );
     }
-    Ok(())
-}
-
-fn print_header() {
-    println!(
-        "{:>3}  {:<32} {:>9} {:>8} {:>8} {:>9} {:>9}",
-        "run", "server", "MB/s", "time s", "final s", "idle RSS", "peak RSS"
+    let ratio = median(&ratios);
+    summary.target(
+        format!("(a) MB/s bits / baseline, {} MiB in 8 MiB", total >> 20),
+        format!(
+            "{ratio:.2} ({:.0} / {:.0} MB/s)",
+            median(&speeds(0)),
+            median(&speeds(1))
+        ),
+        ">= 0.95",
+        ratio >= 0.95,
     );
-    println!("{}", "-".repeat(85));
+    let mut bits: Vec<Measurement> = results.iter().map(|r| r[0]).collect();
+    bits.sort_by_key(|m| m.peak_rss_kib);
+    Ok(bits[bits.len() / 2])
 }
 
-fn print_row(run: &str, scenario: Scenario, m: &Measurement, total: u64) {
-    let close = m
-        .final_secs
-        .map_or_else(|| "-".to_owned(), |c| format!("{c:.3}"));
+fn print_a_row(run: &str, scenario: Scenario, m: &Measurement, total: u64) {
     println!(
-        "{:>3}  {:<32} {:>9.1} {:>8.3} {:>8} {:>9.1} {:>9.1}",
+        "{:>3}  {:<32} {:>9.1} {:>8.3} {:>8} {:>10.2} {:>9.1} {:>9.1}",
         run,
         scenario.label(),
         m.mb_per_sec(total),
         m.secs,
-        close,
+        final_secs(m),
+        m.server_cpu_secs,
         mib(m.idle_rss_kib),
         mib(m.peak_rss_kib)
     );
 }
 
-fn print_ratio(row: &[Measurement; 3], total: u64) {
-    let bits = row[0].mb_per_sec(total);
-    println!(
-        "{:>3}  ratio bits / baseline: {:.2}x vs fsync at end, {:.2}x vs no fsync",
-        "",
-        bits / row[2].mb_per_sec(total),
-        bits / row[1].mb_per_sec(total)
-    );
+fn final_secs(m: &Measurement) -> String {
+    m.final_secs
+        .map_or_else(|| "-".to_owned(), |c| format!("{c:.3}"))
 }
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
+// ---- (b)
 
-fn spread(values: &[f64], decimals: usize) -> String {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-    format!(
-        "{:.*} / {:.*} / {:.*}",
-        decimals,
-        sorted[0],
-        decimals,
-        median,
-        decimals,
-        sorted[sorted.len() - 1]
-    )
-}
-
-/// Starts a server for `scenario`, uploads `total` bytes to it, checks the file, and stops it.
-fn measure(
-    scenario: Scenario,
+fn part_b(
     options: &Options,
     payload: &Bytes,
     base: &Path,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let fragment = payload.slice(..SMALL_FRAGMENT);
+    let n = options.b_fragments;
+    println!();
+    println!(
+        "(b) {n} requests of {} KiB: one sequential upload / POST stream, and {} at once \
+         (each on its own connection); {} run(s)",
+        SMALL_FRAGMENT >> 10,
+        options.b_streams,
+        options.runs
+    );
+    println!(
+        "{:>3} {:>7}  {:<32} {:>9} {:>7} {:>8} {:>8} {:>14} {:>9}",
+        "run",
+        "streams",
+        "server",
+        "req/s",
+        "MB/s",
+        "time s",
+        "final s",
+        "srv CPU us/req",
+        "peak RSS"
+    );
+    println!("{}", "-".repeat(106));
+    let mut shapes = vec![1];
+    if options.b_streams > 1 {
+        shapes.push(options.b_streams);
+    }
+    // rates[shape] = (bits req/s, baseline req/s) per run.
+    let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
+    for run in 1..=options.runs {
+        for (shape, &streams) in shapes.iter().enumerate() {
+            let work = Workload {
+                fragment: fragment.clone(),
+                per_stream: n / streams as u64,
+                streams,
+            };
+            let mut pair = [0.0; 2];
+            for (slot, scenario) in pair.iter_mut().zip([Scenario::Bits, Scenario::Baseline]) {
+                let m = measure(scenario, &work, base, options.warm_up.then_some(payload))?;
+                let requests = work.requests() as f64;
+                *slot = requests / m.secs;
+                println!(
+                    "{:>3} {:>7}  {:<32} {:>9.0} {:>7.1} {:>8.3} {:>8} {:>14.0} {:>9.1}",
+                    run,
+                    streams,
+                    scenario.label(),
+                    *slot,
+                    m.mb_per_sec(work.total()),
+                    m.secs,
+                    final_secs(&m),
+                    m.server_cpu_secs * 1e6 / requests,
+                    mib(m.peak_rss_kib)
+                );
+            }
+            println!(
+                "{:>3} {:>7}  ratio bits fragments/s / baseline POSTs/s: {:.2}x",
+                "",
+                "",
+                pair[0] / pair[1]
+            );
+            rates[shape].push((pair[0], pair[1]));
+        }
+    }
+    if options.runs > 1 {
+        println!("spread over {} runs (min / median / max)", options.runs);
+        for (shape, &streams) in shapes.iter().enumerate() {
+            let bits: Vec<f64> = rates[shape].iter().map(|r| r.0).collect();
+            let plain: Vec<f64> = rates[shape].iter().map(|r| r.1).collect();
+            let ratio: Vec<f64> = rates[shape].iter().map(|r| r.0 / r.1).collect();
+            println!(
+                "    {streams:>7}  bits req/s {}   baseline req/s {}   ratio {}",
+                spread(&bits, 0),
+                spread(&plain, 0),
+                spread(&ratio, 2)
+            );
+        }
+    }
+    let bits: Vec<f64> = rates[0].iter().map(|r| r.0).collect();
+    let plain: Vec<f64> = rates[0].iter().map(|r| r.1).collect();
+    let ratio: Vec<f64> = rates[0].iter().map(|r| r.0 / r.1).collect();
+    let ratio = median(&ratio);
+    summary.target(
+        format!("(b) {n} x 64 KiB sequential: fragments/s / POSTs/s"),
+        format!(
+            "{ratio:.2} ({:.0} / {:.0} /s)",
+            median(&bits),
+            median(&plain)
+        ),
+        ">= 0.70",
+        ratio >= 0.70,
+    );
+    Ok(())
+}
+
+// ---- (a), (b) and (d): one measurement
+
+/// Starts a server for `scenario`, runs `work` against it, checks the files, and stops it.
+fn measure(
+    scenario: Scenario,
+    work: &Workload,
+    base: &Path,
+    warm_up_with: Option<&Bytes>,
 ) -> Result<Measurement, Error> {
-    let total = options.total;
     let root = tempfile::Builder::new()
         .prefix("axum-bits-bench-")
         .tempdir_in(base)?;
-    if options.warm_up {
-        warm_up(root.path(), total, payload)?;
+    if let Some(payload) = warm_up_with {
+        warm_up(root.path(), work.total(), payload)?;
     }
-    let mut server = ChildServer::start(scenario.role(), root.path())?;
-    let idle_rss_kib = proc_status_kib(server.pid(), "VmRSS")?;
-    let url = format!("http://127.0.0.1:{}/{FILE_NAME}", server.port);
-    // A fresh runtime per measurement: dropping it closes the client's pooled connection, so
-    // the server's graceful shutdown does not wait for it.
+    let mut server = ChildServer::start(scenario.role(), root.path(), &[])?;
+    let pid = server.pid();
+    let idle_rss_kib = proc_status_kib(pid, "VmRSS")?;
+    let cpu_before = proc_cpu_secs(Some(pid))?;
+    // A fresh runtime per measurement: dropping it closes the client's pooled connections, so
+    // the server's graceful shutdown does not wait for them.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (secs, final_secs) = runtime.block_on(async {
-        let client = reqwest::Client::builder().no_proxy().build()?;
-        let timing = match scenario {
-            Scenario::Bits => upload_bits(&client, &url, total, payload).await?,
-            Scenario::Baseline => (
-                upload_baseline(&client, &url, total, payload, false).await?,
-                None,
-            ),
-            Scenario::BaselineFsync => (
-                upload_baseline(&client, &url, total, payload, true).await?,
-                None,
-            ),
-        };
-        Ok::<_, Error>(timing)
-    })?;
+    let (secs, final_secs) = runtime.block_on(run_streams(scenario, server.port, work))?;
     drop(runtime);
-    let peak_rss_kib = proc_status_kib(server.pid(), "VmHWM")?;
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM")?;
+    let server_cpu_secs = proc_cpu_secs(Some(pid))? - cpu_before;
     server.stop();
-    verify(&root.path().join(FILE_NAME), total, payload)?;
+    for stream in 0..work.streams {
+        verify(
+            &root.path().join(stream_file(stream)),
+            work.stream_bytes(),
+            &work.fragment,
+        )?;
+    }
     root.close()?;
     Ok(Measurement {
         secs,
         final_secs,
         idle_rss_kib,
         peak_rss_kib,
+        server_cpu_secs,
     })
 }
 
-/// Create-Session, every fragment, Close-Session. Returns the total time and the time from the
-/// start of the last Fragment to the Close-Session Ack.
+fn stream_file(stream: usize) -> String {
+    format!("upload-{stream}.bin")
+}
+
+/// Runs the streams of `work` at once; returns the wall time and the longest "final" time.
+async fn run_streams(
+    scenario: Scenario,
+    port: u16,
+    work: &Workload,
+) -> Result<(f64, Option<f64>), Error> {
+    let clients = (0..work.streams)
+        .map(|_| reqwest::Client::builder().no_proxy().build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (stream, client) in clients.into_iter().enumerate() {
+        let url = format!("http://127.0.0.1:{port}/{}", stream_file(stream));
+        let (fragment, n) = (work.fragment.clone(), work.per_stream);
+        tasks.spawn(async move {
+            match scenario {
+                Scenario::Bits => upload_bits(&client, &url, &fragment, n).await.map(Some),
+                Scenario::Baseline => upload_baseline(&client, &url, &fragment, n, false)
+                    .await
+                    .map(|()| None),
+                Scenario::BaselineFsync => upload_baseline(&client, &url, &fragment, n, true)
+                    .await
+                    .map(|()| None),
+            }
+        });
+    }
+    let mut longest_final: Option<f64> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let final_secs = joined.map_err(|e| format!("upload task: {e}"))??;
+        longest_final = match (longest_final, final_secs) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((started.elapsed().as_secs_f64(), longest_final))
+}
+
+/// Create-Session, `n` fragments, Close-Session. Returns the time from the start of the last
+/// Fragment to the Close-Session Ack.
 async fn upload_bits(
     client: &reqwest::Client,
     url: &str,
-    total: u64,
-    payload: &Bytes,
-) -> Result<(f64, Option<f64>), Error> {
+    fragment: &Bytes,
+    n: u64,
+) -> Result<f64, Error> {
     let bits_post = reqwest::Method::from_bytes(b"BITS_POST")?;
-    let started = Instant::now();
+    let total = fragment.len() as u64 * n;
 
     let reply = client
         .request(bits_post.clone(), url)
@@ -455,9 +920,9 @@ async fn upload_bits(
         .clone();
 
     let mut offset = 0u64;
-    let mut last_fragment = started;
+    let mut last_fragment = Instant::now();
     while offset < total {
-        let end = offset + payload.len() as u64;
+        let end = offset + fragment.len() as u64;
         last_fragment = Instant::now();
         let reply = client
             .request(bits_post.clone(), url)
@@ -467,15 +932,11 @@ async fn upload_bits(
                 "Content-Range",
                 format!("bytes {offset}-{}/{total}", end - 1),
             )
-            .body(payload.clone())
+            .body(fragment.clone())
             .send()
             .await?;
         let reply = expect_ok(reply, "Fragment").await?;
-        let received = reply
-            .headers()
-            .get("BITS-Received-Content-Range")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let received = received_range(reply.headers());
         if received != Some(end) {
             return Err(format!("fragment ending at {end}: server reports {received:?}").into());
         }
@@ -489,31 +950,25 @@ async fn upload_bits(
         .send()
         .await?;
     expect_ok(reply, "Close-Session").await?;
-    Ok((
-        started.elapsed().as_secs_f64(),
-        Some(last_fragment.elapsed().as_secs_f64()),
-    ))
+    Ok(last_fragment.elapsed().as_secs_f64())
 }
 
 /// The same POSTs to the baseline handler, appending to one file.
 async fn upload_baseline(
     client: &reqwest::Client,
     url: &str,
-    total: u64,
-    payload: &Bytes,
+    fragment: &Bytes,
+    n: u64,
     fsync_at_end: bool,
-) -> Result<f64, Error> {
-    let started = Instant::now();
-    let mut offset = 0u64;
-    while offset < total {
-        offset += payload.len() as u64;
-        let mut request = client.post(url).body(payload.clone());
-        if fsync_at_end && offset == total {
+) -> Result<(), Error> {
+    for i in 1..=n {
+        let mut request = client.post(url).body(fragment.clone());
+        if fsync_at_end && i == n {
             request = request.header(FSYNC_HEADER, "1");
         }
         expect_ok(request.send().await?, "POST").await?;
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Fails on a non-200 reply; drains the (empty) body so the connection is reused.
@@ -527,7 +982,829 @@ async fn expect_ok(reply: reqwest::Response, what: &str) -> Result<reqwest::Resp
     Ok(reply)
 }
 
-/// Writes `total` bytes to a scratch file and deletes it, untimed.
+/// `BITS-Received-Content-Range` of a Fragment Ack.
+fn received_range(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("BITS-Received-Content-Range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+// ---- (c)
+
+fn part_c(
+    options: &Options,
+    payload: &Bytes,
+    base: &Path,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let c = options.c;
+    println!();
+    println!(
+        "(c) {} sessions of {} KiB, each on its own connection, arriving over {} ms; \
+         {} KiB fragments paced at {} KiB/s in {} KiB chunks",
+        c.sessions,
+        c.size >> 10,
+        c.ramp.as_millis(),
+        c.fragment >> 10,
+        c.rate >> 10,
+        PACE_CHUNK >> 10
+    );
+    // The server holds a socket per session and, while a fragment is in flight, its part
+    // file; the client a socket per session. Both inherit this process's limit.
+    let needed = 2 * c.sessions as u64 + 256;
+    let limit = open_files_limit()?;
+    if limit < needed {
+        return Err(format!(
+            "the open-file limit (ulimit -n) is {limit}; {} sessions need about {needed}: \
+             raise it (ulimit -n {needed}) or lower --c-sessions",
+            c.sessions
+        )
+        .into());
+    }
+    let fragment = payload.slice(..usize::try_from(c.fragment)?);
+    let bits = measure_c(CServer::Bits, c, &fragment, base)?;
+    bits.print(CServer::Bits);
+    let context = if options.c_baseline {
+        println!(
+            "    the same paced load as plain POSTs (one per fragment, no Create/Close) \
+             to the baseline, for context:"
+        );
+        let baseline = measure_c(CServer::Baseline, c, &fragment, base)?;
+        baseline.print(CServer::Baseline);
+        Some(baseline)
+    } else {
+        None
+    };
+
+    let label = format!("{} sessions x {} KiB", c.sessions, c.size >> 10);
+    summary.target(
+        format!("(c) errors, {label}"),
+        bits.errors.len().to_string(),
+        "0",
+        bits.errors.is_empty(),
+    );
+    let overall = bits.overall();
+    summary.target(
+        format!("(c) p99 Ack latency, {label}"),
+        format!(
+            "{:.1} ms (p50 {:.1}, max {:.1})",
+            overall.p99, overall.p50, overall.max
+        ),
+        "< 100 ms",
+        overall.n > 0 && overall.p99 < 100.0,
+    );
+    let wanted = c.sessions.div_ceil(10) * 9;
+    summary.target(
+        "(c) peak sessions open at once".into(),
+        format!("{} of {}", bits.peak_open, c.sessions),
+        &format!(">= {wanted} (90%)"),
+        bits.peak_open >= wanted,
+    );
+    if !bits.errors.is_empty() || context.is_some_and(|b| !b.errors.is_empty()) {
+        summary.failed = true;
+    }
+    Ok(())
+}
+
+/// Which server the clients of (c) talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CServer {
+    Bits,
+    /// Plain POSTs of the same paced fragments, for context.
+    Baseline,
+}
+
+/// What (c) measured.
+struct CResult {
+    sessions: usize,
+    completed: usize,
+    errors: Vec<String>,
+    peak_open: usize,
+    total_secs: f64,
+    latencies: Vec<(PacketKind, Duration)>,
+    client_cpu: f64,
+    server_cpu: f64,
+    peak_rss_kib: u64,
+}
+
+impl CResult {
+    fn overall(&self) -> Percentiles {
+        Percentiles::of(self.latencies.iter().map(|&(_, d)| d).collect())
+    }
+
+    fn print(&self, server: CServer) {
+        let (open, span) = match server {
+            CServer::Bits => (
+                "Create Ack .. Close Ack",
+                "first Create-Session .. last Close-Session Ack",
+            ),
+            CServer::Baseline => ("first POST Ack .. last POST Ack", "first POST .. last Ack"),
+        };
+        println!(
+            "    sessions completed       {} of {} ({} errors)",
+            self.completed,
+            self.sessions,
+            self.errors.len()
+        );
+        println!(
+            "    peak open at once        {} (seen by the clients, {open})",
+            self.peak_open
+        );
+        println!(
+            "    total time               {:.3} s ({span})",
+            self.total_secs
+        );
+        println!(
+            "    {:<24} {:>8} {:>8} {:>8} {:>8}",
+            "Ack latency ms", "p50", "p99", "max", "n"
+        );
+        let row = |name: &str, p: &Percentiles| {
+            println!(
+                "    {:<24} {:>8.2} {:>8.2} {:>8.2} {:>8}",
+                name, p.p50, p.p99, p.max, p.n
+            );
+        };
+        row("  all packets", &self.overall());
+        for kind in PacketKind::ALL {
+            let some: Vec<Duration> = self
+                .latencies
+                .iter()
+                .filter(|&&(k, _)| k == kind)
+                .map(|&(_, d)| d)
+                .collect();
+            if !some.is_empty() {
+                row(&format!("  {}", kind.name(server)), &Percentiles::of(some));
+            }
+        }
+        println!(
+            "    CPU s                    client {:.2}, server {:.2} (over {:.2} s of wall time)",
+            self.client_cpu, self.server_cpu, self.total_secs
+        );
+        println!(
+            "    server peak RSS          {:.1} MiB",
+            mib(self.peak_rss_kib)
+        );
+        for error in self.errors.iter().take(SHOWN_ERRORS) {
+            println!("    error: {error}");
+        }
+        if self.errors.len() > SHOWN_ERRORS {
+            println!(
+                "    ... and {} more errors",
+                self.errors.len() - SHOWN_ERRORS
+            );
+        }
+    }
+}
+
+/// One run of (c) against a fresh `server`; checks every file that was uploaded.
+fn measure_c(server: CServer, c: CConfig, fragment: &Bytes, base: &Path) -> Result<CResult, Error> {
+    let root = tempfile::Builder::new()
+        .prefix("axum-bits-bench-")
+        .tempdir_in(base)?;
+    let max_sessions = (2 * c.sessions).to_string();
+    let mut child = match server {
+        CServer::Bits => {
+            ChildServer::start("bits", root.path(), &[(MAX_SESSIONS_ENV, &max_sessions)])?
+        }
+        CServer::Baseline => ChildServer::start("baseline", root.path(), &[])?,
+    };
+    let pid = child.pid();
+    let server_cpu_before = proc_cpu_secs(Some(pid))?;
+    let client_cpu_before = proc_cpu_secs(None)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (sessions, peak_open) =
+        runtime.block_on(run_sessions(server, child.port, c, fragment.clone()));
+    drop(runtime);
+    let client_cpu = proc_cpu_secs(None)? - client_cpu_before;
+    let server_cpu = proc_cpu_secs(Some(pid))? - server_cpu_before;
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM")?;
+    child.stop();
+
+    let mut errors: Vec<String> = Vec::new();
+    let mut latencies: Vec<(PacketKind, Duration)> = Vec::new();
+    let (mut first_sent, mut last_ack) = (None::<Instant>, None::<Instant>);
+    let mut completed = 0usize;
+    for (i, session) in sessions.into_iter().enumerate() {
+        latencies.extend(session.latencies);
+        first_sent = min_instant(first_sent, session.first_sent);
+        last_ack = max_instant(last_ack, session.last_ack);
+        if let Some(error) = session.error {
+            errors.push(error);
+        } else if let Err(e) = verify(&root.path().join(c_file(i)), c.size, fragment) {
+            errors.push(format!("session {i}: {e}"));
+        } else {
+            completed += 1;
+        }
+    }
+    root.close()?;
+    let total_secs = match (first_sent, last_ack) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(CResult {
+        sessions: c.sessions,
+        completed,
+        errors,
+        peak_open,
+        total_secs,
+        latencies,
+        client_cpu,
+        server_cpu,
+        peak_rss_kib,
+    })
+}
+
+fn c_file(session: usize) -> String {
+    format!("c-{session:05}.bin")
+}
+
+fn min_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn max_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PacketKind {
+    Create,
+    /// A Fragment that does not complete the file.
+    Fragment,
+    /// The Fragment that completes the file: the server commits it before the Ack.
+    LastFragment,
+    Close,
+}
+
+impl PacketKind {
+    const ALL: [Self; 4] = [
+        Self::Create,
+        Self::Fragment,
+        Self::LastFragment,
+        Self::Close,
+    ];
+
+    fn name(self, server: CServer) -> &'static str {
+        match (self, server) {
+            (Self::Create, _) => "Create-Session",
+            (Self::Fragment, CServer::Bits) => "Fragment (not last)",
+            (Self::LastFragment, CServer::Bits) => "Fragment (last, commit)",
+            (Self::Fragment, CServer::Baseline) => "POST (not last)",
+            (Self::LastFragment, CServer::Baseline) => "POST (last)",
+            (Self::Close, _) => "Close-Session",
+        }
+    }
+}
+
+/// p50, p99 and max in ms (nearest rank).
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<Duration>) -> Self {
+        values.sort();
+        let rank = |q: f64| -> f64 {
+            if values.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
+            values[i].as_secs_f64() * 1e3
+        };
+        Self {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: rank(1.0),
+            n: values.len(),
+        }
+    }
+}
+
+/// What one client of (c) saw.
+#[derive(Default)]
+struct SessionOutcome {
+    latencies: Vec<(PacketKind, Duration)>,
+    first_sent: Option<Instant>,
+    last_ack: Option<Instant>,
+    error: Option<String>,
+}
+
+/// Sessions open at once, as the clients see them.
+#[derive(Default)]
+struct Gauge {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    fn enter(&self) -> OpenSession<'_> {
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        OpenSession(self)
+    }
+}
+
+struct OpenSession<'a>(&'a Gauge);
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs every client of (c); returns what each saw, and the peak of open sessions.
+async fn run_sessions(
+    server: CServer,
+    port: u16,
+    c: CConfig,
+    fragment: Bytes,
+) -> (Vec<SessionOutcome>, usize) {
+    let load = Arc::new(Load {
+        server,
+        port,
+        c,
+        fragment,
+        gauge: Gauge::default(),
+    });
+    // A little time to spawn every task before the first one is due.
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..c.sessions {
+        let arrival = start + c.ramp.mul_f64(i as f64 / c.sessions as f64);
+        let load = load.clone();
+        tasks.spawn(async move {
+            tokio::time::sleep_until(arrival).await;
+            let mut outcome = SessionOutcome::default();
+            if let Err(e) = client_session(&load, i, &mut outcome).await {
+                outcome.error = Some(format!("session {i}: {e}"));
+            }
+            (i, outcome)
+        });
+    }
+    let mut outcomes: Vec<SessionOutcome> = (0..c.sessions)
+        .map(|_| SessionOutcome {
+            error: Some("the client task did not finish".into()),
+            ..SessionOutcome::default()
+        })
+        .collect();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, outcome)) => outcomes[i] = outcome,
+            // A panic in this program; the session keeps its "did not finish" error.
+            Err(e) => eprintln!("a client task failed: {e}"),
+        }
+    }
+    (outcomes, load.gauge.peak.load(Ordering::SeqCst))
+}
+
+/// What every client of one (c) run shares.
+struct Load {
+    server: CServer,
+    port: u16,
+    c: CConfig,
+    /// The body of a whole fragment; shorter ones are its beginning.
+    fragment: Bytes,
+    gauge: Gauge,
+}
+
+/// One client of (c): its own connection, Create-Session, the paced Fragments, Close-Session.
+async fn client_session(load: &Load, i: usize, outcome: &mut SessionOutcome) -> Result<(), String> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", load.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("set_nodelay: {e}"))?;
+    let (mut sender, connection) = http1::handshake::<_, PacedBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {}", chain(&e)))?;
+    let connection = tokio::spawn(connection);
+    let result = packets(load, i, &mut sender, outcome).await;
+    drop(sender);
+    // The Close-Session Ack has arrived (or the session failed): just close the socket.
+    connection.abort();
+    result
+}
+
+async fn packets(
+    load: &Load,
+    i: usize,
+    sender: &mut http1::SendRequest<PacedBody>,
+    outcome: &mut SessionOutcome,
+) -> Result<(), String> {
+    let Load {
+        server,
+        port,
+        c,
+        ref fragment,
+        ref gauge,
+    } = *load;
+    let host = format!("127.0.0.1:{port}");
+    let path = format!("/{}", c_file(i));
+    let request = |packet: &str| {
+        let builder = http::Request::builder()
+            .uri(path.as_str())
+            .header(http::header::HOST, host.as_str());
+        match server {
+            CServer::Bits => builder
+                .method("BITS_POST")
+                .header("BITS-Packet-Type", packet),
+            CServer::Baseline => builder.method("POST"),
+        }
+    };
+    let built = |r: Result<http::Request<PacedBody>, http::Error>| r.map_err(|e| e.to_string());
+
+    let mut session = None;
+    let mut open = None;
+    if server == CServer::Bits {
+        let create = request("Create-Session")
+            .header("BITS-Supported-Protocols", PROTOCOL)
+            .header(http::header::CONTENT_LENGTH, "0")
+            .body(PacedBody::empty());
+        let ack = exchange(sender, built(create)?, None).await?;
+        outcome.first_sent = Some(ack.sent);
+        outcome.latencies.push((PacketKind::Create, ack.latency));
+        ack.expect_ok("Create-Session")?;
+        let id = ack
+            .headers
+            .get("BITS-Session-Id")
+            .cloned()
+            .ok_or("no BITS-Session-Id on the Create-Session Ack")?;
+        session = Some(id);
+        open = Some(gauge.enter());
+    }
+
+    let interval = Duration::from_secs_f64(PACE_CHUNK as f64 / c.rate as f64);
+    let mut offset = 0u64;
+    while offset < c.size {
+        let len = c.fragment.min(c.size - offset);
+        let end = offset + len;
+        let written = Arc::new(OnceLock::new());
+        let body = PacedBody::paced(
+            fragment.slice(..usize::try_from(len).map_err(|e| e.to_string())?),
+            interval,
+            Some(written.clone()),
+        );
+        let mut request = request("Fragment").header(http::header::CONTENT_LENGTH, len.to_string());
+        if let Some(id) = &session {
+            request = request.header("BITS-Session-Id", id.clone()).header(
+                "Content-Range",
+                format!("bytes {offset}-{}/{}", end - 1, c.size),
+            );
+        }
+        let ack = exchange(sender, built(request.body(body))?, Some(&written)).await?;
+        outcome.first_sent.get_or_insert(ack.sent);
+        let kind = if end == c.size {
+            PacketKind::LastFragment
+        } else {
+            PacketKind::Fragment
+        };
+        outcome.latencies.push((kind, ack.latency));
+        ack.expect_ok(kind.name(server))?;
+        if session.is_some() {
+            let received = received_range(&ack.headers);
+            if received != Some(end) {
+                return Err(format!(
+                    "Fragment ending at {end}: BITS-Received-Content-Range {received:?}"
+                ));
+            }
+        } else if open.is_none() {
+            open = Some(gauge.enter());
+        }
+        outcome.last_ack = Some(ack.acked);
+        offset = end;
+    }
+
+    let Some(id) = session else {
+        return Ok(());
+    };
+    let close = request("Close-Session")
+        .header("BITS-Session-Id", id)
+        .header(http::header::CONTENT_LENGTH, "0")
+        .body(PacedBody::empty());
+    let ack = exchange(sender, built(close)?, None).await?;
+    drop(open);
+    outcome.latencies.push((PacketKind::Close, ack.latency));
+    outcome.last_ack = Some(ack.acked);
+    ack.expect_ok("Close-Session")
+}
+
+/// A response head and when it came.
+struct Answer {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    /// Just before the request was handed to the connection.
+    sent: Instant,
+    acked: Instant,
+    latency: Duration,
+}
+
+impl Answer {
+    fn expect_ok(&self, what: &str) -> Result<(), String> {
+        if self.status == http::StatusCode::OK {
+            return Ok(());
+        }
+        let header = |name: &str| {
+            self.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        Err(format!(
+            "{what}: HTTP {}, BITS-Error-Code {}, BITS-Error-Context {}",
+            self.status,
+            header("BITS-Error-Code"),
+            header("BITS-Error-Context")
+        ))
+    }
+}
+
+/// Sends `request` and waits for the response head; the latency runs from `written` (when
+/// the body yielded its last chunk) or, for a request without a body, from when it was sent.
+/// Reads the response body so that the connection can be reused.
+async fn exchange(
+    sender: &mut http1::SendRequest<PacedBody>,
+    request: http::Request<PacedBody>,
+    written: Option<&OnceLock<Instant>>,
+) -> Result<Answer, String> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection: {}", chain(&e)))?;
+    let sent = Instant::now();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {}", chain(&e)))?;
+    let acked = Instant::now();
+    let from = written.and_then(|w| w.get().copied()).unwrap_or(sent);
+    let (parts, body) = response.into_parts();
+    body.collect()
+        .await
+        .map_err(|e| format!("response body: {}", chain(&e)))?;
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        sent,
+        acked,
+        latency: acked.saturating_duration_since(from),
+    })
+}
+
+/// A request body streamed at a fixed rate, like a client behind a slow link: the k-th chunk
+/// is released k intervals after the body is first polled. Records when it yields its last
+/// chunk. Empty for packets without a body.
+struct PacedBody {
+    data: Bytes,
+    interval: Duration,
+    sent: u32,
+    started: Option<tokio::time::Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    written: Option<Arc<OnceLock<Instant>>>,
+}
+
+impl PacedBody {
+    fn empty() -> Self {
+        Self::paced(Bytes::new(), Duration::ZERO, None)
+    }
+
+    fn paced(data: Bytes, interval: Duration, written: Option<Arc<OnceLock<Instant>>>) -> Self {
+        Self {
+            data,
+            interval,
+            sent: 0,
+            started: None,
+            sleep: None,
+            written,
+        }
+    }
+
+    fn mark_written(&self) {
+        if let Some(written) = &self.written {
+            let _ = written.set(Instant::now());
+        }
+    }
+}
+
+impl http_body::Body for PacedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.data.is_empty() {
+            this.mark_written();
+            return Poll::Ready(None);
+        }
+        let now = tokio::time::Instant::now();
+        let started = *this.started.get_or_insert(now);
+        let due = started + this.interval * (this.sent + 1);
+        if now < due {
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if sleep.deadline() != due {
+                sleep.as_mut().reset(due);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        let chunk = this.data.split_to(PACE_CHUNK.min(this.data.len()));
+        this.sent += 1;
+        if this.data.is_empty() {
+            this.mark_written();
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
+// ---- (d)
+
+fn part_d(
+    options: &Options,
+    payload: &Bytes,
+    base: &Path,
+    from_a: Option<Measurement>,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let (small, large) = (options.a_total, options.d_total);
+    println!();
+    println!(
+        "(d) bits server peak RSS for one {} MiB and one {} MiB upload in {} MiB fragments, \
+         a fresh server each",
+        small >> 20,
+        large >> 20,
+        FRAGMENT >> 20
+    );
+    let workload = |total: u64| Workload {
+        fragment: payload.clone(),
+        per_stream: total / FRAGMENT as u64,
+        streams: 1,
+    };
+    let warm = options.warm_up.then_some(payload);
+    let (small_m, reused) = match from_a {
+        Some(m) => (m, true),
+        None => (
+            measure(Scenario::Bits, &workload(small), base, warm)?,
+            false,
+        ),
+    };
+    let avail = free_bytes(base)?;
+    let needed = large + (256 << 20);
+    if avail < needed {
+        return Err(format!(
+            "{} has {} MiB free; the {} MiB upload needs {} MiB (use --d-mib or {DIR_ENV})",
+            base.display(),
+            avail >> 20,
+            large >> 20,
+            needed >> 20
+        )
+        .into());
+    }
+    let large_m = measure(Scenario::Bits, &workload(large), base, warm)?;
+    println!(
+        "    {:>10} {:>9} {:>8} {:>10} {:>9}",
+        "upload MiB", "MB/s", "time s", "idle RSS", "peak RSS"
+    );
+    for (total, m, note) in [
+        (
+            small,
+            &small_m,
+            if reused {
+                "  (the bits run of (a))"
+            } else {
+                ""
+            },
+        ),
+        (large, &large_m, ""),
+    ] {
+        println!(
+            "    {:>10} {:>9.1} {:>8.3} {:>10.1} {:>9.1}{note}",
+            total >> 20,
+            m.mb_per_sec(total),
+            m.secs,
+            mib(m.idle_rss_kib),
+            mib(m.peak_rss_kib)
+        );
+    }
+    let ratio = large_m.peak_rss_kib as f64 / small_m.peak_rss_kib as f64;
+    println!(
+        "    peak RSS ratio {} MiB / {} MiB: {ratio:.3}",
+        large >> 20,
+        small >> 20
+    );
+    for (total, m) in [(small, &small_m), (large, &large_m)] {
+        summary.target(
+            format!("(d) bits peak RSS, {} MiB upload", total >> 20),
+            format!("{:.1} MiB", mib(m.peak_rss_kib)),
+            "< 64 MiB",
+            m.peak_rss_kib < 64 << 10,
+        );
+    }
+    summary.target(
+        format!("(d) peak RSS {} MiB / {} MiB", large >> 20, small >> 20),
+        format!("{ratio:.3}"),
+        "0.90 ..= 1.10",
+        (0.9..=1.1).contains(&ratio),
+    );
+    Ok(())
+}
+
+/// Free bytes on the filesystem of `dir`, from `df -Pk` (std has no statvfs, and the crate
+/// allows no unsafe code).
+fn free_bytes(dir: &Path) -> Result<u64, Error> {
+    let output = Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run df to check free space: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "df -Pk {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| format!("cannot read the free space from df's output {text:?}").into())
+}
+
+// ------------------------------------------------------------------------------------------
+// Helpers.
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn spread(values: &[f64], decimals: usize) -> String {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let (Some(min), Some(max)) = (sorted.first(), sorted.last()) else {
+        return "-".into();
+    };
+    format!(
+        "{:.*} / {:.*} / {:.*}",
+        decimals,
+        min,
+        decimals,
+        median(&sorted),
+        decimals,
+        max
+    )
+}
+
+/// An error and its sources, on one line.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// Writes `total` bytes (rounded up to whole payloads) to a scratch file and deletes it,
+/// untimed.
 ///
 /// On a VM whose host takes back idle guest memory, the first `total` bytes of page cache
 /// written after a pause cost a host page fault each: `dd` of 1 GiB runs at ~450 MB/s the
@@ -537,7 +1814,7 @@ fn warm_up(dir: &Path, total: u64, payload: &Bytes) -> Result<(), Error> {
     use std::io::Write as _;
     let path = dir.join("warm-up.tmp");
     let mut file = std::fs::File::create(&path)?;
-    for _ in 0..total / payload.len() as u64 {
+    for _ in 0..total.div_ceil(payload.len() as u64) {
         file.write_all(payload)?;
     }
     drop(file);
@@ -545,20 +1822,27 @@ fn warm_up(dir: &Path, total: u64, payload: &Bytes) -> Result<(), Error> {
     Ok(())
 }
 
-/// The uploaded file must be the payload repeated.
-fn verify(path: &Path, total: u64, payload: &Bytes) -> Result<(), Error> {
+/// The uploaded file must be `chunk` repeated, cut at `total` bytes.
+fn verify(path: &Path, total: u64, chunk: &[u8]) -> Result<(), Error> {
     use std::io::Read as _;
-    let mut file = std::fs::File::open(path)?;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let len = file.metadata()?.len();
     if len != total {
         return Err(format!("{}: {len} bytes, expected {total}", path.display()).into());
     }
-    let mut chunk = vec![0; payload.len()];
-    for i in 0..total / payload.len() as u64 {
-        file.read_exact(&mut chunk)?;
-        if chunk[..] != payload[..] {
-            return Err(format!("{}: chunk {i} differs from what was sent", path.display()).into());
+    let mut buffer = vec![0; chunk.len()];
+    let mut offset = 0u64;
+    while offset < total {
+        let n = usize::try_from((total - offset).min(chunk.len() as u64))?;
+        file.read_exact(&mut buffer[..n])?;
+        if buffer[..n] != chunk[..n] {
+            return Err(format!(
+                "{}: the bytes at {offset} differ from what was sent",
+                path.display()
+            )
+            .into());
         }
+        offset += n as u64;
     }
     Ok(())
 }
@@ -589,6 +1873,40 @@ fn proc_status_kib(pid: u32, field: &str) -> Result<u64, Error> {
         .ok_or_else(|| format!("no {field} in /proc/{pid}/status").into())
 }
 
+/// User plus system CPU time of a process (`None`: this one), in seconds.
+fn proc_cpu_secs(pid: Option<u32>) -> Result<f64, Error> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(&path)?;
+    // The command name (field 2) may hold spaces; fields from 3 on follow its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / USER_HZ),
+        _ => Err(format!("cannot read the CPU times in {path}").into()),
+    }
+}
+
+/// The soft limit on open files of this process (inherited by the servers).
+fn open_files_limit() -> Result<u64, Error> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .ok_or("no \"Max open files\" in /proc/self/limits")?;
+    match line.split_whitespace().nth(3) {
+        Some("unlimited") => Ok(u64::MAX),
+        Some(soft) => Ok(soft.parse()?),
+        None => Err(format!("cannot read {line:?}").into()),
+    }
+}
+
 /// A server child process; stopped (stdin closed, killed if it lingers) on drop.
 struct ChildServer {
     child: Child,
@@ -596,30 +1914,39 @@ struct ChildServer {
 }
 
 impl ChildServer {
-    fn start(role: &str, root: &Path) -> Result<Self, Error> {
-        let mut child = Command::new(std::env::current_exe()?)
+    fn start(role: &str, root: &Path, env: &[(&str, &str)]) -> Result<Self, Error> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .env(ROLE_ENV, role)
             .env(ROOT_ENV, root)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped stdout");
+            .stderr(Stdio::inherit());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn()?;
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        let read = match child.stdout.take() {
+            Some(stdout) => BufReader::new(stdout).read_line(&mut line).map(drop),
+            None => Err(std::io::Error::other("no stdout pipe")),
+        };
         let port = line
             .trim()
             .strip_prefix(PORT_LINE)
             .and_then(|p| p.parse().ok());
         let mut server = Self { child, port: 0 };
-        match port {
-            Some(port) => {
+        match (read, port) {
+            (Ok(()), Some(port)) => {
                 server.port = port;
                 Ok(server)
             }
-            None => {
+            (read, _) => {
                 server.stop();
-                Err(format!("{role} server did not report its port (got {line:?})").into())
+                Err(
+                    format!("{role} server did not report its port (got {line:?}, {read:?})")
+                        .into(),
+                )
             }
         }
     }
