@@ -37,8 +37,11 @@ pub(crate) struct Shared {
     /// One request at a time per session, even when a client retries on a new connection
     /// while its old request is still running, or sends it to another node of a farm.
     pub(crate) locks: SessionLocks,
-    /// Makes "count open sessions, then create" atomic within this process.
+    /// Makes "count open sessions, then reserve a place" atomic within this process.
     pub(crate) create_lock: tokio::sync::Mutex<()>,
+    /// Creates admitted under `create_lock` whose records are still being written: counted
+    /// with the store's open sessions, so the lock need not be held across the write.
+    pub(crate) pending_creates: PendingCreates,
     /// Upload-reply mode, if a completion handler or notification is configured.
     pub(crate) reply: Option<ReplyMode>,
     /// The application's hooks, if any.
@@ -49,6 +52,61 @@ pub(crate) struct Shared {
     pub(crate) deferred_changed: tokio::sync::watch::Sender<u64>,
     /// Running, shutting down or disabled, and the requests in flight.
     pub(crate) lifecycle: Lifecycle,
+}
+
+/// Session creates admitted but not yet in the store, by owner.
+#[derive(Debug, Default)]
+pub(crate) struct PendingCreates {
+    inner: std::sync::Mutex<(usize, std::collections::HashMap<Owner, usize>)>,
+}
+
+impl PendingCreates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, std::collections::HashMap<Owner, usize>)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Pending creates in all, and of `owner`.
+    fn counts(&self, owner: Option<&Owner>) -> (usize, usize) {
+        let pending = self.lock();
+        let mine = owner.and_then(|o| pending.1.get(o)).copied().unwrap_or(0);
+        (pending.0, mine)
+    }
+
+    /// Counts one more until the returned guard is dropped.
+    fn reserve(&self, owner: Option<Owner>) -> Reservation<'_> {
+        let mut pending = self.lock();
+        pending.0 += 1;
+        if let Some(owner) = &owner {
+            *pending.1.entry(owner.clone()).or_default() += 1;
+        }
+        Reservation {
+            pending: self,
+            owner,
+        }
+    }
+}
+
+/// One pending create; released on drop.
+struct Reservation<'a> {
+    pending: &'a PendingCreates,
+    owner: Option<Owner>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.pending.lock();
+        pending.0 = pending.0.saturating_sub(1);
+        if let Some(owner) = &self.owner {
+            if let Some(n) = pending.1.get_mut(owner) {
+                *n -= 1;
+                if *n == 0 {
+                    pending.1.remove(owner);
+                }
+            }
+        }
+    }
 }
 
 /// Upload-reply mode: the completion handler and the storage of its replies.
@@ -425,15 +483,22 @@ async fn create_session(
                 .await?;
         }
         {
-            let _serial = shared.create_lock.lock().await;
-            if shared.store.count_open().await? >= config.max_sessions {
-                return Err(Failure::TooManySessions);
-            }
-            if let Some(owner) = &record.owner {
-                if shared.store.count_open_for(owner).await? >= config.max_sessions_per_owner {
-                    return Err(Failure::OwnerLimit);
+            let _reserved = {
+                let _serial = shared.create_lock.lock().await;
+                let (pending, pending_for_owner) =
+                    shared.pending_creates.counts(record.owner.as_ref());
+                if shared.store.count_open().await? + pending >= config.max_sessions {
+                    return Err(Failure::TooManySessions);
                 }
-            }
+                if let Some(owner) = &record.owner {
+                    if shared.store.count_open_for(owner).await? + pending_for_owner
+                        >= config.max_sessions_per_owner
+                    {
+                        return Err(Failure::OwnerLimit);
+                    }
+                }
+                shared.pending_creates.reserve(record.owner.clone())
+            };
             match shared.store.create(&record).await {
                 Err(StoreError::DestinationBusy { holder })
                     if take_over_abandoned(shared, holder, record.owner.as_ref()).await? =>

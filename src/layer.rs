@@ -210,6 +210,17 @@ impl BitsLayerBuilder {
         self
     }
 
+    /// Whether the default staging fsyncs a finished file and its folder when it commits it
+    /// ([`LocalStaging::sync_on_commit`]), so that a committed file survives a power loss
+    /// whole. Turning it off makes the final Ack of a large upload wait only for the page
+    /// cache, not the disk (see the README's "Performance"); a commit stays atomic against a
+    /// crash of the process. Ignored for a staging you supply, and `sync_data(true)` keeps it
+    /// on. Default: on.
+    pub fn sync_on_commit(mut self, on: bool) -> Self {
+        self.config.sync_on_commit = on;
+        self
+    }
+
     /// How long a fragment body may deliver no data before the server gives up on it (the
     /// bytes that did arrive are kept). Default: 60 seconds.
     pub fn body_idle_timeout(mut self, timeout: Duration) -> Self {
@@ -334,7 +345,8 @@ impl BitsLayerBuilder {
                 LocalStaging::new(&self.root)
                     .map_err(ConfigError::Staging)?
                     .create_directories(config.create_directories)
-                    .sync_data(config.sync_data),
+                    .sync_data(config.sync_data)
+                    .sync_on_commit(config.sync_on_commit || config.sync_data),
             ),
         };
         let reply = match completion {
@@ -370,6 +382,7 @@ impl BitsLayerBuilder {
                 staging,
                 locks,
                 create_lock: Default::default(),
+                pending_creates: Default::default(),
                 reply,
                 hooks: self.hooks,
                 wakeup: Default::default(),

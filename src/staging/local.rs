@@ -33,6 +33,7 @@ struct Inner {
     parts: PathBuf,
     create_directories: bool,
     sync_data: bool,
+    sync_on_commit: bool,
     buffer_size: usize,
 }
 
@@ -107,6 +108,7 @@ impl LocalStaging {
                 parts,
                 create_directories: false,
                 sync_data: false,
+                sync_on_commit: true,
                 buffer_size: DEFAULT_BUFFER,
             }),
             writeback: Arc::default(),
@@ -123,6 +125,16 @@ impl LocalStaging {
     /// one fsync per fragment). Default: off, which survives process crashes.
     pub fn sync_data(self, on: bool) -> Self {
         self.map(|inner| inner.sync_data = on)
+    }
+
+    /// Whether a commit fsyncs the file before moving it into place and the folder after
+    /// (default: on). With it, a committed file survives a power loss whole; without it, a
+    /// commit is a plain link or rename (still atomic against a crash of the process) and
+    /// large uploads no longer wait for the disk: the final Ack comes as soon as the last
+    /// fragment is in the page cache. Turn it off when the destination is a scratch area or
+    /// the application copies the file elsewhere anyway.
+    pub fn sync_on_commit(self, on: bool) -> Self {
+        self.map(|inner| inner.sync_on_commit = on)
     }
 
     /// The upload root.
@@ -288,9 +300,10 @@ impl Staging for LocalStaging {
             id,
             file: Arc::new(file),
             written: 0,
-            writeback: self.writeback.clone(),
+            writeback: self.inner.sync_on_commit.then(|| self.writeback.clone()),
             offset,
-            buffer: Vec::with_capacity(self.inner.buffer_size),
+            // Grown as data arrives: a small fragment never costs the whole buffer.
+            buffer: Vec::new(),
             spare: None,
             capacity: self.inner.buffer_size,
             in_flight: None,
@@ -330,7 +343,9 @@ impl Staging for LocalStaging {
             // Parts are private while staged; a finished file gets ordinary permissions.
             #[cfg(unix)]
             std::fs::set_permissions(&part, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-            file.sync_all()?;
+            if inner.sync_on_commit {
+                file.sync_all()?;
+            }
             drop(file);
 
             let path = check_parents(&inner.root, &destination, inner.create_directories)?;
@@ -347,8 +362,10 @@ impl Staging for LocalStaging {
                     Err(_) => std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?,
                 }
             }
-            if let Some(dir) = path.parent() {
-                sync_dir(dir)?;
+            if inner.sync_on_commit {
+                if let Some(dir) = path.parent() {
+                    sync_dir(dir)?;
+                }
             }
             Ok(())
         })
@@ -443,7 +460,8 @@ pub struct LocalPart {
     file: Arc<std::fs::File>,
     /// Bytes handed to the file by this writer.
     written: u64,
-    writeback: Arc<Writeback>,
+    /// Early writeback, when commits fsync (otherwise nothing waits for the disk).
+    writeback: Option<Arc<Writeback>>,
     offset: u64,
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
@@ -467,10 +485,7 @@ impl LocalPart {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let next = self
-            .spare
-            .take()
-            .unwrap_or_else(|| Vec::with_capacity(self.capacity));
+        let next = self.spare.take().unwrap_or_default();
         let data = std::mem::replace(&mut self.buffer, next);
         let (file, offset) = (self.file.clone(), self.offset);
         self.offset += data.len() as u64;
@@ -488,6 +503,12 @@ impl PartWriter for LocalPart {
         while !chunk.is_empty() {
             let room = self.capacity - self.buffer.len();
             let take = room.min(chunk.len());
+            let needed = self.buffer.len() + take;
+            if self.buffer.capacity() < needed {
+                // Double up to the buffer size, no further.
+                let grown = needed.next_power_of_two().clamp(needed, self.capacity);
+                self.buffer.reserve_exact(grown - self.buffer.len());
+            }
             self.buffer.extend_from_slice(&chunk.split_to(take));
             if self.buffer.len() >= self.capacity {
                 self.flush().await?;
@@ -502,8 +523,8 @@ impl PartWriter for LocalPart {
         if self.sync_data {
             let file = self.file.clone();
             blocking(move || Ok(file.sync_data()?)).await?;
-        } else {
-            self.writeback.wrote(self.id, self.written, &self.file);
+        } else if let Some(writeback) = &self.writeback {
+            writeback.wrote(self.id, self.written, &self.file);
         }
         Ok(())
     }
@@ -575,6 +596,36 @@ mod tests {
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
         staging.commit(other, &d, 3, true).await.unwrap();
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), b"new");
+    }
+
+    #[tokio::test]
+    async fn commit_without_fsync_is_still_a_no_clobber_move() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path())
+            .unwrap()
+            .sync_on_commit(false);
+        let id = SessionId::new();
+        staging.create(id).await.unwrap();
+        // Large enough that the early writeback would have started if it were on.
+        let data: Vec<u8> = (0..(WRITEBACK_EVERY as usize + 4096))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        write_part(&staging, id, 0, &data).await;
+        assert!(staging.writeback.forget(id).is_none(), "no early writeback");
+        let d = dest("/fast.bin");
+        staging
+            .commit(id, &d, data.len() as u64, false)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(root.path().join("fast.bin")).unwrap(), data);
+        assert_eq!(staging.len(id).await.unwrap(), None);
+
+        let other = SessionId::new();
+        write_part(&staging, other, 0, b"x").await;
+        assert!(matches!(
+            staging.commit(other, &d, 1, false).await,
+            Err(StagingError::DestinationExists)
+        ));
     }
 
     #[tokio::test]
