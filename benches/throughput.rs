@@ -140,6 +140,8 @@ const ROLE_ENV: &str = "AXUM_BITS_BENCH_SERVER";
 const ROOT_ENV: &str = "AXUM_BITS_BENCH_ROOT";
 /// `1`: the bits server fsyncs every fragment and record before its Ack (`sync_data(true)`).
 const SYNC_DATA_ENV: &str = "AXUM_BITS_BENCH_SYNC_DATA";
+/// `1`: the bits server commits without fsyncs (`sync_on_commit(false)`).
+const NO_COMMIT_SYNC_ENV: &str = "AXUM_BITS_BENCH_NO_COMMIT_SYNC";
 /// Raises the bits server's `max_sessions` and `max_sessions_per_owner` to this.
 const MAX_SESSIONS_ENV: &str = "AXUM_BITS_BENCH_MAX_SESSIONS";
 /// Where the temporary upload roots are made.
@@ -363,9 +365,11 @@ fn serve(role: &str) -> Result<(), Error> {
         let app = match role {
             "bits" => {
                 let sync_data = std::env::var_os(SYNC_DATA_ENV).is_some_and(|v| v == "1");
+                let no_commit_sync = std::env::var_os(NO_COMMIT_SYNC_ENV).is_some_and(|v| v == "1");
                 let mut builder = BitsLayer::builder(&root)
                     .max_upload_size(1 << 40)
-                    .sync_data(sync_data);
+                    .sync_data(sync_data)
+                    .sync_on_commit(!no_commit_sync);
                 if let Ok(limit) = std::env::var(MAX_SESSIONS_ENV) {
                     let limit: usize = limit.parse()?;
                     builder = builder.max_sessions(limit).max_sessions_per_owner(limit);
@@ -531,6 +535,8 @@ fn run(options: &Options) -> Summary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Bits,
+    /// The bits server with `sync_on_commit(false)`.
+    BitsNoCommitSync,
     Baseline,
     BaselineFsync,
 }
@@ -539,6 +545,7 @@ impl Scenario {
     fn label(self) -> &'static str {
         match self {
             Self::Bits => "bits (FileStore + LocalStaging)",
+            Self::BitsNoCommitSync => "bits, sync_on_commit(false)",
             Self::Baseline => "baseline (no fsync)",
             Self::BaselineFsync => "baseline (fsync at end)",
         }
@@ -546,8 +553,16 @@ impl Scenario {
 
     fn role(self) -> &'static str {
         match self {
-            Self::Bits => "bits",
+            Self::Bits | Self::BitsNoCommitSync => "bits",
             Self::Baseline | Self::BaselineFsync => "baseline",
+        }
+    }
+
+    /// Environment of the child server.
+    fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::BitsNoCommitSync => &[(NO_COMMIT_SYNC_ENV, "1")],
+            _ => &[],
         }
     }
 }
@@ -617,26 +632,33 @@ fn part_a(
         "run", "server", "MB/s", "time s", "final s", "srv CPU s", "idle RSS", "peak RSS"
     );
     println!("{}", "-".repeat(96));
-    const ALL: [Scenario; 3] = [Scenario::Bits, Scenario::Baseline, Scenario::BaselineFsync];
-    let mut results: Vec<[Measurement; 3]> = Vec::with_capacity(options.runs);
+    const ALL: [Scenario; 4] = [
+        Scenario::Bits,
+        Scenario::Baseline,
+        Scenario::BaselineFsync,
+        Scenario::BitsNoCommitSync,
+    ];
+    let mut results: Vec<[Measurement; 4]> = Vec::with_capacity(options.runs);
     for run in 1..=options.runs {
-        let mut row = [None; 3];
+        let mut row = [None; 4];
         for (slot, scenario) in row.iter_mut().zip(ALL) {
             let m = measure(scenario, &work, base, options.warm_up.then_some(payload))?;
             print_a_row(&run.to_string(), scenario, &m, total);
             *slot = Some(m);
         }
-        let [Some(bits), Some(plain), Some(fsync)] = row else {
+        let [Some(bits), Some(plain), Some(fsync), Some(fast)] = row else {
             return Err("a scenario was not measured".into());
         };
         let b = bits.mb_per_sec(total);
         println!(
-            "{:>3}  ratio bits / baseline: {:.2}x vs no fsync (headline), {:.2}x vs fsync at end",
+            "{:>3}  ratio bits / baseline: {:.2}x vs no fsync (headline), {:.2}x vs fsync at end; \
+             sync_on_commit(false) / baseline: {:.2}x",
             "",
             b / plain.mb_per_sec(total),
-            b / fsync.mb_per_sec(total)
+            b / fsync.mb_per_sec(total),
+            fast.mb_per_sec(total) / plain.mb_per_sec(total)
         );
-        results.push([bits, plain, fsync]);
+        results.push([bits, plain, fsync, fast]);
     }
 
     let speeds =
@@ -681,6 +703,21 @@ fn part_a(
         ),
         ">= 0.95",
         ratio >= 0.95,
+    );
+    let fast_ratios: Vec<f64> = results
+        .iter()
+        .map(|r| r[3].mb_per_sec(total) / r[1].mb_per_sec(total))
+        .collect();
+    let fast_ratio = median(&fast_ratios);
+    summary.target(
+        "(a) the same, sync_on_commit(false)".into(),
+        format!(
+            "{fast_ratio:.2} ({:.0} / {:.0} MB/s)",
+            median(&speeds(3)),
+            median(&speeds(1))
+        ),
+        ">= 0.95",
+        fast_ratio >= 0.95,
     );
     let mut bits: Vec<Measurement> = results.iter().map(|r| r[0]).collect();
     bits.sort_by_key(|m| m.peak_rss_kib);
@@ -823,7 +860,7 @@ fn measure(
     if let Some(payload) = warm_up_with {
         warm_up(root.path(), work.total(), payload)?;
     }
-    let mut server = ChildServer::start(scenario.role(), root.path(), &[])?;
+    let mut server = ChildServer::start(scenario.role(), root.path(), scenario.env())?;
     let pid = server.pid();
     let idle_rss_kib = proc_status_kib(pid, "VmRSS")?;
     let cpu_before = proc_cpu_secs(Some(pid))?;
@@ -874,7 +911,9 @@ async fn run_streams(
         let (fragment, n) = (work.fragment.clone(), work.per_stream);
         tasks.spawn(async move {
             match scenario {
-                Scenario::Bits => upload_bits(&client, &url, &fragment, n).await.map(Some),
+                Scenario::Bits | Scenario::BitsNoCommitSync => {
+                    upload_bits(&client, &url, &fragment, n).await.map(Some)
+                }
                 Scenario::Baseline => upload_baseline(&client, &url, &fragment, n, false)
                     .await
                     .map(|()| None),
@@ -1023,14 +1062,17 @@ fn part_c(
         .into());
     }
     let fragment = payload.slice(..usize::try_from(c.fragment)?);
-    let bits = measure_c(CServer::Bits, c, &fragment, base)?;
+    let bits = measure_c(CServer::Bits, c, &fragment, base, true)?;
     bits.print(CServer::Bits);
+    println!("    the same with sync_on_commit(false):");
+    let fast = measure_c(CServer::Bits, c, &fragment, base, false)?;
+    fast.print(CServer::Bits);
     let context = if options.c_baseline {
         println!(
             "    the same paced load as plain POSTs (one per fragment, no Create/Close) \
              to the baseline, for context:"
         );
-        let baseline = measure_c(CServer::Baseline, c, &fragment, base)?;
+        let baseline = measure_c(CServer::Baseline, c, &fragment, base, true)?;
         baseline.print(CServer::Baseline);
         Some(baseline)
     } else {
@@ -1054,6 +1096,19 @@ fn part_c(
         "< 100 ms",
         overall.n > 0 && overall.p99 < 100.0,
     );
+    let fast_overall = fast.overall();
+    summary.target(
+        "(c) the same, sync_on_commit(false)".into(),
+        format!(
+            "{:.1} ms (p50 {:.1}, max {:.1}), {} errors",
+            fast_overall.p99,
+            fast_overall.p50,
+            fast_overall.max,
+            fast.errors.len()
+        ),
+        "< 100 ms",
+        fast_overall.n > 0 && fast_overall.p99 < 100.0 && fast.errors.is_empty(),
+    );
     let wanted = c.sessions.div_ceil(10) * 9;
     summary.target(
         "(c) peak sessions open at once".into(),
@@ -1061,7 +1116,10 @@ fn part_c(
         &format!(">= {wanted} (90%)"),
         bits.peak_open >= wanted,
     );
-    if !bits.errors.is_empty() || context.is_some_and(|b| !b.errors.is_empty()) {
+    if !bits.errors.is_empty()
+        || !fast.errors.is_empty()
+        || context.is_some_and(|b| !b.errors.is_empty())
+    {
         summary.failed = true;
     }
     Ok(())
@@ -1158,14 +1216,28 @@ impl CResult {
 }
 
 /// One run of (c) against a fresh `server`; checks every file that was uploaded.
-fn measure_c(server: CServer, c: CConfig, fragment: &Bytes, base: &Path) -> Result<CResult, Error> {
+fn measure_c(
+    server: CServer,
+    c: CConfig,
+    fragment: &Bytes,
+    base: &Path,
+    commit_sync: bool,
+) -> Result<CResult, Error> {
     let root = tempfile::Builder::new()
         .prefix("axum-bits-bench-")
         .tempdir_in(base)?;
     let max_sessions = (2 * c.sessions).to_string();
     let mut child = match server {
         CServer::Bits => {
-            ChildServer::start("bits", root.path(), &[(MAX_SESSIONS_ENV, &max_sessions)])?
+            let no_commit_sync = if commit_sync { "0" } else { "1" };
+            ChildServer::start(
+                "bits",
+                root.path(),
+                &[
+                    (MAX_SESSIONS_ENV, &max_sessions),
+                    (NO_COMMIT_SYNC_ENV, no_commit_sync),
+                ],
+            )?
         }
         CServer::Baseline => ChildServer::start("baseline", root.path(), &[])?,
     };

@@ -80,8 +80,23 @@ async fn records(root: &Path) -> Vec<SessionRecord> {
     for entry in std::fs::read_dir(dir).expect("sessions folder") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "json") {
-            let bytes = std::fs::read(&path).expect("record");
-            records.push(serde_json::from_slice(&bytes).expect("a valid record"));
+            // The server rewrites records in place while it runs, so a read can catch one
+            // half-written (or removed): read again until it parses.
+            let mut attempts = 0;
+            let record = loop {
+                match std::fs::read(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break None,
+                    Ok(bytes) => match serde_json::from_slice(&bytes) {
+                        Ok(record) => break Some(record),
+                        Err(e) if attempts >= 100 => panic!("{}: {e}", path.display()),
+                        Err(_) => {}
+                    },
+                    Err(e) => panic!("{}: {e}", path.display()),
+                }
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            };
+            records.extend(record);
         }
     }
     records

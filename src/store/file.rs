@@ -11,15 +11,17 @@ use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps one JSON file per session in a directory, so open sessions survive a restart.
 ///
-/// Each write goes to a temporary file that is renamed over the record, so a crash leaves
-/// either the old or the new record, never a torn one. Reads are served from an index built
-/// when the store is opened and kept in step with every write, so a Fragment costs one small
-/// file write and no read.
+/// A new record goes to a temporary file that is renamed over the record's file. An update
+/// that fits in one page (4 KiB of JSON, padded with spaces) overwrites the file in place with
+/// one positional write instead, on Linux and without fsync; either way a crash of the process,
+/// even a SIGKILL in the middle of a write, leaves either the old or the new record, never a
+/// torn one. Reads are served from an index built when the store is opened and kept in step
+/// with every write, so a Fragment costs one small file write and no read.
 ///
-/// By default records are not fsynced: the rename is atomic in the page cache, which is what a
-/// process crash needs, and the handler never lets a record's offset run ahead of the staged
-/// data it finds. [`FileStore::with_fsync`] adds an fsync of the file and its directory per
-/// write, for power-loss durability.
+/// By default records are not fsynced: the rename, and the one-page write, are atomic in the
+/// page cache, which is what a process crash needs, and the handler never lets a record's
+/// offset run ahead of the staged data it finds. [`FileStore::with_fsync`] adds an fsync of the
+/// file and its directory per write, for power-loss durability, and always renames.
 ///
 /// One directory belongs to one server process at a time; to share sessions between nodes use
 /// a shared backend.
@@ -99,11 +101,19 @@ impl FileStore {
         self.inner.dir.join(format!("{id}.json"))
     }
 
-    async fn write(&self, record: &SessionRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(record).map_err(StoreError::backend)?;
+    /// Writes `record` to its file. `replace` says the file exists (an update), so that it
+    /// may be overwritten in place.
+    async fn write(&self, record: &SessionRecord, replace: bool) -> Result<(), StoreError> {
+        let mut json = serde_json::to_vec(record).map_err(StoreError::backend)?;
         let path = self.path(record.id);
         let fsync = self.fsync;
-        blocking(move || write_atomically(&path, &json, fsync)).await?;
+        blocking(move || {
+            if replace && !fsync && overwrite_in_place(&path, &mut json)? {
+                return Ok(());
+            }
+            write_atomically(&path, &json, fsync)
+        })
+        .await?;
         if !fsync {
             self.unsynced().insert(record.id);
         }
@@ -128,7 +138,7 @@ impl SessionStore for FileStore {
             // them; undone below if the write fails.
             index.put(record.clone());
         }
-        if let Err(error) = self.write(record).await {
+        if let Err(error) = self.write(record, false).await {
             self.index().remove(record.id);
             return Err(error);
         }
@@ -142,7 +152,7 @@ impl SessionStore for FileStore {
     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
         let _guard = self.inner.locks.lock(record.id).await;
         self.index().check_update(expected, record)?;
-        self.write(record).await?;
+        self.write(record, true).await?;
         self.index().put(record.clone());
         Ok(())
     }
@@ -222,6 +232,55 @@ fn read_record(path: &Path) -> io::Result<SessionRecord> {
     serde_json::from_slice(&bytes).map_err(io::Error::other)
 }
 
+/// The most an update may write in place: one page, the smallest page size Linux has.
+const IN_PLACE_MAX: usize = 4096;
+
+/// Overwrites the record file at `path` with `json` in place, if that is safe against a crash
+/// of the process; `Ok(false)`, having written nothing, if not (the file is missing, or the
+/// record or the file is longer than [`IN_PLACE_MAX`]), and the caller renames instead.
+/// Pads `json` only when it writes it.
+///
+/// Why a crash cannot tear the record: `json` is padded with spaces to the file's length (JSON
+/// allows trailing whitespace; the file is never truncated, which would be a second step) and
+/// written by one `pwrite` at offset 0 of at most 4096 bytes, so it falls within the first page of
+/// the page cache. Linux's buffered-write loops (`generic_perform_write`, `iomap_write_iter`) copy
+/// a write one page at a time and check for a fatal signal only before each page; the copy into a
+/// page, and the size update when the file grows, happen without one. So a SIGKILL, or any other
+/// end of the process, leaves the old or the new bytes in the page cache, which is what the next
+/// [`FileStore::open`] reads. (A copy into the page comes up short only if the page of our buffer
+/// goes away between the kernel faulting it in and copying from it, by reclaim or NUMA balancing;
+/// the loop then goes round again, past a signal check, so a SIGKILL at that instant would leave a
+/// torn record. The buffer was written a moment before, so this is theory.) Nor is the write atomic
+/// for another process reading the file at that moment, which may see part old and part new bytes;
+/// only `open` reads the files, and one process owns the directory. Nor on disk: a power loss may
+/// tear it, which is why `with_fsync(true)` never comes here.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn overwrite_in_place(path: &Path, json: &mut Vec<u8>) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt as _;
+
+    if json.len() > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    let file = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if len > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    json.resize(json.len().max(len), b' ');
+    file.write_all_at(json, 0)?;
+    Ok(true)
+}
+
+/// Elsewhere the argument of the Linux version has not been made: always rename.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn overwrite_in_place(_path: &Path, _json: &mut Vec<u8>) -> io::Result<bool> {
+    Ok(false)
+}
+
 fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -285,5 +344,122 @@ mod tests {
         ));
         assert!(store.remove(r.id).await.unwrap());
         assert!(!dir.path().join(format!("{}.json", r.id)).exists());
+    }
+
+    /// Bumps the revision and updates, returning the length of the record's JSON.
+    async fn bump(store: &FileStore, r: &mut SessionRecord) -> u64 {
+        r.revision += 1;
+        r.received += 65536;
+        store.update(r.revision - 1, r).await.unwrap();
+        serde_json::to_vec(&*r).unwrap().len() as u64
+    }
+
+    #[cfg(unix)]
+    fn ino(path: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+    }
+
+    #[tokio::test]
+    async fn updates_in_place_shrink_and_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut r = record("in/place.bin");
+        store.create(&r).await.unwrap();
+        let path = store.path(r.id);
+        let mut longest = std::fs::metadata(&path).unwrap().len();
+        #[cfg(target_os = "linux")]
+        let inode = ino(&path);
+
+        // Grow, shrink, grow further, shrink: each step reads back after a reopen.
+        for owner in [Some(600), None, Some(1500), Some(10), None] {
+            r.owner = owner.map(|n| Owner::new("o".repeat(n)));
+            longest = longest.max(bump(&store, &mut r).await);
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes.len() as u64 >= longest, "the file never shrinks");
+            assert_eq!(
+                serde_json::from_slice::<SessionRecord>(&bytes).unwrap(),
+                r,
+                "the file holds the latest record"
+            );
+            #[cfg(target_os = "linux")]
+            {
+                assert_eq!(ino(&path), inode, "written in place");
+                assert_eq!(
+                    bytes.len() as u64,
+                    longest,
+                    "padded, not grown, when shorter"
+                );
+                if owner.is_none() {
+                    assert!(bytes.ends_with(b"    "), "padded with spaces");
+                }
+            }
+            assert!(store.unsynced().contains(&r.id), "left for close to fsync");
+
+            // The directory listing reads records that carry trailing spaces.
+            let reopened = FileStore::open(dir.path()).unwrap();
+            assert_eq!(reopened.load(r.id).await.unwrap(), Some(r.clone()));
+        }
+
+        store.close().await.unwrap();
+        assert!(store.unsynced().is_empty());
+        assert!(store.remove(r.id).await.unwrap());
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn records_over_a_page_are_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut r = record("big/record.bin");
+        store.create(&r).await.unwrap();
+        let path = store.path(r.id);
+
+        r.owner = Some(Owner::new("b".repeat(2 * IN_PLACE_MAX)));
+        #[cfg(unix)]
+        let before = ino(&path);
+        let len = bump(&store, &mut r).await;
+        assert!(len > IN_PLACE_MAX as u64);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len,
+            "written whole"
+        );
+        #[cfg(unix)]
+        assert_ne!(ino(&path), before, "renamed, not written in place");
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.load(r.id).await.unwrap(), Some(r.clone()));
+
+        // Back under a page: the long file is replaced, not padded past a page.
+        r.owner = None;
+        let len = bump(&store, &mut r).await;
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        // And the next update is in place again.
+        #[cfg(unix)]
+        let before = ino(&path);
+        bump(&store, &mut r).await;
+        #[cfg(target_os = "linux")]
+        assert_eq!(ino(&path), before);
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.load(r.id).await.unwrap(), Some(r.clone()));
+        assert!(!dir.path().join(format!("{}.json.tmp", r.id)).exists());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn fsync_always_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap().with_fsync(true);
+        let mut r = record("synced/record.bin");
+        store.create(&r).await.unwrap();
+        let path = store.path(r.id);
+        for _ in 0..3 {
+            let before = ino(&path);
+            let len = bump(&store, &mut r).await;
+            assert_ne!(ino(&path), before, "a new file renamed over the record");
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "no padding");
+        }
+        assert!(store.unsynced().is_empty(), "nothing left unsynced");
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.load(r.id).await.unwrap(), Some(r.clone()));
     }
 }
