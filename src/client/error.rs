@@ -27,6 +27,9 @@ pub enum Error {
     /// for longer than the no-progress timeout.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A header given to the builder has an invalid name or value.
+    #[error("the header {0:?} has an invalid name or value")]
+    InvalidHeader(String),
     /// A session id to resume or cancel that cannot be sent in a header.
     #[error("{0:?} is not a valid BITS session id")]
     InvalidSessionId(String),

@@ -63,10 +63,9 @@ pub struct BitsClient {
 
 #[derive(Debug)]
 struct Inner {
-    /// BITS packets: redirects are never followed.
+    /// Redirects are never followed by it: BITS packets do not follow them, and reply
+    /// downloads follow them one hop at a time (credentials stay with the upload's hosts).
     http: reqwest::Client,
-    /// Reply downloads: redirects are followed, as a BITS download job does.
-    download: reqwest::Client,
     config: Config,
 }
 
@@ -424,7 +423,8 @@ impl BitsClientBuilder {
 
     /// Uses this HTTP client (your TLS, proxy and connection settings) instead of building
     /// one; the connection options of this builder are then ignored. It should not follow
-    /// redirects: BITS uploads never do.
+    /// redirects (build it with `redirect(Policy::none())`): BITS uploads never do, and the
+    /// reply download follows them itself so that credentials stay with the upload's hosts.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
         self
@@ -433,43 +433,32 @@ impl BitsClientBuilder {
     /// Builds the client.
     pub fn build(self) -> Result<BitsClient, Error> {
         if let Some(name) = self.invalid_header {
-            return Err(Error::InvalidUrl {
-                url: name,
-                reason: "an invalid header name or value".into(),
-            });
+            return Err(Error::InvalidHeader(name));
         }
-        let (http, download) = match self.http_client {
-            Some(client) => (client.clone(), client),
+        let http = match self.http_client {
+            Some(client) => client,
             None => {
-                let base = || -> Result<reqwest::ClientBuilder, Error> {
-                    let mut builder = reqwest::Client::builder()
-                        .user_agent(self.user_agent.clone())
-                        .connect_timeout(self.connect_timeout)
-                        .pool_idle_timeout(Duration::from_secs(90))
-                        .tcp_nodelay(true)
-                        .danger_accept_invalid_certs(self.accept_invalid_certs);
-                    if self.no_proxy {
-                        builder = builder.no_proxy();
-                    }
-                    for pem in &self.root_certificates {
-                        let cert = reqwest::Certificate::from_pem(pem).map_err(Error::Build)?;
-                        builder = builder.add_root_certificate(cert);
-                    }
-                    Ok(builder)
-                };
-                (
-                    base()?
-                        .redirect(reqwest::redirect::Policy::none())
-                        .build()
-                        .map_err(Error::Build)?,
-                    base()?.build().map_err(Error::Build)?,
-                )
+                let mut builder = reqwest::Client::builder()
+                    .user_agent(self.user_agent.clone())
+                    .connect_timeout(self.connect_timeout)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .tcp_nodelay(true)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .referer(false)
+                    .danger_accept_invalid_certs(self.accept_invalid_certs);
+                if self.no_proxy {
+                    builder = builder.no_proxy();
+                }
+                for pem in &self.root_certificates {
+                    let cert = reqwest::Certificate::from_pem(pem).map_err(Error::Build)?;
+                    builder = builder.add_root_certificate(cert);
+                }
+                builder.build().map_err(Error::Build)?
             }
         };
         Ok(BitsClient {
             inner: Arc::new(Inner {
                 http,
-                download,
                 config: self.config,
             }),
         })

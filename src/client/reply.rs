@@ -13,6 +13,8 @@ use super::progress::{Phase, Tracker};
 use super::{BitsClient, Error, ServerError};
 
 const PACKET: &str = "reply download";
+/// Redirects followed per attempt (a BITS download job follows them silently).
+const MAX_REDIRECTS: usize = 10;
 
 /// The reply of an upload-reply job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,14 +179,16 @@ enum Attempt {
 
 /// Downloads the reply at `url` into `target`: `Range: bytes=<have>-` on every attempt,
 /// `If-Range` once a validator is known, resumed after interruptions, started over when the
-/// server sends the whole thing. `send_credentials` says whether the client's headers may go
-/// to this host.
+/// server sends the whole thing. Redirects are followed here, one hop at a time, so that the
+/// client's credentials go only to `trusted` origins (the upload's). Retries are added to
+/// `retries`.
 pub(crate) async fn download(
     client: &BitsClient,
     url: Url,
     target: &ReplyTarget,
-    send_credentials: bool,
+    trusted: &[reqwest::Url],
     tracker: &Tracker,
+    retries: &mut u32,
 ) -> Result<Reply, Error> {
     let config = &client.inner.config;
     let mut sink = Sink::open(target).await?;
@@ -204,7 +208,7 @@ pub(crate) async fn download(
         let attempt = fetch(
             client,
             &url,
-            send_credentials,
+            trusted,
             &mut sink,
             &mut have,
             &mut total,
@@ -228,8 +232,10 @@ pub(crate) async fn download(
         }
         let delay = backoff.next_delay(policy::random());
         tracing::debug!(%error, ?delay, "retrying the reply download");
+        *retries += 1;
+        let count = *retries;
         tracker.update(|p| {
-            p.retries += 1;
+            p.retries = count;
             p.phase = Phase::Retrying {
                 delay,
                 error: error.to_string(),
@@ -250,7 +256,7 @@ pub(crate) async fn download(
 async fn fetch(
     client: &BitsClient,
     url: &Url,
-    send_credentials: bool,
+    trusted: &[Url],
     sink: &mut Sink,
     have: &mut u64,
     total: &mut Option<u64>,
@@ -258,30 +264,49 @@ async fn fetch(
     tracker: &Tracker,
 ) -> Result<Attempt, Error> {
     let config = &client.inner.config;
-    let mut request = client
-        .inner
-        .download
-        .get(url.clone())
-        .timeout(config.request_timeout)
-        .header(header::RANGE, format!("bytes={have}-"));
-    if *have > 0 {
-        if let Some(v) = validator {
-            request = request.header(header::IF_RANGE, v.clone());
+    let mut at = url.clone();
+    let mut hops = 0;
+    let mut response = loop {
+        let mut request = client
+            .inner
+            .http
+            .get(at.clone())
+            .timeout(config.request_timeout)
+            .header(header::RANGE, format!("bytes={have}-"));
+        if *have > 0 {
+            if let Some(v) = validator {
+                request = request.header(header::IF_RANGE, v.clone());
+            }
         }
-    }
-    if send_credentials {
-        request = request.headers(config.headers.clone());
-        if let Some((user, password)) = &config.basic_auth {
-            request = request.basic_auth(user, Some(password));
+        if trusted.iter().any(|t| t.origin() == at.origin()) {
+            request = request.headers(config.headers.clone());
+            if let Some((user, password)) = &config.basic_auth {
+                request = request.basic_auth(user, Some(password));
+            }
         }
-    }
-    let mut response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(Attempt::Retry(Error::Transport {
-                packet: PACKET,
-                source: e,
-            }));
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Attempt::Retry(Error::Transport {
+                    packet: PACKET,
+                    source: e,
+                }));
+            }
+        };
+        let next = response
+            .status()
+            .is_redirection()
+            .then(|| response.headers().get(header::LOCATION))
+            .flatten()
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| at.join(l).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"));
+        match next {
+            Some(next) if hops < MAX_REDIRECTS => {
+                hops += 1;
+                at = next;
+            }
+            _ => break response,
         }
     };
     let status = response.status();

@@ -244,19 +244,28 @@ impl Driver {
                 .transpose()?;
             let reply = match (&self.reply, &reply_url) {
                 (Some(target), Some(url)) => {
-                    let same_host = url.origin() == self.original.origin()
-                        || url.origin() == self.target.origin();
+                    let trusted = [self.original.clone(), self.target.clone()];
                     let target = target.clone();
-                    Some(
-                        reply::download(
-                            &self.client,
-                            url.clone(),
-                            &target,
-                            same_host,
-                            &self.tracker,
-                        )
-                        .await?,
+                    let mut retries = self.retries;
+                    let downloaded = reply::download(
+                        &self.client,
+                        url.clone(),
+                        &target,
+                        &trusted,
+                        &self.tracker,
+                        &mut retries,
                     )
+                    .await;
+                    self.retries = retries;
+                    match downloaded {
+                        Ok(reply) => Some(reply),
+                        Err(e) => {
+                            // Without the reply the session is of no further use: release
+                            // the server's copy of it rather than leave it until it expires.
+                            self.cancel_remote().await;
+                            return Err(e);
+                        }
+                    }
                 }
                 _ => None,
             };
@@ -349,6 +358,9 @@ impl Driver {
                 }
             }
             self.set_session(id);
+            // A new session is progress: the no-progress clock and the backoff start again.
+            self.last_progress = Instant::now();
+            self.backoff.reset();
             self.progress_to(0);
             let config = &self.client.inner.config;
             if let (true, Some(host)) = (config.follow_host_id, ack.host_id()) {
@@ -633,8 +645,8 @@ impl Driver {
     /// Records an Ack's offset; a new high is progress.
     fn progress_to(&mut self, received: u64) {
         self.acked = received;
-        if received > self.high_water || received == 0 {
-            self.high_water = self.high_water.max(received);
+        if received > self.high_water {
+            self.high_water = received;
             self.last_progress = Instant::now();
             self.backoff.reset();
         }
