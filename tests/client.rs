@@ -23,7 +23,9 @@ use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::routing::get;
-use axum_bits::client::{BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadSource};
+use axum_bits::client::{
+    BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadBuilder, UploadSource,
+};
 use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
 use axum_bits::protocol::Hresult;
 use axum_bits::{BitsLayer, BitsLayerBuilder};
@@ -56,6 +58,14 @@ fn builder() -> BitsClientBuilder {
 
 fn client() -> BitsClient {
     builder().build().expect("client")
+}
+
+/// An upload of `bytes` to `url` in fragments of `fragment` bytes, by the test client; add
+/// options and `.await` it.
+fn upload_bytes(url: String, bytes: &[u8], fragment: u64) -> UploadBuilder {
+    client()
+        .upload(url, UploadSource::bytes(bytes.to_vec()))
+        .fragment_size(fragment)
 }
 
 /// Deterministic pseudo-random bytes (xorshift).
@@ -425,12 +435,7 @@ async fn a_413_shrinks_fragments_to_what_the_server_takes() {
         let server = Server::start(|b| b.max_fragment_size(16 * 1024)).await;
         let bytes = random_bytes(200_000, 3);
         let reports = Reports::default();
-        client()
-            .upload(
-                server.url("/shrunk.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(1 << 20)
+        upload_bytes(server.url("/shrunk.bin"), &bytes, 1 << 20)
             .on_progress(reports.callback())
             .await
             .expect("upload");
@@ -669,9 +674,7 @@ async fn upload_reply_jobs_get_their_reply_in_memory_or_in_a_file() {
         let mut reversed = bytes.clone();
         reversed.reverse();
 
-        let uploaded = client()
-            .upload(server.url("/r1.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(64 * 1024)
+        let uploaded = upload_bytes(server.url("/r1.bin"), &bytes, 64 * 1024)
             .reply_in_memory(1 << 20)
             .await
             .expect("upload-reply");
@@ -687,9 +690,7 @@ async fn upload_reply_jobs_get_their_reply_in_memory_or_in_a_file() {
 
         let local = tempfile::tempdir().unwrap();
         let target = local.path().join("reply.bin");
-        let uploaded = client()
-            .upload(server.url("/r2.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(64 * 1024)
+        let uploaded = upload_bytes(server.url("/r2.bin"), &bytes, 64 * 1024)
             .reply_to_file(&target)
             .await
             .expect("upload-reply to a file");
@@ -720,9 +721,7 @@ async fn asking_a_server_without_replies_for_one_is_no_reply_url() {
     within(async {
         let server = Server::start(|b| b).await;
         let bytes = random_bytes(20_000, 7);
-        let error = client()
-            .upload(server.url("/plain.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(8 * 1024)
+        let error = upload_bytes(server.url("/plain.bin"), &bytes, 8 * 1024)
             .reply_in_memory(1 << 20)
             .await
             .expect_err("no reply URL");
@@ -807,9 +806,7 @@ async fn a_session_the_server_forgot_starts_over_from_zero() {
         .await;
         let bytes = random_bytes(100_000, 9);
         let reports = Reports::default();
-        let uploaded = client()
-            .upload(server.url("/again.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(16 * 1024)
+        let uploaded = upload_bytes(server.url("/again.bin"), &bytes, 16 * 1024)
             .on_progress(reports.callback())
             .await
             .expect("upload");
@@ -841,12 +838,7 @@ async fn resuming_a_session_the_server_does_not_know_starts_over() {
         let server = Server::start(|b| b).await;
         let bytes = random_bytes(30_000, 30);
         let unknown = "{0BADBEEF-0000-4000-8000-000000000000}";
-        let uploaded = client()
-            .upload(
-                server.url("/unknown.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(16 * 1024)
+        let uploaded = upload_bytes(server.url("/unknown.bin"), &bytes, 16 * 1024)
             .resume(unknown)
             .await
             .expect("upload");
@@ -1577,12 +1569,7 @@ async fn iis_resync_follows_received_down_on_416_and_up_on_200() {
             Act::Default
         })
         .await;
-        let uploaded = client()
-            .upload(
-                peer.url("/up/resync.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/resync.bin"), &bytes, 8192)
             .await
             .expect("upload");
         assert_eq!(peer.file("/up/resync.bin").as_deref(), Some(&bytes[..]));
@@ -1605,12 +1592,7 @@ async fn iis_connection_dropped_mid_fragment_is_retried_from_the_peer_offset() {
         })
         .await;
         let bytes = random_bytes(40_000, 22);
-        let uploaded = client()
-            .upload(
-                peer.url("/up/dropped.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(16 * 1024)
+        let uploaded = upload_bytes(peer.url("/up/dropped.bin"), &bytes, 16 * 1024)
             .await
             .expect("upload");
         assert_eq!(peer.file("/up/dropped.bin").as_deref(), Some(&bytes[..]));
@@ -1640,9 +1622,7 @@ async fn iis_busy_and_proxy_errors_are_retried() {
         .await;
         let bytes = random_bytes(30_000, 23);
         let reports = Reports::default();
-        let uploaded = client()
-            .upload(peer.url("/up/busy.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(16 * 1024)
+        let uploaded = upload_bytes(peer.url("/up/busy.bin"), &bytes, 16 * 1024)
             .on_progress(reports.callback())
             .await
             .expect("upload");
@@ -1677,12 +1657,7 @@ async fn iis_close_session_500_is_sent_again() {
         })
         .await;
         let bytes = random_bytes(10_000, 24);
-        let uploaded = client()
-            .upload(
-                peer.url("/up/close.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/close.bin"), &bytes, 8192)
             .await
             .expect("upload");
         assert_eq!(peer.file("/up/close.bin").as_deref(), Some(&bytes[..]));
@@ -1713,9 +1688,7 @@ async fn iis_close_session_not_found_starts_the_upload_over() {
         })
         .await;
         let bytes = random_bytes(10_000, 25);
-        let uploaded = client()
-            .upload(peer.url("/up/lost.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/lost.bin"), &bytes, 8192)
             .await
             .expect("upload");
         assert_eq!(uploaded.restarts, 1);
@@ -1799,12 +1772,7 @@ async fn iis_session_not_found_in_lower_case_without_0x_restarts() {
         })
         .await;
         let bytes = random_bytes(20_000, 26);
-        let uploaded = client()
-            .upload(
-                peer.url("/up/lower.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/lower.bin"), &bytes, 8192)
             .await
             .expect("upload");
         assert_eq!(uploaded.restarts, 1);
@@ -1851,18 +1819,15 @@ async fn an_unreachable_host_id_falls_back_after_its_timeout() {
 
         let bytes = random_bytes(20_000, 27);
         let started = Instant::now();
-        let upload = client()
-            .upload(peer.url("/up/farm.bin"), UploadSource::bytes(bytes.clone()))
-            .fragment_size(8192)
-            .on_progress({
-                let first = first_session.clone();
-                move |p| {
-                    let mut first = first.lock().unwrap();
-                    if first.is_none() {
-                        first.clone_from(&p.session_id);
-                    }
+        let upload = upload_bytes(peer.url("/up/farm.bin"), &bytes, 8192).on_progress({
+            let first = first_session.clone();
+            move |p| {
+                let mut first = first.lock().unwrap();
+                if first.is_none() {
+                    first.clone_from(&p.session_id);
                 }
-            });
+            }
+        });
         let uploaded = upload.await.expect("upload");
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
@@ -1973,12 +1938,7 @@ async fn iis_reply_download_resumes_after_an_interruption() {
         .await;
         peer.with(|iis| iis.reply = Some(reply.clone()));
         let bytes = random_bytes(12_000, 29);
-        let uploaded = client()
-            .upload(
-                peer.url("/vdir/app/order.xml"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/vdir/app/order.xml"), &bytes, 8192)
             .reply_in_memory(1 << 20)
             .await
             .expect("upload-reply");
@@ -2077,12 +2037,7 @@ async fn a_close_whose_ack_was_lost_counts_as_closed() {
         })
         .await;
         let bytes = random_bytes(10_000, 41);
-        let uploaded = client()
-            .upload(
-                peer.url("/up/closed.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/closed.bin"), &bytes, 8192)
             .await
             .expect("a repeated Close-Session answered 0x8020001F is a success");
         assert_eq!(uploaded.restarts, 0);
@@ -2114,12 +2069,7 @@ async fn a_dropped_create_session_is_sent_again() {
         )
         .await;
         let bytes = random_bytes(10_000, 42);
-        let uploaded = client()
-            .upload(
-                peer.url("/up/create.bin"),
-                UploadSource::bytes(bytes.clone()),
-            )
-            .fragment_size(8192)
+        let uploaded = upload_bytes(peer.url("/up/create.bin"), &bytes, 8192)
             .await
             .expect("upload");
         assert!(uploaded.retries >= 1);

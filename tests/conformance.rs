@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use axum_bits::session::SessionRecord;
+use axum_bits::store::StoreError;
 use axum_bits::{BitsLayer, CommitPoint, CompletionPolicy};
 use common::{BitsClient, PROTOCOL, Reply, TestServer, data, owner_from_header, parts};
 
@@ -1406,6 +1408,56 @@ async fn session_limit_answers_503() {
     client.send_all("/s1.bin", &a, b"done", 4).await;
     client.close("/s1.bin", &a).await.assert_ok();
     client.create_ok("/s3.bin").await;
+}
+
+/// A store whose creates take a round trip, as a database's do: a create is not visible to
+/// the session counts until it has finished.
+struct SlowCreates(axum_bits::store::MemoryStore);
+
+impl axum_bits::store::SessionStore for SlowCreates {
+    async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.0.create(record).await
+    }
+    async fn load(&self, id: axum_bits::SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        self.0.load(id).await
+    }
+    async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
+        self.0.update(expected, record).await
+    }
+    async fn remove(&self, id: axum_bits::SessionId) -> Result<bool, StoreError> {
+        self.0.remove(id).await
+    }
+    async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.0.list().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_exceed_the_session_limit() {
+    let server = TestServer::start(|b| {
+        b.max_sessions(5)
+            .store(SlowCreates(axum_bits::store::MemoryStore::new()))
+    })
+    .await;
+    // Collected first, so that all of them are in flight at once.
+    let creates: Vec<_> = (0..40)
+        .map(|i| {
+            let client = server.client();
+            tokio::spawn(async move { client.create(&format!("/race{i}.bin")).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for create in creates {
+        statuses.push(create.await.unwrap());
+    }
+    let created = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(created, 5, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(parts(&server.root).len(), 5);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 //! (what the client does with every answer).
 //!
 //! The first byte picks the status (`100 + byte * 2`, so 100..=610, invalid ones skipped);
-//! the rest is split into lines as in the `packet` target: a line whose first byte is below
-//! `KNOWN.len()` names a protocol header by index, any other line is `name:value`.
+//! the rest is split into lines by `shared/header_lines.rs`, as in the `packet` target.
 
 #![no_main]
 
 use axum_bits::protocol::{Ack, ErrorContext, Hresult, ParsedAck, headers as h};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, StatusCode};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "shared/header_lines.rs"]
+mod header_lines;
 
 const KNOWN: [HeaderName; 10] = [
     h::BITS_PACKET_TYPE,
@@ -31,27 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(status) = StatusCode::from_u16(100 + u16::from(first) * 2) else {
         return;
     };
-    let mut headers = HeaderMap::new();
-    for line in rest.split(|&b| b == b'\n') {
-        let Some((&first, value)) = line.split_first() else {
-            continue;
-        };
-        let (name, value) = match KNOWN.get(usize::from(first)) {
-            Some(name) => (name.clone(), value),
-            None => {
-                let Some(colon) = line.iter().position(|&b| b == b':') else {
-                    continue;
-                };
-                let Ok(name) = HeaderName::from_bytes(&line[..colon]) else {
-                    continue;
-                };
-                (name, &line[colon + 1..])
-            }
-        };
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            headers.append(name, value);
-        }
-    }
+    let headers = header_lines::header_map(rest, &KNOWN);
     let Ok(ack) = ParsedAck::parse(status, &headers) else {
         return;
     };

@@ -16,6 +16,9 @@ use axum_bits::protocol::{
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "shared/header_lines.rs"]
+mod header_lines;
+
 const KNOWN: [HeaderName; 9] = [
     h::BITS_PACKET_TYPE,
     h::BITS_SESSION_ID,
@@ -27,31 +30,6 @@ const KNOWN: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::EXPECT,
 ];
-
-fn header_map(data: &[u8]) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for line in data.split(|&b| b == b'\n') {
-        let Some((&first, rest)) = line.split_first() else {
-            continue;
-        };
-        let (name, value) = match KNOWN.get(usize::from(first)) {
-            Some(name) => (name.clone(), rest),
-            None => {
-                let Some(colon) = line.iter().position(|&b| b == b':') else {
-                    continue;
-                };
-                let Ok(name) = HeaderName::from_bytes(&line[..colon]) else {
-                    continue;
-                };
-                (name, &line[colon + 1..])
-            }
-        };
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            headers.append(name, value);
-        }
-    }
-    headers
-}
 
 fn check_packet(headers: &HeaderMap, packet: &Packet) {
     assert!(
@@ -97,7 +75,7 @@ fn check_packet(headers: &HeaderMap, packet: &Packet) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let headers = header_map(data);
+    let headers = header_lines::header_map(data, &KNOWN);
     if let Ok(packet) = Packet::from_headers(&headers) {
         check_packet(&headers, &packet);
     }

@@ -468,7 +468,6 @@ impl Driver {
                     Some(smaller) => {
                         tracing::info!(from = len, to = smaller, "413: smaller fragments");
                         self.fragment_size = smaller;
-                        offset = self.acked.min(offset);
                     }
                     None => return Err(Error::FragmentTooLarge(len)),
                 },
