@@ -630,23 +630,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let config = &shared.config;
-    let id = record.id;
     *received = Some(record.received);
-
-    if record.phase == Phase::Receiving {
-        // The part is the ground truth: a record may never claim bytes the part does not
-        // hold (after a power loss without fsync, or a part deleted behind our back).
-        let held = shared.staging.len(id).await?.unwrap_or(0);
-        if held < record.received {
-            tracing::warn!(
-                recorded = record.received,
-                held,
-                "staged data is shorter than the record; resuming from the data"
-            );
-            save(shared, record, |r| r.received = held).await?;
-            *received = Some(record.received);
-        }
-    }
 
     let limits = Limits {
         max_upload_size: config.max_upload_size,
@@ -865,7 +849,12 @@ where
     B: Body + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut part = shared.staging.open(record.id, write.offset).await?;
+    let mut part = match shared.staging.open(record.id, write.offset).await {
+        Err(StagingError::PartShort { held }) => {
+            return rewind_to_part(shared, record, held, received).await;
+        }
+        opened => opened?,
+    };
     let (written, copied) = copy_fragment(
         body,
         write.skip,
@@ -883,6 +872,11 @@ where
         );
     }
     let flushed = part.finish().await;
+    if let (Err(BodyError::Staging(StagingError::PartShort { held })), _)
+    | (_, Err(StagingError::PartShort { held })) = (&copied, &flushed)
+    {
+        return rewind_to_part(shared, record, *held, received).await;
+    }
     match (copied, flushed) {
         (Ok(()), Ok(())) => {}
         (Err(BodyError::Staging(e)), _) | (Ok(()), Err(e)) => return Err(e.into()),
@@ -916,6 +910,25 @@ where
         tracing::info!(bytes = write.total, "all bytes received");
     }
     Ok(())
+}
+
+/// The part holds fewer bytes than the record says (a power loss without fsync, or a part
+/// deleted behind the server's back): the part is the ground truth, so the session resumes
+/// from what it holds, and the client is told where with a 416.
+async fn rewind_to_part(
+    shared: &Shared,
+    record: &mut SessionRecord,
+    held: u64,
+    received: &mut Option<u64>,
+) -> Result<(), Failure> {
+    tracing::warn!(
+        recorded = record.received,
+        held,
+        "staged data is shorter than the record; resuming from the data"
+    );
+    save(shared, record, |r| r.received = held).await?;
+    *received = Some(record.received);
+    Err(Refusal::Gap.into())
 }
 
 /// Moves a complete session's file to its destination and records that it did.

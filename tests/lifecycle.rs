@@ -352,6 +352,53 @@ async fn a_commit_that_finished_before_a_crash_is_recognised_without_recovery() 
     assert!(parts(root).is_empty());
 }
 
+/// A running server trusts the part over the record: staged data lost behind its back (a
+/// part truncated or deleted) rewinds the session to what the part holds, with a 416 the
+/// client resumes from, and the file still ends up whole.
+#[tokio::test]
+async fn a_part_that_lost_data_while_running_rewinds_the_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let server = TestServer::start_in(root, |b| b).await;
+    let client = server.client();
+    let body = data(40_000, 9);
+    let sid = client.create_ok("/lossy.bin").await;
+    client
+        .fragment("/lossy.bin", &sid, 0, &body[..20_000], 40_000)
+        .await
+        .assert_ok();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(part_path(root, &sid))
+        .unwrap()
+        .set_len(12_000)
+        .unwrap();
+    let reply = client
+        .fragment("/lossy.bin", &sid, 20_000, &body[20_000..30_000], 40_000)
+        .await;
+    reply.assert_error(416, "0x0");
+    assert_eq!(reply.received(), Some(12_000), "{reply:?}");
+    assert_eq!(record(root, &sid).await.received, 12_000);
+    // A re-sent fragment below the new offset is new data again, not a duplicate.
+    let reply = client
+        .fragment("/lossy.bin", &sid, 10_000, &body[10_000..30_000], 40_000)
+        .await;
+    reply.assert_ok();
+    assert_eq!(reply.received(), Some(30_000), "{reply:?}");
+
+    // A deleted part holds nothing: back to byte 0.
+    std::fs::remove_file(part_path(root, &sid)).unwrap();
+    let reply = client
+        .fragment("/lossy.bin", &sid, 30_000, &body[30_000..], 40_000)
+        .await;
+    reply.assert_error(416, "0x0");
+    assert_eq!(reply.received(), Some(0), "{reply:?}");
+    client.send_all("/lossy.bin", &sid, &body, 15_000).await;
+    client.close("/lossy.bin", &sid).await.assert_ok();
+    assert!(std::fs::read(root.join("lossy.bin")).unwrap() == body);
+    assert!(parts(root).is_empty());
+}
+
 #[tokio::test]
 async fn recovery_removes_orphan_replies() {
     use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply};

@@ -287,18 +287,12 @@ impl Staging for LocalStaging {
     }
 
     async fn open(&self, id: SessionId, offset: u64) -> Result<LocalPart, StagingError> {
-        let path = self.part(id);
-        let file = blocking(move || {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            Ok(options.open(&path)?)
-        })
-        .await?;
+        // No I/O yet: the first flush opens the file and checks its length in the same trip
+        // to the blocking pool as its write, so a small fragment costs one trip.
         Ok(LocalPart {
             id,
-            file: Arc::new(file),
+            path: Arc::new(self.part(id)),
+            file: None,
             written: 0,
             writeback: self.inner.sync_on_commit.then(|| self.writeback.clone()),
             offset,
@@ -453,11 +447,14 @@ fn target_error(e: io::Error, path: &Path) -> StagingError {
 }
 
 /// Writes a fragment's new bytes into a part file: fills a buffer, hands it to the blocking
-/// pool, and fills a second one while the first is written.
+/// pool, and fills a second one while the first is written. The file is opened by the first
+/// write, which also checks that it holds the bytes below the offset.
 #[derive(Debug)]
 pub struct LocalPart {
     id: SessionId,
-    file: Arc<std::fs::File>,
+    path: Arc<PathBuf>,
+    /// Open once the first flush has finished.
+    file: Option<Arc<std::fs::File>>,
     /// Bytes handed to the file by this writer.
     written: u64,
     /// Early writeback, when commits fsync (otherwise nothing waits for the disk).
@@ -466,16 +463,20 @@ pub struct LocalPart {
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
     capacity: usize,
-    in_flight: Option<JoinHandle<io::Result<Vec<u8>>>>,
+    in_flight: Option<Flush>,
     sync_data: bool,
 }
+
+/// A buffer being written; gives back the file and the emptied buffer.
+type Flush = JoinHandle<Result<(Arc<std::fs::File>, Vec<u8>), StagingError>>;
 
 impl LocalPart {
     async fn wait(&mut self) -> Result<(), StagingError> {
         if let Some(task) = self.in_flight.take() {
-            let mut buffer = task.await.map_err(io::Error::other)??;
+            let (file, mut buffer) = task.await.map_err(io::Error::other)??;
             buffer.clear();
             self.spare = Some(buffer);
+            self.file = Some(file);
         }
         Ok(())
     }
@@ -487,15 +488,34 @@ impl LocalPart {
         }
         let next = self.spare.take().unwrap_or_default();
         let data = std::mem::replace(&mut self.buffer, next);
-        let (file, offset) = (self.file.clone(), self.offset);
+        let (file, path, offset) = (self.file.clone(), self.path.clone(), self.offset);
         self.offset += data.len() as u64;
         self.written += data.len() as u64;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let file = match file {
+                Some(file) => file,
+                None => Arc::new(open_at(&path, offset)?),
+            };
             write_all_at(&file, &data, offset)?;
-            Ok(data)
+            Ok((file, data))
         }));
         Ok(())
     }
+}
+
+/// Opens (or creates) the part for writing at `offset`; fails with
+/// [`StagingError::PartShort`] if it holds fewer bytes than that.
+fn open_at(path: &Path, offset: u64) -> Result<std::fs::File, StagingError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    let held = file.metadata()?.len();
+    if held < offset {
+        return Err(StagingError::PartShort { held });
+    }
+    Ok(file)
 }
 
 impl PartWriter for LocalPart {
@@ -520,11 +540,14 @@ impl PartWriter for LocalPart {
     async fn finish(mut self) -> Result<(), StagingError> {
         self.flush().await?;
         self.wait().await?;
+        // Nothing was written: nothing to make durable.
+        let Some(file) = self.file else {
+            return Ok(());
+        };
         if self.sync_data {
-            let file = self.file.clone();
             blocking(move || Ok(file.sync_data()?)).await?;
         } else if let Some(writeback) = &self.writeback {
-            writeback.wrote(self.id, self.written, &self.file);
+            writeback.wrote(self.id, self.written, &file);
         }
         Ok(())
     }
@@ -596,6 +619,48 @@ mod tests {
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
         staging.commit(other, &d, 3, true).await.unwrap();
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), b"new");
+    }
+
+    #[tokio::test]
+    async fn a_part_shorter_than_the_offset_is_refused_with_its_length() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+        // A missing part holds nothing: writing at 0 creates it, writing further on is short.
+        let mut part = staging.open(id, 10).await.unwrap();
+        part.write(Bytes::from_static(b"late")).await.unwrap();
+        assert!(matches!(
+            part.finish().await,
+            Err(StagingError::PartShort { held: 0 })
+        ));
+        assert_eq!(staging.len(id).await.unwrap(), Some(0));
+        write_part(&staging, id, 0, &[7; 5000]).await;
+        // Short by one byte: refused, and nothing is written.
+        let mut part = staging.open(id, 5001).await.unwrap();
+        part.write(Bytes::from_static(b"x")).await.unwrap();
+        assert!(matches!(
+            part.finish().await,
+            Err(StagingError::PartShort { held: 5000 })
+        ));
+        assert_eq!(staging.len(id).await.unwrap(), Some(5000));
+        // The check also stops a large write at its first buffer.
+        let mut part = staging.open(id, 6000).await.unwrap();
+        let big = Bytes::from(vec![1; 3 * DEFAULT_BUFFER]);
+        assert!(matches!(
+            part.write(big).await,
+            Err(StagingError::PartShort { held: 5000 })
+        ));
+        // Exactly at the end and inside are fine (a resent tail overwrites).
+        write_part(&staging, id, 5000, b"end").await;
+        write_part(&staging, id, 10, b"mid").await;
+        let on_disk = std::fs::read(staging.part(id)).unwrap();
+        assert_eq!(on_disk.len(), 5003);
+        assert_eq!(&on_disk[10..13], b"mid");
+        assert_eq!(&on_disk[5000..], b"end");
+        // Opening alone neither creates nor checks anything.
+        let other = SessionId::new();
+        drop(staging.open(other, 99).await.unwrap());
+        assert_eq!(staging.len(other).await.unwrap(), None);
     }
 
     #[tokio::test]

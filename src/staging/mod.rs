@@ -43,7 +43,14 @@ pub trait Staging: Send + Sync + 'static {
     /// The part's current length, or `None` if it does not exist.
     fn len(&self, id: SessionId) -> impl Future<Output = Result<Option<u64>, StagingError>> + Send;
 
-    /// Opens the part for writing at `offset`.
+    /// Opens the part for writing at `offset`, creating it if it does not exist.
+    ///
+    /// The part is the ground truth of what a session holds: it must hold at least `offset`
+    /// bytes. If it holds fewer (data lost to a power loss without fsync, or a part deleted
+    /// behind the server's back), this call, or the writer's first [`PartWriter::write`] or
+    /// its [`PartWriter::finish`], fails with [`StagingError::PartShort`] naming the length
+    /// found (0 for a missing part), and the session is rewound to it. An implementation may
+    /// defer its I/O, and so the check, to the first write.
     fn open(
         &self,
         id: SessionId,
@@ -130,6 +137,13 @@ pub enum StagingError {
     /// The session's part is gone.
     #[error("the session's staged data is missing")]
     PartMissing,
+    /// The part holds fewer bytes than the offset a write was to start at; the session
+    /// resumes from `held`.
+    #[error("the staged data holds {held} bytes, fewer than the session recorded")]
+    PartShort {
+        /// Bytes in the part.
+        held: u64,
+    },
     /// The part is shorter than the file it should commit.
     #[error("the staged data holds {len} bytes, fewer than the {total} expected")]
     Incomplete {
@@ -145,14 +159,16 @@ pub enum StagingError {
 
 impl StagingError {
     /// The Ack for this error: 403 for an existing destination or a forbidden path, 400 for a
-    /// directory, 404 for a missing folder, 500 with the disk-full HRESULT when out of space,
-    /// and a transient 500 otherwise.
+    /// directory, 404 for a missing folder, 416 (resend from the reported offset) for a short
+    /// part, 500 with the disk-full HRESULT when out of space, and a transient 500 otherwise.
     pub fn ack(&self) -> Ack {
         let (status, code) = match self {
             Self::DestinationExists | Self::Forbidden => {
                 (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
             }
             Self::IsDirectory => (StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
+            // Like a gap: the client resends from the offset the Ack reports.
+            Self::PartShort { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, Hresult::S_OK),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, Hresult::FILE_EXISTS),
             Self::ParentMissing => (StatusCode::NOT_FOUND, Hresult::PATH_NOT_FOUND),
             Self::Io(e) if is_disk_full(e) => {
@@ -173,7 +189,7 @@ impl StagingError {
     pub fn is_server_fault(&self) -> bool {
         matches!(
             self,
-            Self::Io(_) | Self::PartMissing | Self::Incomplete { .. }
+            Self::Io(_) | Self::PartMissing | Self::PartShort { .. } | Self::Incomplete { .. }
         )
     }
 }
