@@ -87,9 +87,10 @@
 //! sent is an error (the first few are printed), and that session stops there. Targets: no
 //! errors, p99 < 100 ms. The server needs about two file descriptors per session (its socket,
 //! the part file of a fragment in flight): the program stops with a clear message if
-//! `ulimit -n` is too low. With `--c-baseline` the same clients also send the same paced
-//! fragments as plain POSTs (no Create or Close) to a fresh baseline server, for context: what
-//! the load itself costs on the machine.
+//! `ulimit -n` is too low. A full run (or `--c-baseline`) then sends the same paced fragments
+//! from the same clients as plain POSTs (no Create or Close) to a fresh baseline server, for
+//! context: what the load itself costs on the machine, once with each file fsynced after its
+//! last POST (the durability the default commit gives) and once without.
 //!
 //! # (d) Memory: peak RSS does not grow with the upload
 //!
@@ -205,7 +206,9 @@ const USAGE: &str =
   --c-fragment-kib N    (c) fragment size in KiB, at most 8192 (default 256 [64])
   --c-rate-kib N        (c) per-client body rate in KiB/s (default 512)
   --c-ramp-ms N         (c) arrivals spread over this many ms (default 1000 [200])
-  --c-baseline          (c) also send the same paced load as plain POSTs to the baseline
+  --c-baseline          (c) also send the same paced load as plain POSTs to the baseline,
+                        with and without an fsync per file (default in a full run)
+  --no-c-baseline       (c) skip those
   --d-mib N             (d) large upload size in MiB, a multiple of 8 (default 4096 [256])";
 
 #[derive(Debug, Clone, Copy)]
@@ -236,7 +239,8 @@ struct Options {
     b_fragments: u64,
     b_streams: usize,
     c: CConfig,
-    /// Also run (c)'s load as plain POSTs against the baseline, for context.
+    /// Also run (c)'s load as plain POSTs against the baseline, for context (default: unless
+    /// `--quick`).
     c_baseline: bool,
     d_total: u64,
 }
@@ -248,7 +252,7 @@ impl Options {
         let mut parts = None;
         let mut runs = 1;
         let mut warm_up = true;
-        let mut c_baseline = false;
+        let mut c_baseline = None;
         let (mut mib, mut b_fragments, mut b_streams) = (None, None, None);
         let (mut c_sessions, mut c_size, mut c_fragment, mut c_rate, mut c_ramp) =
             (None, None, None, None, None);
@@ -267,7 +271,8 @@ impl Options {
                 "--help" | "-h" => return Ok(None),
                 "--quick" => quick = true,
                 "--no-warm-up" => warm_up = false,
-                "--c-baseline" => c_baseline = true,
+                "--c-baseline" => c_baseline = Some(true),
+                "--no-c-baseline" => c_baseline = Some(false),
                 "--only" => {
                     let list = args.next().ok_or("--only needs a list such as a,c")?;
                     parts = Some(parse_parts(&list)?);
@@ -324,7 +329,7 @@ impl Options {
             b_fragments,
             b_streams,
             c,
-            c_baseline,
+            c_baseline: c_baseline.unwrap_or(!quick),
             d_total: d_mib << 20,
         }))
     }
@@ -436,6 +441,8 @@ enum Status {
     Pass,
     Miss,
     Error,
+    /// A number to read a target's next to; no target of its own.
+    Context,
 }
 
 struct Line {
@@ -461,6 +468,15 @@ impl Summary {
         });
     }
 
+    fn context(&mut self, name: String, measured: String) {
+        self.lines.push(Line {
+            name,
+            measured,
+            target: "-".into(),
+            status: Status::Context,
+        });
+    }
+
     fn error(&mut self, part: &str, error: &Error) {
         println!("  part ({part}) FAILED: {}", chain(error.as_ref()));
         self.lines.push(Line {
@@ -482,6 +498,7 @@ impl Summary {
                 Status::Pass => "PASS",
                 Status::Miss => "MISS",
                 Status::Error => "ERROR",
+                Status::Context => "",
             };
             println!(
                 "{:<50} {:>30} {:>22}  {status}",
@@ -494,19 +511,50 @@ impl Summary {
     }
 }
 
-/// Folders of (c) waiting to be deleted at the end of the run.
-static KEPT: std::sync::Mutex<Vec<tempfile::TempDir>> = std::sync::Mutex::new(Vec::new());
+/// The folder every measurement makes its own folder in, under the temporary directory (or
+/// `AXUM_BITS_BENCH_DIR`); removed at the end if empty.
+///
+/// It is marked as a top of directory hierarchies (`chattr +T`), so that ext4 spreads the
+/// folders made in it over the disk's block groups instead of packing them next to each other.
+/// Without that, on an ext4 without a journal (which skips inodes deleted in the last minutes
+/// by scanning past them), the thousands of files one (c) measurement deletes would slow every
+/// file creation of the next one, and of a run started soon after; that cost would be charged
+/// to whichever server came next. Elsewhere the mark is unknown and harmless.
+struct BenchDir(PathBuf);
 
-fn keep_until_the_end(dir: tempfile::TempDir) {
-    KEPT.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(dir);
+impl BenchDir {
+    fn make(base: &Path) -> Result<Self, Error> {
+        let dir = base.join("axum-bits-bench");
+        std::fs::create_dir_all(&dir)?;
+        // Best effort: without it the numbers are only noisier.
+        let _ = Command::new("chattr")
+            .arg("+T")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 fn run(options: &Options) -> Summary {
     let mut summary = Summary::default();
     let payload = Bytes::from(pseudo_random(FRAGMENT));
     let base = std::env::var_os(DIR_ENV).map_or_else(std::env::temp_dir, PathBuf::from);
+    let bench_dir = match BenchDir::make(&base) {
+        Ok(dir) => dir,
+        Err(e) => {
+            summary.error("setup", &e);
+            return summary;
+        }
+    };
+    let base = bench_dir.0.clone();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "axum-bits benchmark{}: client in this process, each server in a child process of its \
@@ -538,9 +586,7 @@ fn run(options: &Options) -> Summary {
             summary.error("d", &e);
         }
     }
-    KEPT.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clear();
+    drop(bench_dir);
     summary
 }
 
@@ -1082,11 +1128,14 @@ fn part_c(
     let context = if options.c_baseline {
         println!(
             "    the same paced load as plain POSTs (one per fragment, no Create/Close) \
-             to the baseline, for context:"
+             to the baseline, for context; each file fsynced after its last POST:"
         );
         let baseline = measure_c(CServer::Baseline, c, &fragment, base, true)?;
         baseline.print(CServer::Baseline);
-        Some(baseline)
+        println!("    the baseline without the fsync:");
+        let plain = measure_c(CServer::Baseline, c, &fragment, base, false)?;
+        plain.print(CServer::Baseline);
+        Some((baseline, plain))
     } else {
         None
     };
@@ -1121,6 +1170,24 @@ fn part_c(
         "< 100 ms",
         fast_overall.n > 0 && fast_overall.p99 < 100.0 && fast.errors.is_empty(),
     );
+    if let Some((synced, plain)) = &context {
+        for (name, result) in [
+            ("(c) baseline, fsync after the last POST", synced),
+            ("(c) baseline, no fsync", plain),
+        ] {
+            let overall = result.overall();
+            summary.context(
+                name.into(),
+                format!(
+                    "{:.1} ms (p50 {:.1}, max {:.1}), {} errors",
+                    overall.p99,
+                    overall.p50,
+                    overall.max,
+                    result.errors.len()
+                ),
+            );
+        }
+    }
     let wanted = c.sessions.div_ceil(10) * 9;
     summary.target(
         "(c) peak sessions open at once".into(),
@@ -1130,7 +1197,8 @@ fn part_c(
     );
     if !bits.errors.is_empty()
         || !fast.errors.is_empty()
-        || context.is_some_and(|b| !b.errors.is_empty())
+        || context
+            .is_some_and(|(synced, plain)| !synced.errors.is_empty() || !plain.errors.is_empty())
     {
         summary.failed = true;
     }
@@ -1260,8 +1328,13 @@ fn measure_c(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (sessions, peak_open) =
-        runtime.block_on(run_sessions(server, child.port, c, fragment.clone()));
+    let (sessions, peak_open) = runtime.block_on(run_sessions(
+        server,
+        child.port,
+        c,
+        fragment.clone(),
+        commit_sync,
+    ));
     drop(runtime);
     let client_cpu = proc_cpu_secs(None)? - client_cpu_before;
     let server_cpu = proc_cpu_secs(Some(pid))? - server_cpu_before;
@@ -1284,10 +1357,9 @@ fn measure_c(
             completed += 1;
         }
     }
-    // Deleted at the end of the run, not now: on an ext4 without a journal, the inodes of
-    // thousands of just-deleted files make every file creation of the next measurement scan
-    // past them (`recently_deleted`), which would be charged to that server.
-    keep_until_the_end(root);
+    // Deleted now, so that the next measurement reuses the page cache this one filled
+    // rather than memory the machine has not touched yet (slow to fault in on a VM).
+    drop(root);
     let total_secs = match (first_sent, last_ack) {
         (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
         _ => 0.0,
@@ -1418,6 +1490,7 @@ async fn run_sessions(
     port: u16,
     c: CConfig,
     fragment: Bytes,
+    fsync_last: bool,
 ) -> (Vec<SessionOutcome>, usize) {
     let load = Arc::new(Load {
         server,
@@ -1425,6 +1498,7 @@ async fn run_sessions(
         c,
         fragment,
         gauge: Gauge::default(),
+        fsync_last,
     });
     // A little time to spawn every task before the first one is due.
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
@@ -1465,6 +1539,8 @@ struct Load {
     /// The body of a whole fragment; shorter ones are its beginning.
     fragment: Bytes,
     gauge: Gauge,
+    /// The baseline fsyncs each file after its last POST, as the bits commit does.
+    fsync_last: bool,
 }
 
 /// One client of (c): its own connection, Create-Session, the paced Fragments, Close-Session.
@@ -1498,6 +1574,7 @@ async fn packets(
         c,
         ref fragment,
         ref gauge,
+        fsync_last,
     } = *load;
     let host = format!("127.0.0.1:{port}");
     let path = format!("/{}", c_file(i));
@@ -1546,6 +1623,9 @@ async fn packets(
             Some(written.clone()),
         );
         let mut request = request("Fragment").header(http::header::CONTENT_LENGTH, len.to_string());
+        if server == CServer::Baseline && fsync_last && end == c.size {
+            request = request.header(FSYNC_HEADER, "1");
+        }
         if let Some(id) = &session {
             request = request.header("BITS-Session-Id", id.clone()).header(
                 "Content-Range",
