@@ -17,7 +17,8 @@ use crate::session::SessionId;
 /// in the background as it grows, so the commit's fsync is short. A commit truncates the part to
 /// the file's size, fsyncs it, moves it into place and fsyncs the destination's folder:
 /// without overwrites by a hard link (which fails if the destination exists, so a file that
-/// appeared meanwhile is never replaced) followed by an unlink; with overwrites by a rename.
+/// appeared meanwhile is never replaced), the folder's fsync, then the unlink of the part; with
+/// overwrites by a rename.
 ///
 /// Because the rename must not cross filesystems, [`LocalStaging::new`] refuses a staging
 /// folder on a different device from the upload root.
@@ -344,22 +345,31 @@ impl Staging for LocalStaging {
 
             let path = check_parents(&inner.root, &destination, inner.create_directories)?;
             check_target(&path, overwrite)?;
-            if overwrite {
+            let linked = if overwrite {
                 std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?;
+                false
             } else {
                 match std::fs::hard_link(&part, &path) {
-                    Ok(()) => std::fs::remove_file(&part)?,
+                    Ok(()) => true,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         return Err(StagingError::DestinationExists);
                     }
                     // Filesystems without hard links: the check above is the best we have.
-                    Err(_) => std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?,
+                    Err(_) => {
+                        std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?;
+                        false
+                    }
                 }
-            }
+            };
             if inner.sync_on_commit {
                 if let Some(dir) = path.parent() {
                     sync_dir(dir)?;
                 }
+            }
+            // The part's name goes only once the new one is on disk: a power loss in between
+            // leaves both (recovery finishes the commit), never neither.
+            if linked {
+                std::fs::remove_file(&part)?;
             }
             Ok(())
         })
