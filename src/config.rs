@@ -85,6 +85,7 @@ pub(crate) struct Config {
     pub(crate) reserved: Vec<String>,
     pub(crate) completion_policy: crate::completion::CompletionPolicy,
     pub(crate) public_origin: Option<String>,
+    pub(crate) https: bool,
 }
 
 impl Default for Config {
@@ -110,6 +111,7 @@ impl Default for Config {
             reserved: vec![".bits".into()],
             completion_policy: crate::completion::CompletionPolicy::default(),
             public_origin: None,
+            https: false,
         }
     }
 }

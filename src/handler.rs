@@ -534,7 +534,8 @@ fn origin_of(config: &ValidConfig, parts: &Parts) -> Option<String> {
     if let Some(origin) = &config.public_origin {
         return Some(origin.clone());
     }
-    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    let implied = if config.https { "https" } else { "http" };
+    let scheme = parts.uri.scheme_str().unwrap_or(implied);
     let authority = match parts.uri.authority() {
         Some(authority) => authority.as_str().to_owned(),
         None => {

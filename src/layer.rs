@@ -310,9 +310,20 @@ impl BitsLayerBuilder {
 
     /// `scheme://host[:port]` clients reach this server at, used for reply URLs and for
     /// `BITS-Original-Request-URL`. Set it behind a TLS-terminating proxy. Default: derived
-    /// from each request (`http`, the `Host` header, or the host id for reply URLs).
+    /// from each request (`http`, or `https` with [`https`](Self::https), and the `Host`
+    /// header, or the host id for reply URLs).
     pub fn public_origin(mut self, origin: impl Into<String>) -> Self {
         self.config.public_origin = Some(origin.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Whether clients reach this server over HTTPS, for the URLs the layer derives from
+    /// requests when no [`public_origin`](Self::public_origin) is set. An HTTP/1.1 request
+    /// carries only a path, so the layer cannot see the scheme: set this when the application
+    /// terminates TLS itself, or reply URLs say `http://` and clients fetch them from a TLS
+    /// port. Default: `false`.
+    pub fn https(mut self, on: bool) -> Self {
+        self.config.https = on;
         self
     }
 

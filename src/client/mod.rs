@@ -244,6 +244,28 @@ fn parse_url(url: &str) -> Result<Url, Error> {
     Ok(parsed)
 }
 
+/// Whether a transport failure is the server's certificate being refused (unknown issuer,
+/// expired, wrong name, none at all): a retry meets the same certificate, so it is fatal.
+pub(crate) fn is_certificate_error(error: &reqwest::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            );
+        }
+        next = match e.downcast_ref::<std::io::Error>() {
+            // An io::Error's `source` skips the error it wraps: look inside instead.
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
+}
+
 fn transport(packet: PacketType, source: reqwest::Error) -> Error {
     Error::Transport {
         packet: packet.as_str(),

@@ -10,7 +10,7 @@ use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
 
 use super::policy::{self, Backoff};
 use super::progress::{Phase, Tracker};
-use super::{BitsClient, Error, ServerError};
+use super::{BitsClient, Error, ServerError, is_certificate_error};
 
 const PACKET: &str = "reply download";
 /// Redirects followed per attempt (a BITS download job follows them silently).
@@ -286,6 +286,12 @@ async fn fetch(
         }
         let response = match request.send().await {
             Ok(r) => r,
+            Err(e) if is_certificate_error(&e) => {
+                return Err(Error::Transport {
+                    packet: PACKET,
+                    source: e,
+                });
+            }
             Err(e) => {
                 return Ok(Attempt::Retry(Error::Transport {
                     packet: PACKET,

@@ -14,7 +14,9 @@ use super::policy::{self, Backoff, Verdict, judge};
 use super::progress::{Callback, Phase, Progress, Tracker};
 use super::reply::{self, Reply, ReplyTarget};
 use super::source::{FragmentData, UploadSource};
-use super::{Answer, BitsClient, Error, FragmentRequest, transport, unexpected};
+use super::{
+    Answer, BitsClient, Error, FragmentRequest, is_certificate_error, transport, unexpected,
+};
 use crate::protocol::{FragmentRange, PacketType, UPLOAD_PROTOCOL};
 
 /// How long a cancelled upload spends telling the server.
@@ -623,6 +625,7 @@ impl Driver {
                 self.unreachable_since = None;
                 Ok(Some(judge(packet, answer.status, answer.ack)))
             }
+            Err(e) if is_certificate_error(&e) => Err(transport(packet, e)),
             Err(e) => {
                 if e.is_connect() && self.target != self.original {
                     let since = *self.unreachable_since.get_or_insert_with(Instant::now);
