@@ -198,3 +198,31 @@ async fn an_upload_reply_job_fetches_its_reply_over_https() {
     })
     .await;
 }
+
+/// A farm node's `BITS-Host-Id` name that its certificate does not cover: the client goes back
+/// to the original URL at once instead of waiting out the fallback timeout, and the upload
+/// completes there.
+#[tokio::test]
+async fn a_host_id_whose_certificate_is_refused_falls_back_to_the_original_url() {
+    within(async {
+        let server = TlsServer::start(|b| {
+            b.host_id("localhost")
+                .host_id_fallback_timeout(Duration::from_secs(600))
+        })
+        .await;
+        let client = builder()
+            .add_root_certificate_pem(server.cert_pem.clone())
+            .no_progress_timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        let data = bytes(100_000);
+        let uploaded = client
+            .upload(server.url("/farm.bin"), UploadSource::bytes(data.clone()))
+            .fragment_size(32 * 1024)
+            .await
+            .expect("upload after falling back from the host id");
+        assert_eq!(uploaded.bytes, data.len() as u64);
+        assert!(std::fs::read(server.root.join("farm.bin")).unwrap() == data);
+    })
+    .await;
+}

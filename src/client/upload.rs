@@ -144,6 +144,7 @@ impl UploadBuilder {
             target: original.clone(),
             original,
             fallback: None,
+            host_id_refused: false,
             unreachable_since: None,
             session: None,
             content_name: self.source.content_name(),
@@ -201,6 +202,8 @@ struct Driver {
     target: Url,
     /// `BITS-Host-Id-Fallback-Timeout`; `None` means never fall back.
     fallback: Option<Duration>,
+    /// A `BITS-Host-Id` host's certificate was refused: later ones are not followed.
+    host_id_refused: bool,
     /// Since when the Host-Id host has been unreachable.
     unreachable_since: Option<Instant>,
     session: Option<HeaderValue>,
@@ -365,7 +368,8 @@ impl Driver {
             self.backoff.reset();
             self.progress_to(0);
             let config = &self.client.inner.config;
-            if let (true, Some(host)) = (config.follow_host_id, ack.host_id()) {
+            let follow = config.follow_host_id && !self.host_id_refused;
+            if let (true, Some(host)) = (follow, ack.host_id()) {
                 self.target = with_host(&self.original, host)?;
                 self.fallback = ack.host_id_fallback_timeout().map(Duration::from_secs);
                 tracing::debug!(host, fallback = ?self.fallback, "following BITS-Host-Id");
@@ -625,7 +629,24 @@ impl Driver {
                 self.unreachable_since = None;
                 Ok(Some(judge(packet, answer.status, answer.ack)))
             }
-            Err(e) if is_certificate_error(&e) => Err(transport(packet, e)),
+            // The original host's certificate is refused: no retry can help.
+            Err(e) if is_certificate_error(&e) && self.target == self.original => {
+                Err(transport(packet, e))
+            }
+            Err(e) if is_certificate_error(&e) => {
+                // The BITS-Host-Id host's certificate does not cover its name (a farm whose
+                // certificate names only the public host): back to the original URL now, and
+                // for the rest of this upload.
+                tracing::warn!(
+                    host = self.target.host_str(),
+                    "the BITS-Host-Id host's certificate was refused; back to the original URL"
+                );
+                self.target = self.original.clone();
+                self.unreachable_since = None;
+                self.host_id_refused = true;
+                self.wait_retry(transport(packet, e)).await?;
+                Ok(None)
+            }
             Err(e) => {
                 if e.is_connect() && self.target != self.original {
                     let since = *self.unreachable_since.get_or_insert_with(Instant::now);
