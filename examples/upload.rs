@@ -1,11 +1,11 @@
 //! Upload a file to a BITS server (IIS, or this crate's) from any OS.
 //!
 //! ```text
-//! cargo run --example upload --features client -- FILE URL [--fragment-size N] [--reply-out PATH]
+//! cargo run --example upload -- FILE URL [--fragment-size N] [--reply-out PATH]
 //! ```
 //!
 //! Try it against the example server: `cargo run --example server` in one terminal, then
-//! `cargo run --example upload --features client -- Cargo.toml http://127.0.0.1:8080/uploads/Cargo.toml`.
+//! `cargo run --example upload -- Cargo.toml http://127.0.0.1:8080/uploads/Cargo.toml`.
 //!
 //! A progress bar (bytes, rate, ETA) goes to stderr. Ctrl-C cancels the upload and tells the
 //! server (Cancel-Session). The session id is printed as soon as the server gives one; an
