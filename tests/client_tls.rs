@@ -97,6 +97,24 @@ fn bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
+/// Uploads `len` bytes to `/name` in 32 KiB fragments and checks the file arrived.
+async fn upload_checked(client: &BitsClient, server: &TlsServer, name: &str, len: usize) {
+    let data = bytes(len);
+    let uploaded = client
+        .upload(
+            server.url(&format!("/{name}")),
+            UploadSource::bytes(data.clone()),
+        )
+        .fragment_size(32 * 1024)
+        .await
+        .unwrap_or_else(|e| panic!("uploading {name}: {e}"));
+    assert_eq!(uploaded.bytes, len as u64);
+    assert!(
+        std::fs::read(server.root.join(name)).unwrap() == data,
+        "{name} differs"
+    );
+}
+
 async fn within<T>(test: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), test)
         .await
@@ -112,14 +130,7 @@ async fn uploads_over_https_to_a_server_whose_certificate_is_trusted() {
             .build()
             .expect("client");
         client.ping(&server.url("/")).await.expect("ping");
-        let data = bytes(300_000);
-        let uploaded = client
-            .upload(server.url("/secure.bin"), UploadSource::bytes(data.clone()))
-            .fragment_size(64 * 1024)
-            .await
-            .expect("upload over https");
-        assert_eq!(uploaded.bytes, data.len() as u64);
-        assert!(std::fs::read(server.root.join("secure.bin")).unwrap() == data);
+        upload_checked(&client, &server, "secure.bin", 300_000).await;
     })
     .await;
 }
@@ -161,12 +172,7 @@ async fn accepting_invalid_certificates_is_an_explicit_opt_in() {
             .danger_accept_invalid_certs(true)
             .build()
             .expect("client");
-        let data = bytes(10_000);
-        client
-            .upload(server.url("/anyway.bin"), UploadSource::bytes(data.clone()))
-            .await
-            .expect("upload with certificate checks off");
-        assert!(std::fs::read(server.root.join("anyway.bin")).unwrap() == data);
+        upload_checked(&client, &server, "anyway.bin", 10_000).await;
     })
     .await;
 }
@@ -215,14 +221,7 @@ async fn a_host_id_whose_certificate_is_refused_falls_back_to_the_original_url()
             .no_progress_timeout(Duration::from_secs(60))
             .build()
             .expect("client");
-        let data = bytes(100_000);
-        let uploaded = client
-            .upload(server.url("/farm.bin"), UploadSource::bytes(data.clone()))
-            .fragment_size(32 * 1024)
-            .await
-            .expect("upload after falling back from the host id");
-        assert_eq!(uploaded.bytes, data.len() as u64);
-        assert!(std::fs::read(server.root.join("farm.bin")).unwrap() == data);
+        upload_checked(&client, &server, "farm.bin", 100_000).await;
     })
     .await;
 }
