@@ -927,7 +927,7 @@ async fn rewind_to_part(
         held,
         "staged data is shorter than the record; resuming from the data"
     );
-    save(shared, record, |r| r.received = held).await?;
+    save(shared, record, |r| r.rewind(held)).await?;
     *received = Some(record.received);
     Err(Refusal::Gap.into())
 }

@@ -204,13 +204,5 @@ async fn rewind(
     record: &mut SessionRecord,
     received: u64,
 ) -> Result<(), StoreError> {
-    handler::amend(shared, record, |r| {
-        r.received = received;
-        if r.phase == Phase::Complete {
-            r.phase = Phase::Receiving;
-            r.outcome = None;
-            r.deferred = None;
-        }
-    })
-    .await
+    handler::amend(shared, record, |r| r.rewind(received)).await
 }

@@ -257,6 +257,19 @@ impl SessionRecord {
         }
     }
 
+    /// Records that the part holds only `received` bytes (data lost to a power loss without
+    /// fsync, or a part deleted behind the server's back): the session resumes from there, and
+    /// a complete one goes back to receiving, forgetting its application outcome and deferred
+    /// commit, which were about bytes that are gone.
+    pub fn rewind(&mut self, received: u64) {
+        self.received = received;
+        if self.phase == Phase::Complete {
+            self.phase = Phase::Receiving;
+            self.outcome = None;
+            self.deferred = None;
+        }
+    }
+
     /// Whether the session is still open (not closed, cancelled or expired).
     pub fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Receiving | Phase::Complete)
@@ -375,6 +388,19 @@ mod tests {
         let mut empty = SessionRecord::new(SessionId::new(), "y".into(), "/y".into(), None, 0);
         empty.advance(0, 0);
         assert_eq!(empty.phase, Phase::Complete);
+    }
+
+    #[test]
+    fn rewind_reopens_a_complete_session() {
+        let mut r = SessionRecord::new(SessionId::new(), "x".into(), "/x".into(), None, 0);
+        r.advance(10, 6);
+        r.rewind(4);
+        assert_eq!((r.received, r.phase), (4, Phase::Receiving));
+        r.advance(10, 10);
+        assert_eq!(r.phase, Phase::Complete);
+        r.rewind(0);
+        assert_eq!((r.received, r.phase), (0, Phase::Receiving));
+        assert!(r.outcome.is_none() && r.deferred.is_none());
     }
 
     #[test]
