@@ -25,7 +25,7 @@ use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::routing::get;
 use axum_bits::client::{
-    BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadBuilder, UploadSource,
+    BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadBuilder, UploadSource, Uploaded,
 };
 use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
 use axum_bits::protocol::Hresult;
@@ -1372,6 +1372,15 @@ impl Peer {
     fn file(&self, target: &str) -> Option<Vec<u8>> {
         self.with(|iis| iis.files.get(target).cloned())
     }
+
+    /// Uploads `bytes` to `path` in `fragment`-byte fragments and checks the peer got them.
+    async fn upload_checked(&self, path: &str, bytes: &[u8], fragment: u64) -> Uploaded {
+        let uploaded = upload_bytes(self.url(path), bytes, fragment)
+            .await
+            .expect("upload");
+        assert_eq!(self.file(path).as_deref(), Some(bytes), "{path} differs");
+        uploaded
+    }
 }
 
 /// Reads until `buf` holds `\r\n\r\n`; the head's length. `None` at EOF.
@@ -1574,10 +1583,7 @@ async fn iis_resync_follows_received_down_on_416_and_up_on_200() {
             Act::Default
         })
         .await;
-        let uploaded = upload_bytes(peer.url("/up/resync.bin"), &bytes, 8192)
-            .await
-            .expect("upload");
-        assert_eq!(peer.file("/up/resync.bin").as_deref(), Some(&bytes[..]));
+        let uploaded = peer.upload_checked("/up/resync.bin", &bytes, 8192).await;
         assert_eq!(
             starts(&peer.fragments()),
             [0, 8192, 4096, 12288, 30_000, 38_192]
@@ -1597,10 +1603,9 @@ async fn iis_connection_dropped_mid_fragment_is_retried_from_the_peer_offset() {
         })
         .await;
         let bytes = random_bytes(40_000, 22);
-        let uploaded = upload_bytes(peer.url("/up/dropped.bin"), &bytes, 16 * 1024)
-            .await
-            .expect("upload");
-        assert_eq!(peer.file("/up/dropped.bin").as_deref(), Some(&bytes[..]));
+        let uploaded = peer
+            .upload_checked("/up/dropped.bin", &bytes, 16 * 1024)
+            .await;
         let sent = peer.fragments();
         assert_eq!(sent[1].body_len, 5000, "the peer read part of fragment 2");
         // Fragment 2 again from its start (the last Ack), then on from the peer's offset.
@@ -1662,10 +1667,7 @@ async fn iis_close_session_500_is_sent_again() {
         })
         .await;
         let bytes = random_bytes(10_000, 24);
-        let uploaded = upload_bytes(peer.url("/up/close.bin"), &bytes, 8192)
-            .await
-            .expect("upload");
-        assert_eq!(peer.file("/up/close.bin").as_deref(), Some(&bytes[..]));
+        let uploaded = peer.upload_checked("/up/close.bin", &bytes, 8192).await;
         assert_eq!(
             peer.kinds(),
             [
@@ -1693,11 +1695,8 @@ async fn iis_close_session_not_found_starts_the_upload_over() {
         })
         .await;
         let bytes = random_bytes(10_000, 25);
-        let uploaded = upload_bytes(peer.url("/up/lost.bin"), &bytes, 8192)
-            .await
-            .expect("upload");
+        let uploaded = peer.upload_checked("/up/lost.bin", &bytes, 8192).await;
         assert_eq!(uploaded.restarts, 1);
-        assert_eq!(peer.file("/up/lost.bin").as_deref(), Some(&bytes[..]));
         assert_eq!(
             peer.kinds(),
             [
@@ -1777,11 +1776,8 @@ async fn iis_session_not_found_in_lower_case_without_0x_restarts() {
         })
         .await;
         let bytes = random_bytes(20_000, 26);
-        let uploaded = upload_bytes(peer.url("/up/lower.bin"), &bytes, 8192)
-            .await
-            .expect("upload");
+        let uploaded = peer.upload_checked("/up/lower.bin", &bytes, 8192).await;
         assert_eq!(uploaded.restarts, 1);
-        assert_eq!(peer.file("/up/lower.bin").as_deref(), Some(&bytes[..]));
         assert_eq!(starts(&peer.fragments()), [0, 8192, 0, 8192, 16_384]);
         assert_eq!(
             peer.kinds()
