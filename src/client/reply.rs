@@ -191,10 +191,12 @@ pub(crate) async fn download(
     retries: &mut u32,
 ) -> Result<Reply, Error> {
     let config = &client.inner.config;
-    let mut sink = Sink::open(target).await?;
-    let mut have: u64 = 0;
-    let mut total: Option<u64> = None;
-    let mut validator: Option<HeaderValue> = None;
+    let mut partial = Partial {
+        sink: Sink::open(target).await?,
+        have: 0,
+        total: None,
+        validator: None,
+    };
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     let mut last_progress = Instant::now();
     tracker.update(|p| {
@@ -204,23 +206,13 @@ pub(crate) async fn download(
         }
     });
     loop {
-        let before = have;
-        let attempt = fetch(
-            client,
-            &url,
-            trusted,
-            &mut sink,
-            &mut have,
-            &mut total,
-            &mut validator,
-            tracker,
-        )
-        .await?;
+        let before = partial.have;
+        let attempt = fetch(client, &url, trusted, &mut partial, tracker).await?;
         let error = match attempt {
             Attempt::Done => break,
             Attempt::Retry(error) => error,
         };
-        if have > before {
+        if partial.have > before {
             last_progress = Instant::now();
             backoff.reset();
         }
@@ -243,24 +235,42 @@ pub(crate) async fn download(
         });
         tokio::time::sleep(delay).await;
     }
-    let (body, path) = sink.finish().await?;
+    let (body, path) = partial.sink.finish().await?;
     Ok(Reply {
         url,
-        len: have,
+        len: partial.have,
         body,
         path,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The reply as far as it has come, kept across attempts.
+struct Partial {
+    sink: Sink,
+    /// Bytes in the sink.
+    have: u64,
+    /// The reply's size, once a response said it.
+    total: Option<u64>,
+    /// What `If-Range` carries once the first response gave one.
+    validator: Option<HeaderValue>,
+}
+
+impl Partial {
+    /// Throws away what arrived: the next bytes are the reply's first.
+    async fn restart(&mut self) -> Result<(), Error> {
+        self.sink.reset().await?;
+        self.have = 0;
+        self.validator = None;
+        Ok(())
+    }
+}
+
+/// One attempt: requests the reply from `partial.have` on and appends what comes.
 async fn fetch(
     client: &BitsClient,
     url: &Url,
     trusted: &[Url],
-    sink: &mut Sink,
-    have: &mut u64,
-    total: &mut Option<u64>,
-    validator: &mut Option<HeaderValue>,
+    partial: &mut Partial,
     tracker: &Tracker,
 ) -> Result<Attempt, Error> {
     let config = &client.inner.config;
@@ -272,9 +282,9 @@ async fn fetch(
             .http
             .get(at.clone())
             .timeout(config.request_timeout)
-            .header(header::RANGE, format!("bytes={have}-"));
-        if *have > 0 {
-            if let Some(v) = validator {
+            .header(header::RANGE, format!("bytes={}-", partial.have));
+        if partial.have > 0 {
+            if let Some(v) = &partial.validator {
                 request = request.header(header::IF_RANGE, v.clone());
             }
         }
@@ -329,42 +339,37 @@ async fn fetch(
             else {
                 return Err(bad(status, "a 206 without a usable Content-Range"));
             };
-            if first != *have {
+            if first != partial.have {
                 // Not where we asked: start over from the beginning.
-                sink.reset().await?;
-                *have = 0;
-                *validator = None;
+                partial.restart().await?;
                 return Ok(Attempt::Retry(bad(
                     status,
                     "the range did not start where asked",
                 )));
             }
             if size.is_some() {
-                *total = size;
+                partial.total = size;
             }
-            if validator.is_none() {
-                *validator = strong_validator(response.headers());
+            if partial.validator.is_none() {
+                partial.validator = strong_validator(response.headers());
             }
         }
         StatusCode::OK => {
             // The whole reply: the server ignored the range or the reply changed.
-            if *have > 0 {
-                sink.reset().await?;
-                *have = 0;
+            if partial.have > 0 {
+                partial.restart().await?;
             }
-            *total = response.content_length();
-            *validator = strong_validator(response.headers());
+            partial.total = response.content_length();
+            partial.validator = strong_validator(response.headers());
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
             return match range {
                 Some(ContentRange {
                     range: None,
                     total: Some(size),
-                }) if size == *have => Ok(Attempt::Done),
-                _ if *have > 0 => {
-                    sink.reset().await?;
-                    *have = 0;
-                    *validator = None;
+                }) if size == partial.have => Ok(Attempt::Done),
+                _ if partial.have > 0 => {
+                    partial.restart().await?;
                     Ok(Attempt::Retry(bad(status, "the reply changed size")))
                 }
                 _ => Err(bad(
@@ -394,9 +399,9 @@ async fn fetch(
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
-                sink.write(&chunk).await?;
-                *have += chunk.len() as u64;
-                let (received, total) = (*have, *total);
+                partial.sink.write(&chunk).await?;
+                partial.have += chunk.len() as u64;
+                let (received, total) = (partial.have, partial.total);
                 tracker.update(|p| p.phase = Phase::DownloadingReply { received, total });
             }
             Ok(None) => break,
@@ -408,9 +413,11 @@ async fn fetch(
             }
         }
     }
-    match *total {
-        Some(size) if *have < size => Ok(Attempt::Retry(bad(status, "the reply ended early"))),
-        Some(size) if *have > size => Err(bad(status, "the reply is longer than announced")),
+    match partial.total {
+        Some(size) if partial.have < size => {
+            Ok(Attempt::Retry(bad(status, "the reply ended early")))
+        }
+        Some(size) if partial.have > size => Err(bad(status, "the reply is longer than announced")),
         _ => Ok(Attempt::Done),
     }
 }
