@@ -1,8 +1,11 @@
 //! Streams one fragment body into staging, frame by frame: skips the bytes the session already
-//! holds, enforces the byte count the range announced, and gives up on a body that stalls.
+//! holds, enforces the byte count the range announced, and gives up on a body that stalls or
+//! trickles.
 
 use std::pin::{Pin, pin};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Buf;
 use http_body::{Body, Frame};
@@ -14,6 +17,8 @@ use crate::staging::{DynPart, StagingError};
 pub(crate) enum BodyError {
     #[error("no body data arrived for {0:?}")]
     Idle(Duration),
+    #[error("the body arrived slower than {0} bytes a second on average")]
+    TooSlow(u64),
     #[error("the server is shutting down")]
     Interrupted,
     #[error("reading the body failed (client gone?)")]
@@ -28,6 +33,46 @@ pub(crate) enum BodyError {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How fast a body must arrive: no pause longer than `idle`, and on average at least
+/// `min_rate` bytes a second once `grace` has passed since the body started. The average rule
+/// is what stops a body fed one byte at a time just inside the idle timeout: such a body is cut
+/// off at `grace` plus its bytes' allowance, whatever its declared length.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    pub(crate) idle: Duration,
+    pub(crate) min_rate: u64,
+    pub(crate) grace: Duration,
+}
+
+/// A body's clock: when it started and how many bytes it has delivered.
+struct Clock {
+    pace: Pace,
+    started: Instant,
+    seen: u64,
+}
+
+impl Clock {
+    fn start(pace: Pace) -> Self {
+        Self {
+            pace,
+            started: Instant::now(),
+            seen: 0,
+        }
+    }
+
+    /// When the bytes seen so far stop covering the minimum average rate (never, with a rate
+    /// of 0).
+    fn rate_deadline(&self) -> Instant {
+        const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        if self.pace.min_rate == 0 {
+            return self.started + FAR;
+        }
+        let allowance_ms = self.seen.saturating_mul(1000) / self.pace.min_rate;
+        let allowance = Duration::from_millis(allowance_ms).min(FAR);
+        self.started + self.pace.grace.min(FAR) + allowance
+    }
+}
+
 /// What waiting for a body's next frame gave.
 enum Next<D> {
     Frame(Frame<D>),
@@ -35,17 +80,20 @@ enum Next<D> {
     End,
     /// No frame arrived within the idle timeout.
     Idle,
+    /// The body fell below the minimum average rate.
+    TooSlow,
     /// The stop signal fired first.
     Stopped,
     /// The body failed (the client went away).
     Failed(BoxError),
 }
 
-/// The body's next frame, unless `idle` passes or `stop` resolves first (checked first, so a
-/// body that never pauses still stops at a frame boundary).
+/// The body's next frame, unless the pause or the average rate allowed by `clock` runs out or
+/// `stop` resolves first (checked first, so a body that never pauses still stops at a frame
+/// boundary). Counts the frame's bytes on the clock.
 async fn next_frame<B, S>(
     body: &mut Pin<&mut B>,
-    idle: Duration,
+    clock: &mut Clock,
     stop: &mut Pin<&mut S>,
 ) -> Next<B::Data>
 where
@@ -58,16 +106,23 @@ where
             .poll_frame(cx)
             .map(|frame| frame.map(|f| f.map_err(Into::into)))
     });
-    tokio::select! {
+    let idle_deadline = Instant::now() + clock.pace.idle;
+    let rate_deadline = clock.rate_deadline();
+    let next = tokio::select! {
         biased;
         () = stop.as_mut() => Next::Stopped,
-        frame = tokio::time::timeout(idle, frame) => match frame {
+        frame = tokio::time::timeout_at(idle_deadline.min(rate_deadline), frame) => match frame {
+            Err(_) if rate_deadline <= idle_deadline => Next::TooSlow,
             Err(_) => Next::Idle,
             Ok(None) => Next::End,
             Ok(Some(Ok(frame))) => Next::Frame(frame),
             Ok(Some(Err(e))) => Next::Failed(e),
         },
+    };
+    if let Next::Frame(frame) = &next {
+        clock.seen += frame.data_ref().map_or(0, |data| data.remaining() as u64);
     }
+    next
 }
 
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
@@ -81,7 +136,7 @@ pub(crate) async fn copy_fragment<B>(
     mut skip: u64,
     len: u64,
     part: &mut dyn DynPart,
-    idle: Duration,
+    pace: Pace,
     stop: impl Future<Output = ()>,
 ) -> (u64, Result<(), BodyError>)
 where
@@ -90,12 +145,14 @@ where
 {
     let mut body = pin!(body);
     let mut stop = pin!(stop);
+    let mut clock = Clock::start(pace);
     let mut written = 0u64;
     loop {
-        let frame = match next_frame(&mut body, idle, &mut stop).await {
+        let frame = match next_frame(&mut body, &mut clock, &mut stop).await {
             Next::Frame(frame) => frame,
             Next::End => break,
-            Next::Idle => return (written, Err(BodyError::Idle(idle))),
+            Next::Idle => return (written, Err(BodyError::Idle(pace.idle))),
+            Next::TooSlow => return (written, Err(BodyError::TooSlow(pace.min_rate))),
             Next::Stopped => return (written, Err(BodyError::Interrupted)),
             Next::Failed(e) => return (written, Err(BodyError::Client(e))),
         };
@@ -117,7 +174,7 @@ where
             // Read the rest (it is no longer than the range announced) so that the client
             // reads the error Ack instead of a connection reset.
             let rest = len - written - n;
-            drain(body, rest, idle, stop).await;
+            drain(body, rest, pace, stop).await;
             return (written, Err(e.into()));
         }
         written += n;
@@ -134,12 +191,12 @@ where
 /// the connection, which can destroy the response before the client reads it (and a client
 /// that never sees a 413 never learns to shrink its fragments).
 ///
-/// Gives up, leaving the connection to be closed, after `limit` bytes, an error, `idle`
-/// without data, or when `stop` resolves.
+/// Gives up, leaving the connection to be closed, after `limit` bytes, an error, when the
+/// body breaks `pace`, or when `stop` resolves. Returns whether the body was read to its end.
 pub(crate) async fn drain<B>(
     body: B,
     limit: u64,
-    idle: Duration,
+    pace: Pace,
     stop: impl Future<Output = ()>,
 ) -> bool
 where
@@ -148,17 +205,13 @@ where
 {
     let mut body = pin!(body);
     let mut stop = pin!(stop);
-    let mut seen = 0u64;
+    let mut clock = Clock::start(pace);
     loop {
-        match next_frame(&mut body, idle, &mut stop).await {
+        match next_frame(&mut body, &mut clock, &mut stop).await {
             Next::End => return true,
-            Next::Frame(frame) => {
-                seen += frame.data_ref().map_or(0, |data| data.remaining() as u64);
-                if seen > limit {
-                    return false;
-                }
-            }
-            Next::Idle | Next::Stopped | Next::Failed(_) => return false,
+            Next::Frame(_) if clock.seen > limit => return false,
+            Next::Frame(_) => {}
+            Next::Idle | Next::TooSlow | Next::Stopped | Next::Failed(_) => return false,
         }
     }
 }

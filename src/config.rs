@@ -77,6 +77,13 @@ pub(crate) struct Config {
     pub(crate) sync_data: bool,
     pub(crate) sync_on_commit: bool,
     pub(crate) body_idle_timeout: Duration,
+    pub(crate) min_body_rate: u64,
+    pub(crate) body_rate_grace: Duration,
+    pub(crate) max_sessions_per_peer: usize,
+    pub(crate) reclaim_empty_after: Duration,
+    pub(crate) tombstone_retention: Duration,
+    pub(crate) max_tombstones: usize,
+    pub(crate) max_tombstones_per_owner: usize,
     pub(crate) host_id: Option<String>,
     pub(crate) host_id_fallback_timeout: Option<u64>,
     pub(crate) commit_point: CommitPoint,
@@ -103,6 +110,13 @@ impl Default for Config {
             sync_data: false,
             sync_on_commit: true,
             body_idle_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            body_rate_grace: Duration::from_secs(30),
+            max_sessions_per_peer: 100,
+            reclaim_empty_after: Duration::from_secs(60),
+            tombstone_retention: Duration::from_secs(24 * 60 * 60),
+            max_tombstones: 8192,
+            max_tombstones_per_owner: 256,
             host_id: None,
             host_id_fallback_timeout: None,
             commit_point: CommitPoint::LastFragment,
@@ -117,6 +131,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How fast a fragment body must arrive.
+    pub(crate) fn pace(&self) -> crate::body::Pace {
+        crate::body::Pace {
+            idle: self.body_idle_timeout,
+            min_rate: self.min_body_rate,
+            grace: self.body_rate_grace,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<ValidConfig, ConfigError> {
         if !self.prefix.starts_with('/') || self.prefix.contains(['?', '#']) {
             return Err(ConfigError::InvalidPrefix(self.prefix.clone()));
@@ -128,6 +151,7 @@ impl Config {
             ("max_upload_size", self.max_upload_size == 0),
             ("max_sessions", self.max_sessions == 0),
             ("max_sessions_per_owner", self.max_sessions_per_owner == 0),
+            ("max_sessions_per_peer", self.max_sessions_per_peer == 0),
             ("session_timeout", self.session_timeout.is_zero()),
             ("body_idle_timeout", self.body_idle_timeout.is_zero()),
             ("sweep_interval", self.sweep_interval.is_zero()),

@@ -19,6 +19,7 @@ use crate::protocol::{
     Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, SessionHeader, headers,
 };
 use crate::reply::{self, Replies};
+use crate::retention;
 use crate::session::machine::{
     self, CancelDecision, CloseDecision, FragmentDecision, Limits, Refusal, Write,
 };
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) deferred_changed: tokio::sync::watch::Sender<u64>,
     /// Running, shutting down or disabled, and the requests in flight.
     pub(crate) lifecycle: Lifecycle,
+    /// When to enforce the limits on what ended sessions leave behind.
+    pub(crate) tombstones: crate::retention::Tombstones,
 }
 
 /// Session creates admitted but not yet in the store, by owner.
@@ -200,7 +203,7 @@ impl Failure {
             ),
             Self::Staging(e) | Self::Body(BodyError::Staging(e)) => e.ack(),
             Self::Body(BodyError::Interrupted) => shutting_down(),
-            Self::Body(BodyError::Idle(_)) => Ack::error(
+            Self::Body(BodyError::Idle(_) | BodyError::TooSlow(_)) => Ack::error(
                 StatusCode::REQUEST_TIMEOUT,
                 Hresult::TIMEOUT,
                 ErrorContext::RemoteFile,
@@ -267,18 +270,52 @@ where
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let is_fragment = parts
+        .headers
+        .get(headers::BITS_PACKET_TYPE)
+        .and_then(|v| PacketType::parse(v.as_bytes()))
+        == Some(PacketType::Fragment);
     let (_in_flight, state) = shared.lifecycle.enter();
     let mut body = Some(body);
     let ack = match refusal(state) {
         Some(ack) => ack,
         None => dispatch(&shared, parts, &mut body).await,
     };
-    if let Some(unread) = body.filter(|_| !expects_continue) {
-        let limit = DRAIN_LIMIT.max(shared.config.max_fragment_size);
-        let stopped = shared.lifecycle.stopped();
-        drain(unread, limit, shared.config.body_idle_timeout, stopped).await;
+    if let Some(unread) = body.filter(|b| !expects_continue && !b.is_end_stream()) {
+        linger(&shared, unread, is_fragment);
     }
     ack
+}
+
+/// Reads and drops a body the packet did not use, after its Ack has gone out: a client that
+/// sends a body with a refused fragment (or with a packet that carries none) gets its answer
+/// at once, and its connection stays usable if the body then arrives at a reasonable pace (a
+/// connection closed on unread bytes is reset, which can destroy the Ack before the client
+/// reads it: a client that never sees a 413 never shrinks its fragments). A body that breaks
+/// the pace, or is longer than any fragment may be, is dropped, and the connection with it.
+/// The drain runs as a task of its own, bounded by the pace and the limit, and ends at
+/// shutdown; without a tokio runtime the body is just dropped.
+fn linger<B>(shared: &Arc<Shared>, body: B, is_fragment: bool)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let limit = if is_fragment {
+        DRAIN_LIMIT.max(shared.config.max_fragment_size)
+    } else {
+        NO_BODY_DRAIN_LIMIT
+    };
+    let pace = shared.config.pace();
+    let stopped = shared.lifecycle.stopped();
+    runtime.spawn(async move {
+        if !drain(body, limit, pace, stopped).await {
+            tracing::debug!("unused request body abandoned; the connection closes");
+        }
+    });
 }
 
 /// The answer to every packet in a state that takes none.
@@ -308,8 +345,12 @@ fn shutting_down() -> Ack {
     )
 }
 
-/// Bodies of refused requests up to this size are read and dropped to keep the connection.
+/// Bodies of refused fragments up to this size are read and dropped to keep the connection.
 const DRAIN_LIMIT: u64 = 32 << 20;
+
+/// The same for packets that carry no body by protocol (Ping, Create-, Close-, Cancel-Session):
+/// Windows sends none, so anything longer is not a client worth keeping a connection for.
+const NO_BODY_DRAIN_LIMIT: u64 = 64 << 10;
 
 /// Parses the packet and runs it. Takes the body out of `body` only if it reads it.
 async fn dispatch<B>(shared: &Shared, parts: Parts, body: &mut Option<B>) -> Ack
@@ -397,6 +438,18 @@ async fn open_session(
     let guard = shared.locks.lock(id).await?;
     let loaded = shared.store.load(id).await;
     match loaded {
+        // Past its keeping time but not yet swept (the sweep interval can be long): it is
+        // answered as gone, and its data is deleted now.
+        Ok(Some(record))
+            if record.is_owned_by(owner) && retention::is_due(shared, &record, now_ms()) =>
+        {
+            match retention::forget(shared, &record).await {
+                Ok(forgotten) => tracing::debug!(?forgotten, "packet for an expired session"),
+                Err(error) => tracing::warn!(%error, "cannot forget an expired session"),
+            }
+            guard.release().await;
+            Err(Refusal::NotFound.into())
+        }
         Ok(Some(record)) if record.is_owned_by(owner) => Ok((guard, record)),
         Ok(_) => {
             guard.release().await;
@@ -477,6 +530,9 @@ async fn create_session(
         record.content_name = create.content_name;
         record.claims_destination = !reply_mode;
         record.origin = origin_of(config, parts);
+        if record.owner.is_none() {
+            record.peer = peer_of(parts);
+        }
         if let Some(hooks) = &shared.hooks {
             hooks
                 .on_create(&Event::new(&record, EventKind::Created, now_ms()))
@@ -485,19 +541,24 @@ async fn create_session(
         {
             let _reserved = {
                 let _serial = shared.create_lock.lock().await;
-                let (pending, pending_for_owner) =
-                    shared.pending_creates.counts(record.owner.as_ref());
-                if shared.store.count_open().await? + pending >= config.max_sessions {
+                let counted = record.counted_as();
+                let (pending, pending_for_owner) = shared.pending_creates.counts(counted.as_ref());
+                if shared.store.count_open().await? + pending >= config.max_sessions
+                    && !reclaim_empty(shared).await?
+                {
                     return Err(Failure::TooManySessions);
                 }
-                if let Some(owner) = &record.owner {
-                    if shared.store.count_open_for(owner).await? + pending_for_owner
-                        >= config.max_sessions_per_owner
-                    {
+                if let Some(counted) = &counted {
+                    let limit = if record.owner.is_some() {
+                        config.max_sessions_per_owner
+                    } else {
+                        config.max_sessions_per_peer
+                    };
+                    if shared.store.count_open_for(counted).await? + pending_for_owner >= limit {
                         return Err(Failure::OwnerLimit);
                     }
                 }
-                shared.pending_creates.reserve(record.owner.clone())
+                shared.pending_creates.reserve(counted)
             };
             match shared.store.create(&record).await {
                 Err(StoreError::DestinationBusy { holder })
@@ -549,6 +610,84 @@ fn origin_of(config: &ValidConfig, parts: &Parts) -> Option<String> {
     Some(format!("{scheme}://{authority}"))
 }
 
+/// The client's address, if the application put one in the request: [`PeerAddr`], or axum's
+/// `ConnectInfo<SocketAddr>`. An IPv4 address mapped into IPv6 counts as the IPv4 address, and
+/// an IPv6 address by its /64 prefix, since one client is usually given a whole /64.
+fn peer_of(parts: &Parts) -> Option<std::net::IpAddr> {
+    let ip = match parts.extensions.get::<crate::PeerAddr>() {
+        Some(peer) => peer.0,
+        None => connect_info(parts)?,
+    };
+    Some(match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    })
+}
+
+#[cfg(feature = "axum")]
+fn connect_info(parts: &Parts) -> Option<std::net::IpAddr> {
+    use axum::extract::ConnectInfo;
+    let ConnectInfo(addr) = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()?;
+    Some(addr.ip())
+}
+
+#[cfg(not(feature = "axum"))]
+fn connect_info(_: &Parts) -> Option<std::net::IpAddr> {
+    None
+}
+
+/// The server is full: cancels the oldest session that never received a byte and has been
+/// idle for `reclaim_empty_after`, so that sessions created and left empty cannot keep
+/// everyone else out for the whole session timeout. Returns whether a place was freed.
+async fn reclaim_empty(shared: &Shared) -> Result<bool, Failure> {
+    let idle = duration_ms(shared.config.reclaim_empty_after);
+    let cutoff = now_ms().saturating_sub(idle);
+    let is_empty = |r: &SessionRecord| {
+        r.phase == Phase::Receiving && r.received == 0 && r.is_idle_since(cutoff)
+    };
+    let mut candidates = shared.store.list_idle(cutoff).await?;
+    candidates.retain(is_empty);
+    candidates.sort_by_key(|r| r.updated_ms);
+    // A few tries: a candidate may be busy, or have moved on since it was listed.
+    for candidate in candidates.iter().take(8) {
+        let Some(guard) = shared.locks.try_lock(candidate.id).await? else {
+            continue;
+        };
+        let Some(mut stale) = shared.store.load(candidate.id).await? else {
+            guard.release().await;
+            continue;
+        };
+        if !is_empty(&stale) {
+            guard.release().await;
+            continue;
+        }
+        shared.staging.discard(stale.id).await?;
+        let reclaimed = amend(shared, &mut stale, |r| {
+            shared.queue(
+                r,
+                EventKind::Cancelled {
+                    reason: CancelReason::Reclaimed,
+                },
+            );
+            r.end(Phase::Cancelled);
+        })
+        .await;
+        if reclaimed.is_ok() {
+            shared.deliver(&mut stale).await;
+        }
+        guard.release().await;
+        reclaimed?;
+        tracing::info!(session = %stale.id, "server full: reclaimed a session that never received a byte");
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// A client whose Create-Session Ack was lost retries Create-Session; its first session then
 /// holds the destination and would answer 409 until it expired (days). A holder of the same
 /// owner that never received a byte and has been idle for a while is such an orphan: cancel
@@ -575,7 +714,7 @@ async fn take_over_abandoned(
         return Ok(false);
     }
     shared.staging.discard(holder).await?;
-    save(shared, &mut stale, |r| r.phase = Phase::Cancelled).await?;
+    save(shared, &mut stale, |r| r.end(Phase::Cancelled)).await?;
     tracing::info!(%holder, "replaced a session that never received a byte");
     Ok(true)
 }
@@ -861,7 +1000,7 @@ where
         write.skip,
         write.len,
         part.as_mut(),
-        shared.config.body_idle_timeout,
+        shared.config.pace(),
         shared.lifecycle.interrupted(),
     )
     .await;
@@ -1010,9 +1149,11 @@ async fn close_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ack
             let reason = CancelReason::ClosedIncomplete;
             shared.queue(r, EventKind::Cancelled { reason });
         }
+        r.end(Phase::Closed);
     })
     .await?;
     tracing::info!("session closed");
+    shared.tombstones.ended(shared).await;
     Ok(Ack::ok())
 }
 
@@ -1051,9 +1192,11 @@ async fn cancel_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ac
         r.phase = Phase::Cancelled;
         let reason = CancelReason::CancelSession;
         shared.queue(r, EventKind::Cancelled { reason });
+        r.end(Phase::Cancelled);
     })
     .await?;
     shared.deliver(record).await;
     tracing::info!(committed = record.committed, "session cancelled");
+    shared.tombstones.ended(shared).await;
     Ok(Ack::ok())
 }

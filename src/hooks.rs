@@ -110,6 +110,10 @@ pub enum CancelReason {
     /// Uploads were disabled for the session's prefix
     /// ([`BitsHandle::disable_uploads`](crate::BitsHandle::disable_uploads)).
     UploadsDisabled,
+    /// The server was full and the session, which had received no byte, had been idle for
+    /// [`reclaim_empty_after`](crate::BitsLayerBuilder::reclaim_empty_after): its place went
+    /// to a new session.
+    Reclaimed,
 }
 
 impl Event {

@@ -228,6 +228,82 @@ impl BitsLayerBuilder {
         self
     }
 
+    /// The lowest average rate, in bytes a second, at which a fragment body must arrive once
+    /// [`body_rate_grace`](Self::body_rate_grace) has passed since it started; a body that
+    /// falls below it is cut off with 408 (the bytes that did arrive are kept, and the client
+    /// resumes from them). `0` turns the rule off. Default: 1,024 bytes a second.
+    ///
+    /// The idle timeout alone cannot stop a client that sends one byte just inside it, holding
+    /// the connection and the session's lock for days. 1 KiB/s is an eighth of what a 64 kbit/s
+    /// link carries, so a real client on a slow link stays far above it, while a trickled body
+    /// is cut off after the grace period plus one second per KiB it delivered.
+    pub fn min_body_rate(mut self, bytes_per_second: u64) -> Self {
+        self.config.min_body_rate = bytes_per_second;
+        self
+    }
+
+    /// How long a body may take before [`min_body_rate`](Self::min_body_rate) applies (time for
+    /// a connection to ramp up). Default: 30 seconds.
+    pub fn body_rate_grace(mut self, grace: Duration) -> Self {
+        self.config.body_rate_grace = grace;
+        self
+    }
+
+    /// The most open sessions one peer address may hold when the request carries no
+    /// [`Owner`](crate::Owner) (anonymous uploads). The peer address comes from
+    /// [`PeerAddr`](crate::PeerAddr) or axum's `ConnectInfo<SocketAddr>` in the request
+    /// extensions (`into_make_service_with_connect_info`; [`serve`](crate::serve) provides
+    /// both); without either, anonymous sessions are bounded only by
+    /// [`max_sessions`](Self::max_sessions). Beyond it Create-Session gets 503 `0x80070045`
+    /// (the client retries later). Behind a proxy every client has the proxy's address: insert
+    /// a `PeerAddr` from the proxy's forwarding header yourself. Default: 100.
+    pub fn max_sessions_per_peer(mut self, sessions: usize) -> Self {
+        self.config.max_sessions_per_peer = sessions;
+        self
+    }
+
+    /// When the server is full ([`max_sessions`](Self::max_sessions)), a Create-Session may
+    /// reclaim the place of a session that never received a byte and has been idle this long:
+    /// it is cancelled (its client, if it ever comes back, gets `BG_E_SESSION_NOT_FOUND` and
+    /// starts over, losing nothing). This keeps sessions that are created and left empty from
+    /// filling the server for the whole session timeout. Default: 60 seconds.
+    pub fn reclaim_empty_after(mut self, idle: Duration) -> Self {
+        self.config.reclaim_empty_after = idle;
+        self
+    }
+
+    /// How long the tombstone of a closed or cancelled session is kept, so that a client
+    /// repeating a packet whose Ack it lost gets a consistent answer (protocol reference 8.5).
+    /// At most the [`session_timeout`](Self::session_timeout). Default: 24 hours.
+    ///
+    /// A client that lost its Close-Session Ack re-sends it after its retry delay (10 minutes
+    /// by default), later if it went offline; without the tombstone it is told the session
+    /// does not exist (`0x8020001F`) and starts the whole upload over, which for a file
+    /// already committed without overwrites fails at Create-Session with 403. A day covers a
+    /// laptop that sleeps overnight; the caps
+    /// ([`max_tombstones`](Self::max_tombstones),
+    /// [`max_tombstones_per_owner`](Self::max_tombstones_per_owner)) bound what a client that
+    /// ends sessions as fast as it creates them can leave behind.
+    pub fn tombstone_retention(mut self, retention: Duration) -> Self {
+        self.config.tombstone_retention = retention;
+        self
+    }
+
+    /// The most tombstones kept in all; beyond it the oldest are forgotten first. Tombstones
+    /// are compact (the answers a repeat needs, not the session's details). Default: 8,192.
+    pub fn max_tombstones(mut self, tombstones: usize) -> Self {
+        self.config.max_tombstones = tombstones;
+        self
+    }
+
+    /// The most tombstones kept per [`Owner`](crate::Owner), or per peer address for anonymous
+    /// sessions; beyond it that owner's oldest are forgotten first, so one client ending
+    /// sessions in a loop evicts only its own. Default: 256.
+    pub fn max_tombstones_per_owner(mut self, tombstones: usize) -> Self {
+        self.config.max_tombstones_per_owner = tombstones;
+        self
+    }
+
     /// The host name clients must use for the rest of a session (`BITSHostId`), sent as
     /// `BITS-Host-Id` on Create-Session. A bare host: no scheme, no port. Default: unset.
     pub fn host_id(mut self, host: impl Into<String>) -> Self {
@@ -399,6 +475,7 @@ impl BitsLayerBuilder {
                 wakeup: Default::default(),
                 deferred_changed: tokio::sync::watch::channel(0).0,
                 lifecycle: Default::default(),
+                tombstones: Default::default(),
             }),
         })
     }

@@ -94,6 +94,7 @@ mod lock;
 pub mod protocol;
 pub mod recovery;
 mod reply;
+mod retention;
 #[cfg(feature = "serve")]
 mod serve;
 mod service;
@@ -111,7 +112,7 @@ pub use layer::{BitsLayer, BitsLayerBuilder};
 #[cfg(feature = "serve")]
 pub use serve::{Serve, serve};
 pub use service::BitsService;
-pub use session::{Owner, SessionId};
+pub use session::{Owner, PeerAddr, SessionId};
 pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
 pub use sweeper::{SweepReport, Sweeper};
 

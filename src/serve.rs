@@ -118,16 +118,18 @@ impl<S> Serve<S> {
                 () = &mut signal => break,
                 accepted = accept(&listener, &slots) => accepted,
             };
-            let Some((stream, slot)) = accepted else {
+            let Some((stream, peer, slot)) = accepted else {
                 continue;
             };
             if let Err(error) = stream.set_nodelay(true) {
                 tracing::debug!(%error, "cannot set TCP_NODELAY");
             }
-            let connection = builder.serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            );
+            let service = WithPeer {
+                inner: service.clone(),
+                peer,
+            };
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
@@ -155,15 +157,52 @@ impl<S> Serve<S> {
 async fn accept(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
-) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+) -> Option<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
     let slot = slots.clone().acquire_owned().await.ok()?;
     match listener.accept().await {
-        Ok((stream, _peer)) => Some((stream, slot)),
+        Ok((stream, peer)) => Some((stream, peer, slot)),
         Err(error) => {
             tracing::warn!(%error, "accept failed");
             // EMFILE and friends: give closing connections a moment instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             None
         }
+    }
+}
+
+/// Puts the connection's peer address into every request's extensions, as
+/// [`PeerAddr`](crate::PeerAddr) and (feature `axum`) as axum's `ConnectInfo`, so that the
+/// per-peer limits and the app's own `ConnectInfo` extractor see it.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: std::net::SocketAddr,
+}
+
+impl<S, B> Service<Request<B>> for WithPeer<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let extensions = request.extensions_mut();
+        extensions.insert(crate::PeerAddr(self.peer.ip()));
+        #[cfg(feature = "axum")]
+        extensions.insert(axum::extract::ConnectInfo(self.peer));
+        self.inner.call(request)
     }
 }

@@ -3,15 +3,15 @@
 use std::sync::Arc;
 
 use crate::deferred::DeferredCompletions;
-use crate::handler::{self, Shared};
-use crate::hooks::{Event, EventKind};
-use crate::session::machine::is_expired;
+use crate::handler::Shared;
+use crate::retention::{self, Forgotten};
 use crate::session::now_ms;
 use crate::store::StoreError;
 
-/// Deletes sessions (and tombstones of finished ones) that have seen no successful packet for
-/// the session timeout (`BITSSessionTimeout`): their staged data and their record. A file
-/// already committed to its destination stays.
+/// Deletes sessions that have seen no successful packet for the session timeout
+/// (`BITSSessionTimeout`): their staged data and their record; and tombstones of ended
+/// sessions past their [retention](crate::BitsLayerBuilder::tombstone_retention) or beyond
+/// their limits. A file already committed to its destination stays.
 ///
 /// Get one from [`BitsLayer::sweeper`](crate::BitsLayer::sweeper) and spawn
 /// [`Sweeper::run`], or call [`Sweeper::sweep`] on a schedule of your own.
@@ -34,18 +34,22 @@ impl std::fmt::Debug for Sweeper {
 pub struct SweepReport {
     /// Open sessions that expired (their staged data was deleted).
     pub expired: usize,
-    /// Records of closed or cancelled sessions that were forgotten.
+    /// Tombstones of closed or cancelled sessions that were forgotten (past their retention
+    /// or beyond their limits).
     pub tombstones: usize,
 }
 
 impl Sweeper {
-    /// Sweeps once.
+    /// Sweeps once: expires open sessions idle for the session timeout, forgets tombstones
+    /// past their retention, and keeps the rest within the tombstone limits.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
         let shared = &self.shared;
-        let timeout_ms = handler::duration_ms(shared.config.session_timeout);
         let mut report = SweepReport::default();
-        let cutoff = now_ms().saturating_sub(timeout_ms);
+        let cutoff = retention::sweep_cutoff(shared, now_ms());
         for candidate in shared.store.list_idle(cutoff).await? {
+            if !retention::is_due(shared, &candidate, now_ms()) {
+                continue;
+            }
             let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
                 continue;
             };
@@ -53,25 +57,16 @@ impl Sweeper {
             let Some(record) = shared.store.load(candidate.id).await? else {
                 continue;
             };
-            if !is_expired(&record, now_ms(), timeout_ms) || record.is_deferred() {
+            if !retention::is_due(shared, &record, now_ms()) {
                 continue;
             }
-            if let Err(error) = handler::release(shared, &record).await {
-                tracing::warn!(session = %record.id, %error, "cannot delete the data of an expired session");
-                continue;
-            }
-            if record.is_open() && !expired_event_delivered(shared, &record).await {
-                // Kept (its data is gone) so the event is offered again at the next sweep.
-                continue;
-            }
-            shared.store.remove(record.id).await?;
-            if record.is_open() {
-                tracing::info!(session = %record.id, destination = %record.destination, "session expired");
-                report.expired += 1;
-            } else {
-                report.tombstones += 1;
+            match retention::forget(shared, &record).await? {
+                Forgotten::Expired => report.expired += 1,
+                Forgotten::Tombstone => report.tombstones += 1,
+                Forgotten::Kept => {}
             }
         }
+        report.tombstones += shared.tombstones.trim(shared).await?;
         self.redeliver().await?;
         Ok(report)
     }
@@ -148,21 +143,6 @@ impl Sweeper {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "session sweep failed"),
             }
-        }
-    }
-}
-
-/// Offers the expiry event of `record` to the hooks. True if delivered (or nobody listens).
-async fn expired_event_delivered(shared: &Shared, record: &crate::session::SessionRecord) -> bool {
-    let Some(hooks) = &shared.hooks else {
-        return true;
-    };
-    let event = Event::new(record, EventKind::Expired, now_ms());
-    match hooks.on_event(&event).await {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::warn!(key = %event.key, %error, "expiry event delivery failed; will retry");
-            false
         }
     }
 }

@@ -88,6 +88,11 @@ impl Owner {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key anonymous sessions from `peer` are counted under.
+    pub(crate) fn peer(peer: std::net::IpAddr) -> Self {
+        Self(format!("\u{1}peer {peer}"))
+    }
 }
 
 /// Where a session is in its life cycle (protocol reference, section 8.1).
@@ -158,7 +163,26 @@ pub struct SessionRecord {
     /// Events not yet delivered to the hooks (at-least-once delivery survives a restart).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<crate::hooks::Event>,
+    /// The client's address, for an anonymous session (no `owner`) whose request carried one
+    /// ([`PeerAddr`] or axum's `ConnectInfo`): the per-peer limits count by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<std::net::IpAddr>,
 }
+
+/// The address of the client a request came from. The per-peer limits on anonymous sessions
+/// ([`max_sessions_per_peer`](crate::BitsLayerBuilder::max_sessions_per_peer)) read it from
+/// the request extensions; [`serve`](crate::serve) inserts it, and so does axum's
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as `ConnectInfo`, which the layer
+/// also reads). Behind a reverse proxy, insert it yourself from the proxy's forwarding header,
+/// in a layer that runs before the BITS layer and trusts only the proxy.
+///
+/// ```
+/// use axum_bits::PeerAddr;
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(PeerAddr("192.0.2.7".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub std::net::IpAddr);
 
 fn yes() -> bool {
     true
@@ -243,7 +267,47 @@ impl SessionRecord {
             outcome: None,
             deferred: None,
             outbox: Vec::new(),
+            peer: None,
         }
+    }
+
+    /// Who the session counts against for the per-owner limits (open sessions, tombstones):
+    /// its owner, or for an anonymous session whose peer address is known, a key of that
+    /// address that no owner name can equal (it starts with a control character). Stores
+    /// that index owners (for [`count_open_for`](crate::store::SessionStore::count_open_for))
+    /// index this.
+    pub fn counted_as(&self) -> Option<Owner> {
+        match (&self.owner, self.peer) {
+            (Some(owner), _) => Some(owner.clone()),
+            (None, Some(peer)) => Some(Owner::peer(peer)),
+            (None, None) => None,
+        }
+    }
+
+    /// Ends the session in `phase` ([`Phase::Closed`] or [`Phase::Cancelled`]) and shrinks the
+    /// record to a tombstone: what a repeated packet needs (id, owner, phase, sizes, whether
+    /// the file was committed or accepted, a deferred commit still running) and nothing else,
+    /// so that what ended sessions leave behind stays small. The request path stays, without
+    /// its query.
+    pub fn end(&mut self, phase: Phase) {
+        self.phase = phase;
+        // The path stays: it says which prefix the tombstone belongs to (disabling uploads).
+        if let Some(query) = self.request_url.find(['?', '#']) {
+            self.request_url.truncate(query);
+        }
+        self.content_name = None;
+        self.origin = None;
+        if let Some(outcome) = &mut self.outcome {
+            // Kept only as "the application accepted the upload" (see `is_accepted`).
+            outcome.reply_url.clear();
+            outcome.stored_reply = None;
+        }
+    }
+
+    /// Whether this is a tombstone that may be forgotten: ended, with no deferred commit
+    /// still needing its staged data.
+    pub fn is_tombstone(&self) -> bool {
+        !self.is_open() && !self.is_deferred()
     }
 
     /// Records that the part holds `received` contiguous bytes of a `total`-byte file. The
@@ -275,10 +339,10 @@ impl SessionRecord {
         matches!(self.phase, Phase::Receiving | Phase::Complete)
     }
 
-    /// Whether the session is open and belongs to `owner` (counted against
-    /// the per-owner session limit).
+    /// Whether the session is open and [counted as](Self::counted_as) `owner` (against the
+    /// per-owner or per-peer session limit).
     pub fn is_open_for(&self, owner: &Owner) -> bool {
-        self.is_open() && self.owner.as_ref() == Some(owner)
+        self.is_open() && self.counted_as().as_ref() == Some(owner)
     }
 
     /// Whether the session still claims its destination: it is open and its file has not been

@@ -68,6 +68,14 @@ impl Index {
         self.records.values().cloned().collect()
     }
 
+    pub(crate) fn ended(&self) -> Vec<SessionRecord> {
+        self.records
+            .values()
+            .filter(|r| !r.is_open())
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn count_open(&self) -> usize {
         self.records.values().filter(|r| r.is_open()).count()
     }

@@ -54,6 +54,10 @@ impl SessionStore for MemoryStore {
         Ok(self.index().records())
     }
 
+    async fn list_ended(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        Ok(self.index().ended())
+    }
+
     async fn count_open(&self) -> Result<usize, StoreError> {
         Ok(self.index().count_open())
     }

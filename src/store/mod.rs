@@ -166,6 +166,19 @@ pub trait SessionStore: Send + Sync + 'static {
         }
     }
 
+    /// Records of ended sessions (closed or cancelled: the tombstones, and any whose deferred
+    /// commit still runs). The layer reads them to keep the tombstones within their limits
+    /// ([`max_tombstones`](crate::BitsLayerBuilder::max_tombstones)), forgetting the oldest
+    /// with [`remove`](SessionStore::remove). The default filters [`SessionStore::list`];
+    /// backends with an index should query it.
+    fn list_ended(&self) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send {
+        async move {
+            let mut records = self.list().await?;
+            records.retain(|r| !r.is_open());
+            Ok(records)
+        }
+    }
+
     /// Whether other processes may use the same records at the same time (a database or a
     /// Redis server that a farm of nodes shares). If so, the layer guards every packet, sweep
     /// and recovery step of a session with a lease ([`SessionStore::acquire_lease`]), so that
@@ -279,6 +292,7 @@ pub(crate) trait DynStore: Send + Sync {
     fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
     fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>>;
     fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+    fn list_ended(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
     fn is_shared(&self) -> bool;
     fn acquire_lease<'a>(
         &'a self,
@@ -324,6 +338,9 @@ impl<T: SessionStore> DynStore for T {
     }
     fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         Box::pin(SessionStore::list_idle(self, cutoff_ms))
+    }
+    fn list_ended(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(SessionStore::list_ended(self))
     }
     fn is_shared(&self) -> bool {
         SessionStore::is_shared(self)

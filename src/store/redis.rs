@@ -208,7 +208,7 @@ impl RedisStore {
         session: &str,
         record: &SessionRecord,
     ) {
-        let owner = match &record.owner {
+        let owner = match &record.counted_as() {
             Some(owner) => self.keys.owner(owner.as_str()),
             None => session.to_owned(),
         };
@@ -314,7 +314,7 @@ impl SessionStore for RedisStore {
         // says where it really is if not.
         let mut old = Footprint {
             held: Some(record.destination.clone()),
-            counted: record.owner.as_ref().map(|o| o.as_str().to_owned()),
+            counted: record.counted_as().map(|o| o.as_str().to_owned()),
         };
         for _ in 0..MAX_ATTEMPTS {
             let mut invocation = SCRIPTS.update.prepare_invoke();
@@ -511,7 +511,7 @@ impl Write {
             destination: record.destination.clone(),
             holds: flag(record.holds_destination()),
             open: flag(record.is_open()),
-            owner: encode(record.owner.as_ref().map(Owner::as_str)),
+            owner: encode(record.counted_as().as_ref().map(Owner::as_str)),
             updated_ms: record.updated_ms.to_string(),
         })
     }

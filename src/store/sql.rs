@@ -48,6 +48,8 @@ pub(super) struct Sql {
     pub(super) list: String,
     /// `$1`: a cutoff; id and record of sessions updated before it.
     pub(super) list_idle: String,
+    /// Id and record of every ended session.
+    pub(super) list_ended: String,
     pub(super) count_open: String,
     /// `$1`: an owner.
     pub(super) count_open_for: String,
@@ -132,6 +134,7 @@ impl Sql {
             load: format!("SELECT record FROM {sessions} WHERE id = $1"),
             list: format!("SELECT id, record FROM {sessions}"),
             list_idle: format!("SELECT id, record FROM {sessions} WHERE updated_ms < $1"),
+            list_ended: format!("SELECT id, record FROM {sessions} WHERE NOT is_open"),
             count_open: format!("SELECT COUNT(*) FROM {sessions} WHERE is_open"),
             count_open_for: format!("SELECT COUNT(*) FROM {sessions} WHERE is_open AND owner = $1"),
             remove: format!("DELETE FROM {sessions} WHERE id = $1"),
@@ -211,7 +214,7 @@ impl Row {
             destination: record.destination.clone(),
             holds_destination: record.holds_destination(),
             is_open: record.is_open(),
-            owner: record.owner.as_ref().map(|o| o.as_str().to_owned()),
+            owner: record.counted_as().map(|o| o.as_str().to_owned()),
             updated_ms: to_i64(record.updated_ms, "updated_ms")?,
             record: serde_json::to_string(record).map_err(StoreError::backend)?,
         })
@@ -396,7 +399,7 @@ pub(super) use helper_methods;
 
 /// Expands, inside `impl SessionStore for` a store, to the methods that are the same for
 /// every SQL store: `create`, `load`, `update`, `list`, `count_open`, `count_open_for`,
-/// `list_idle` and `release_lease`. The store writes the others (`remove`, `is_shared`,
+/// `list_idle`, `list_ended` and `release_lease`. The store writes the others (`remove`, `is_shared`,
 /// `acquire_lease`, `close`) itself.
 ///
 /// The store must have the fields `pool` (a `sqlx::Pool`) and `sql` (derefs to [`Sql`]) and
@@ -498,6 +501,17 @@ macro_rules! session_store_methods {
             use $crate::store::{StoreError, sql};
             let rows = sqlx::query_as(&self.sql.list_idle)
                 .bind(sql::saturating_i64(cutoff_ms.into()))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(sql::decode_listed(rows))
+        }
+
+        async fn list_ended(
+            &self,
+        ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let rows = sqlx::query_as(&self.sql.list_ended)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
