@@ -229,6 +229,75 @@ pub trait SessionStore: Send + Sync + 'static {
     }
 }
 
+/// A shared store is a store: the layer can use one `Arc` while the application keeps another
+/// (to look at records, or to give two layers one store).
+impl<S: SessionStore> SessionStore for std::sync::Arc<S> {
+    fn create(
+        &self,
+        record: &SessionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::create(self, record)
+    }
+    fn load(
+        &self,
+        id: SessionId,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + Send {
+        S::load(self, id)
+    }
+    fn update(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::update(self, expected, record)
+    }
+    fn remove(&self, id: SessionId) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        S::remove(self, id)
+    }
+    fn list(&self) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send {
+        S::list(self)
+    }
+    fn count_open(&self) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        S::count_open(self)
+    }
+    fn count_open_for(
+        &self,
+        owner: &Owner,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        S::count_open_for(self, owner)
+    }
+    fn list_idle(
+        &self,
+        cutoff_ms: u64,
+    ) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send {
+        S::list_idle(self, cutoff_ms)
+    }
+    fn list_ended(&self) -> impl Future<Output = Result<Vec<SessionRecord>, StoreError>> + Send {
+        S::list_ended(self)
+    }
+    fn is_shared(&self) -> bool {
+        S::is_shared(self)
+    }
+    fn acquire_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        S::acquire_lease(self, id, holder, ttl)
+    }
+    fn release_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::release_lease(self, id, holder)
+    }
+    fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::close(self)
+    }
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

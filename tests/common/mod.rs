@@ -234,6 +234,14 @@ pub fn bits_post() -> reqwest::Method {
 }
 
 impl BitsClient {
+    /// A client on an HTTP client of the caller's (e.g. bound to another local address).
+    pub fn with_http(addr: SocketAddr, http: reqwest::Client) -> Self {
+        Self {
+            http,
+            base: format!("http://{addr}"),
+        }
+    }
+
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             http: reqwest::Client::builder()
@@ -408,6 +416,14 @@ impl RawResponse {
 }
 
 impl RawConn {
+    /// A raw connection over a stream the caller opened (and may have written to).
+    pub fn from_stream(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn connect(addr: SocketAddr) -> Self {
         Self {
             stream: TcpStream::connect(addr).await.expect("connect"),
