@@ -328,6 +328,27 @@ async fn a_trickled_fragment_is_cut_off_with_408_and_keeps_what_arrived() {
         .assert_ok();
 }
 
+/// The status of the response head that arrives on `reader`, within 15 s.
+async fn read_status(mut reader: tokio::net::tcp::OwnedReadHalf) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = reader.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&head).lines().next()?.to_owned();
+        line.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .ok()?
+}
+
 /// Reads one response from a stream the test wrote to by hand.
 async fn read_answer(stream: tokio::net::TcpStream) -> Option<RawResponse> {
     RawConn::from_stream(stream).read_response().await
@@ -434,17 +455,24 @@ async fn a_thousand_trickling_connections_leave_the_server_responsive() {
             fragment_head(&format!("/t{}.bin", i / 2), sid, 0, 16 << 20, 16 << 20)
         };
         let addr = server.addr;
+        let is_ping = i % 2 == 0;
         tricklers.push(tokio::spawn(async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-            stream.write_all(&head).await.ok()?;
+            let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let (reader, mut writer) = stream.into_split();
+            writer.write_all(&head).await.ok()?;
             let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(8) {
-                if stream.write_all(b"x").await.is_err() {
-                    break;
+            let trickle = tokio::spawn(async move {
+                while started.elapsed() < Duration::from_secs(8) {
+                    if writer.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Some(())
+            });
+            let status = read_status(reader).await;
+            let answered = started.elapsed();
+            trickle.abort();
+            Some((is_ping, status, answered))
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -475,9 +503,29 @@ async fn a_thousand_trickling_connections_leave_the_server_responsive() {
         upload < Duration::from_secs(5),
         "the upload took {upload:?}"
     );
+    // The tricklers themselves: each Ping (its body unused) was answered at once, each
+    // trickled fragment was cut off with 408 after the grace period.
+    let (mut ping_waits, mut cut_off) = (Vec::new(), Vec::new());
     for trickler in tricklers {
-        let _ = trickler.await;
+        let (is_ping, status, answered) = trickler.await.unwrap().expect("connected");
+        if is_ping {
+            assert_eq!(status, Some(400), "a trickled Ping");
+            ping_waits.push(answered);
+        } else {
+            assert_eq!(status, Some(408), "a trickled fragment");
+            cut_off.push(answered);
+        }
     }
+    ping_waits.sort();
+    cut_off.sort();
+    eprintln!(
+        "trickled Pings answered after {:?} (max), trickled fragments cut off after {:?} to {:?}",
+        ping_waits[ping_waits.len() - 1],
+        cut_off[0],
+        cut_off[cut_off.len() - 1]
+    );
+    assert!(ping_waits[ping_waits.len() - 1] < Duration::from_secs(2));
+    assert!(cut_off[cut_off.len() - 1] < Duration::from_secs(7));
 }
 
 // ---------------------------------------------------------------------------------------
