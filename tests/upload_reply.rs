@@ -561,13 +561,16 @@ async fn notifications_go_only_where_the_operator_says() {
     // `/notify` to the application; here the application itself stands in for it.
     let origin = format!("http://{}", app.addr);
     type Configure = Box<dyn Fn(BitsLayerBuilder) -> BitsLayerBuilder>;
-    let configs: Vec<(&str, Configure)> = vec![
+    // (what the operator configured, the query of the configured URL, how)
+    let configs: Vec<(&str, &str, Configure)> = vec![
         (
             "relative, no origin",
+            "",
             Box::new(|b| b.notification(Notification::by_value("/notify"))),
         ),
         (
             "by value, relative to public_origin",
+            "",
             Box::new({
                 let origin = origin.clone();
                 move |b| {
@@ -578,6 +581,7 @@ async fn notifications_go_only_where_the_operator_says() {
         ),
         (
             "by reference, relative to public_origin without a slash",
+            "",
             Box::new({
                 let origin = origin.clone();
                 move |b| {
@@ -588,6 +592,7 @@ async fn notifications_go_only_where_the_operator_says() {
         ),
         (
             "by reference, absolute",
+            "",
             Box::new({
                 let url = app.url();
                 move |b| b.notification(Notification::by_reference(url.clone()))
@@ -595,6 +600,7 @@ async fn notifications_go_only_where_the_operator_says() {
         ),
         (
             "by value, absolute with a query of its own",
+            "mode=x",
             Box::new({
                 let url = format!("{}?mode=x", app.url());
                 move |b| b.notification(Notification::by_value(url.clone()))
@@ -602,7 +608,7 @@ async fn notifications_go_only_where_the_operator_says() {
         ),
     ];
     let bytes = data(3_000, 14);
-    for (config, configure) in configs {
+    for (config, own_query, configure) in configs {
         let tmp = tempfile::tempdir().unwrap();
         if let Err(error) = configure(BitsLayer::builder(tmp.path())).build() {
             // Refusing the configuration is as good as never connecting where a client says.
@@ -617,42 +623,42 @@ async fn notifications_go_only_where_the_operator_says() {
         let own = server.addr.to_string();
         // What the client sends (request target, `Host`) and the query the application must
         // see: only the query is the client's, and it stays a query.
-        let attacks: Vec<(String, String, String)> = [
-            ("/orders/a.bin?acct=42", &*own, "acct=42"),
-            ("/orders/a.bin?acct=42", &*inside, "acct=42"),
-            ("/orders/a.bin", &*format!("app@{inside}"), ""),
-            (
-                &*format!("http://{inside}/orders/a.bin?acct=42"),
-                &*own,
+        let attack = |target: &str, host: &str, query: &str| {
+            (target.to_owned(), host.to_owned(), query.to_owned())
+        };
+        let attacks = [
+            attack("/orders/a.bin?acct=42", &own, "acct=42"),
+            attack("/orders/a.bin?acct=42", &inside, "acct=42"),
+            attack("/orders/a.bin", &format!("app@{inside}"), ""),
+            attack(
+                &format!("http://{inside}/orders/a.bin?acct=42"),
+                &own,
                 "acct=42",
             ),
-            (&*format!("http://{inside}/orders/a.bin"), &*inside, ""),
-            (&*format!("http://app@{inside}/orders/a.bin"), &*own, ""),
-            (
-                &*format!("/orders/a.bin?@{inside}/x"),
-                &*own,
-                &*format!("@{inside}/x"),
+            attack(&format!("http://{inside}/orders/a.bin"), &inside, ""),
+            attack(&format!("http://app@{inside}/orders/a.bin"), &own, ""),
+            attack(
+                &format!("/orders/a.bin?@{inside}/x"),
+                &own,
+                &format!("@{inside}/x"),
             ),
-            (
-                &*format!("/orders/a.bin??//{inside}/x"),
-                &*own,
-                &*format!("?//{inside}/x"),
+            attack(
+                &format!("/orders/a.bin??//{inside}/x"),
+                &own,
+                &format!("?//{inside}/x"),
             ),
-            (&*format!("/orders/a.bin?a=1#@{inside}/x"), &*own, "a=1"),
-            (
-                &*format!("/orders/a.bin?u=http://{inside}/x&b=2"),
-                &*own,
-                &*format!("u=http://{inside}/x&b=2"),
+            attack(&format!("/orders/a.bin?a=1#@{inside}/x"), &own, "a=1"),
+            attack(
+                &format!("/orders/a.bin?u=http://{inside}/x&b=2"),
+                &own,
+                &format!("u=http://{inside}/x&b=2"),
             ),
-            (
+            attack(
                 "/orders/a.bin?%2F%2Finternal%3A1%2F%0D%0AHost:%20internal",
-                &*own,
+                &own,
                 "%2F%2Finternal%3A1%2F%0D%0AHost:%20internal",
             ),
-        ]
-        .into_iter()
-        .map(|(t, h, q)| (t.to_owned(), h.to_owned(), q.to_owned()))
-        .collect();
+        ];
         let before = app.seen().len();
         let mut acks = Vec::new();
         for (target, host, _) in &attacks {
@@ -677,10 +683,9 @@ async fn notifications_go_only_where_the_operator_says() {
             assert_eq!(ack.status, 200, "{what}: {ack:?}");
             let reply_url = ack.header("BITS-Reply-URL").unwrap_or_default();
             assert!(reply_url.contains("/.bits/replies/"), "{what}: {ack:?}");
-            let own_query = config.contains("query").then_some("mode=x");
-            let query: Vec<&str> = own_query
+            let query: Vec<&str> = [own_query, query.as_str()]
                 .into_iter()
-                .chain(Some(query.as_str()).filter(|q| !q.is_empty()))
+                .filter(|q| !q.is_empty())
                 .collect();
             let expected = match query.join("&") {
                 q if q.is_empty() => "/notify".to_owned(),
