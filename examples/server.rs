@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release --example server -- [--listen 127.0.0.1:8080] [--root ./uploads]
 //!     [--max-upload-size BYTES] [--session-timeout SECS] [--allow-overwrites] [--sync-data]
-//!     [--notify-url URL --notify-type reference|value] [--host-id ID --host-id-fallback-timeout SECS]
+//!     [--notify-url URL --notify-type reference|value] [--public-origin http://HOST:PORT]
+//!     [--host-id ID --host-id-fallback-timeout SECS]
 //!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
 //! ```
 //!
@@ -47,12 +48,17 @@ struct Args {
     /// Fsync every fragment and session record before its Ack (power-loss durability).
     #[arg(long)]
     sync_data: bool,
-    /// Server-application notification URL (IIS: BITSServerNotificationURL).
+    /// Server-application notification URL (IIS: BITSServerNotificationURL): absolute
+    /// http://, or relative (/notify) to --public-origin, which it then requires.
     #[arg(long, value_name = "URL", requires = "notify_type")]
     notify_url: Option<String>,
     /// How the application is notified (IIS: BITSServerNotificationType).
     #[arg(long, value_enum, requires = "notify_url")]
     notify_type: Option<NotifyType>,
+    /// scheme://host[:port] clients reach this server at: reply URLs point there, and a
+    /// relative --notify-url resolves against it. Default: each request's Host header.
+    #[arg(long, value_name = "ORIGIN")]
+    public_origin: Option<String>,
     /// Host clients must use for the rest of a session (IIS: BITSHostId).
     #[arg(long, value_name = "ID")]
     host_id: Option<String>,
@@ -117,7 +123,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(host) = &args.host_id {
         builder = builder.host_id(host);
     }
+    if let Some(origin) = &args.public_origin {
+        builder = builder.public_origin(origin);
+    }
     if let (Some(url), Some(kind)) = (&args.notify_url, args.notify_type) {
+        // The server never resolves a notification URL against a request: its Host is the
+        // client's to choose.
+        if !url.contains("://") && args.public_origin.is_none() {
+            return Err(format!(
+                "--notify-url {url} is relative: also give --public-origin http://HOST:PORT \
+                 (where clients reach this server; the URL resolves against it), or give an \
+                 absolute http:// URL"
+            )
+            .into());
+        }
         builder = builder.notification(match kind {
             NotifyType::Reference => Notification::by_reference(url),
             NotifyType::Value => Notification::by_value(url),

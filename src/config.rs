@@ -45,6 +45,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The notification URL is relative and no origin was configured to resolve it against.
+    /// A relative URL resolves against
+    /// [`public_origin`](crate::BitsLayerBuilder::public_origin) only, never against a
+    /// request, whose host and path the client chooses.
+    #[error(
+        "relative notification URL {0:?} needs an origin to resolve against: set public_origin \
+         to the http://host[:port] clients reach this server at, or give an absolute http:// URL"
+    )]
+    RelativeNotificationUrl(String),
     /// `public_origin` is not `http(s)://host[:port]`.
     #[error("invalid public origin {0:?}: expected scheme://host[:port] with no path")]
     InvalidPublicOrigin(String),

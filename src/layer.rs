@@ -384,10 +384,19 @@ impl BitsLayerBuilder {
         self
     }
 
-    /// `scheme://host[:port]` clients reach this server at, used for reply URLs and for
-    /// `BITS-Original-Request-URL`. Set it behind a TLS-terminating proxy. Default: derived
-    /// from each request (`http`, or `https` with [`https`](Self::https), and the `Host`
-    /// header, or the host id for reply URLs).
+    /// `scheme://host[:port]` clients reach this server at, used for reply URLs, for
+    /// `BITS-Original-Request-URL`, and to resolve a relative
+    /// [`Notification`] URL (which needs it to be `http://`). Default: derived from each
+    /// request (`http`, or `https` with [`https`](Self::https), and the `Host` header or an
+    /// absolute-form request target, or the host id for reply URLs).
+    ///
+    /// What a request says about its host is the client's to choose. The server never
+    /// connects there (notifications go only to the URL configured here and in the
+    /// [`Notification`]); it only hands it back, in `BITS-Reply-URL`, to the client that sent
+    /// it. Behind a reverse proxy or a TLS terminator, set this to the public origin: the
+    /// request's `Host` is then the proxy's business, not the client's, and reply URLs are
+    /// right whatever the proxy forwards. Without it, the proxy must pass the client's `Host`
+    /// through, and should accept only the host names it serves.
     pub fn public_origin(mut self, origin: impl Into<String>) -> Self {
         self.config.public_origin = Some(origin.into().trim_end_matches('/').to_owned());
         self
@@ -415,13 +424,9 @@ impl BitsLayerBuilder {
         let config = self.config.validate()?;
         let completion = match (self.completion, self.notification) {
             (Some(handler), _) => Some(handler),
-            (None, Some(notification)) => {
-                notification
-                    .validate()
-                    .map_err(|reason| ConfigError::InvalidNotificationUrl {
-                        url: notification.url().to_owned(),
-                        reason,
-                    })?;
+            (None, Some(mut notification)) => {
+                // Fixes where notifications go now, from configuration only.
+                notification.resolve(config.public_origin.as_deref())?;
                 Some(Box::new(notification) as Box<dyn DynCompletion>)
             }
             (None, None) => None,
@@ -478,5 +483,45 @@ impl BitsLayerBuilder {
                 tombstones: Default::default(),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(configure: impl FnOnce(BitsLayerBuilder) -> BitsLayerBuilder) -> Result<(), String> {
+        let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+        configure(BitsLayer::builder(root.path()))
+            .build()
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn relative_notification_urls_need_a_configured_origin() {
+        for url in ["/notify", "notify"] {
+            let error = build(|b| b.notification(Notification::by_value(url))).unwrap_err();
+            assert_eq!(
+                error,
+                format!(
+                    "relative notification URL {url:?} needs an origin to resolve against: set \
+                     public_origin to the http://host[:port] clients reach this server at, or \
+                     give an absolute http:// URL"
+                )
+            );
+            let error = build(|b| {
+                b.public_origin("https://files.example.com")
+                    .notification(Notification::by_reference(url))
+            })
+            .unwrap_err();
+            assert!(error.contains("absolute http://"), "{error}");
+            build(|b| {
+                b.public_origin("http://files.example.com:8080")
+                    .notification(Notification::by_reference(url))
+            })
+            .unwrap();
+        }
+        build(|b| b.notification(Notification::by_value("http://127.0.0.1:9000/notify"))).unwrap();
     }
 }

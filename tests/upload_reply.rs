@@ -19,7 +19,7 @@ use axum_bits::completion::{
 use axum_bits::hooks::{CancelReason, Event, EventKind, HookError, Hooks, Veto};
 use axum_bits::session::DeferredStatus;
 use axum_bits::{BitsLayer, BitsLayerBuilder, CompletionPolicy, Notification, Owner, SessionId};
-use common::{BitsClient, Reply, TestServer, data, leftovers, parts};
+use common::{BitsClient, PROTOCOL, RawResponse, Reply, TestServer, data, leftovers, parts};
 use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------------
@@ -497,6 +497,208 @@ async fn unreachable_application() {
     .await;
     let (_, last) = upload3(&server.client(), "/u.bin", &bytes).await;
     assert_app_error(&last, 403, "0x80070005");
+}
+
+/// One upload over a raw connection with exactly this request target and `Host` header
+/// (Create-Session, one Fragment, Close-Session); returns the final Fragment's Ack.
+async fn raw_upload(server: &TestServer, target: &str, host: &str, bytes: &[u8]) -> RawResponse {
+    let mut conn = server.raw().await;
+    let create = conn
+        .exchange(
+            format!(
+                "BITS_POST {target} HTTP/1.1\r\nHost: {host}\r\n\
+                 BITS-Packet-Type: Create-Session\r\nBITS-Supported-Protocols: {PROTOCOL}\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(create.status, 200, "{target} / {host}: {create:?}");
+    let sid = create.header("BITS-Session-Id").unwrap().to_owned();
+    let mut fragment = format!(
+        "BITS_POST {target} HTTP/1.1\r\nHost: {host}\r\nBITS-Packet-Type: Fragment\r\n\
+         BITS-Session-Id: {sid}\r\nContent-Range: bytes 0-{}/{}\r\nContent-Length: {}\r\n\r\n",
+        bytes.len() - 1,
+        bytes.len(),
+        bytes.len()
+    )
+    .into_bytes();
+    fragment.extend_from_slice(bytes);
+    let last = conn.exchange(&fragment).await;
+    conn.exchange(
+        format!(
+            "BITS_POST {target} HTTP/1.1\r\nHost: {host}\r\nBITS-Packet-Type: Close-Session\r\n\
+             BITS-Session-Id: {sid}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    last
+}
+
+/// Server-side request forgery: where the server connects never depends on what a client
+/// sends. A stand-in internal service on another port records every request and answers like
+/// an application (a reply of its own, a copy to the destination). Whatever `Host` header,
+/// absolute-form target or query the client sends, it receives nothing, and the application
+/// the operator configured receives every notification, by value and by reference, at the path
+/// the operator gave, with only the query the client's.
+#[tokio::test]
+async fn notifications_go_only_where_the_operator_says() {
+    let internal = App::start(Answer::Ok(
+        vec![
+            ("BITS-Copy-File-To-Destination", "true".to_owned()),
+            (
+                "BITS-Static-Response-URL",
+                "http://internal.example/secret".to_owned(),
+            ),
+        ],
+        b"internal secret".to_vec(),
+    ))
+    .await;
+    let app = App::start(Answer::Ok(Vec::new(), b"the real reply".to_vec())).await;
+    let inside = internal.addr.to_string();
+    // Relative URLs resolve against `public_origin`: in production the front end that routes
+    // `/notify` to the application; here the application itself stands in for it.
+    let origin = format!("http://{}", app.addr);
+    type Configure = Box<dyn Fn(BitsLayerBuilder) -> BitsLayerBuilder>;
+    // (what the operator configured, the query of the configured URL, how)
+    let configs: Vec<(&str, &str, Configure)> = vec![
+        (
+            "relative, no origin",
+            "",
+            Box::new(|b| b.notification(Notification::by_value("/notify"))),
+        ),
+        (
+            "by value, relative to public_origin",
+            "",
+            Box::new({
+                let origin = origin.clone();
+                move |b| {
+                    b.public_origin(origin.clone())
+                        .notification(Notification::by_value("/notify"))
+                }
+            }),
+        ),
+        (
+            "by reference, relative to public_origin without a slash",
+            "",
+            Box::new({
+                let origin = origin.clone();
+                move |b| {
+                    b.public_origin(origin.clone())
+                        .notification(Notification::by_reference("notify"))
+                }
+            }),
+        ),
+        (
+            "by reference, absolute",
+            "",
+            Box::new({
+                let url = app.url();
+                move |b| b.notification(Notification::by_reference(url.clone()))
+            }),
+        ),
+        (
+            "by value, absolute with a query of its own",
+            "mode=x",
+            Box::new({
+                let url = format!("{}?mode=x", app.url());
+                move |b| b.notification(Notification::by_value(url.clone()))
+            }),
+        ),
+    ];
+    let bytes = data(3_000, 14);
+    for (config, own_query, configure) in configs {
+        let tmp = tempfile::tempdir().unwrap();
+        if let Err(error) = configure(BitsLayer::builder(tmp.path())).build() {
+            // Refusing the configuration is as good as never connecting where a client says.
+            assert!(
+                error.to_string().contains("public_origin"),
+                "{config}: {error}"
+            );
+            continue;
+        }
+        let server = TestServer::start(&configure).await;
+        std::fs::create_dir(server.root.join("orders")).unwrap();
+        let own = server.addr.to_string();
+        // What the client sends (request target, `Host`) and the query the application must
+        // see: only the query is the client's, and it stays a query.
+        let attack = |target: &str, host: &str, query: &str| {
+            (target.to_owned(), host.to_owned(), query.to_owned())
+        };
+        let attacks = [
+            attack("/orders/a.bin?acct=42", &own, "acct=42"),
+            attack("/orders/a.bin?acct=42", &inside, "acct=42"),
+            attack("/orders/a.bin", &format!("app@{inside}"), ""),
+            attack(
+                &format!("http://{inside}/orders/a.bin?acct=42"),
+                &own,
+                "acct=42",
+            ),
+            attack(&format!("http://{inside}/orders/a.bin"), &inside, ""),
+            attack(&format!("http://app@{inside}/orders/a.bin"), &own, ""),
+            attack(
+                &format!("/orders/a.bin?@{inside}/x"),
+                &own,
+                &format!("@{inside}/x"),
+            ),
+            attack(
+                &format!("/orders/a.bin??//{inside}/x"),
+                &own,
+                &format!("?//{inside}/x"),
+            ),
+            attack(&format!("/orders/a.bin?a=1#@{inside}/x"), &own, "a=1"),
+            attack(
+                &format!("/orders/a.bin?u=http://{inside}/x&b=2"),
+                &own,
+                &format!("u=http://{inside}/x&b=2"),
+            ),
+            attack(
+                "/orders/a.bin?%2F%2Finternal%3A1%2F%0D%0AHost:%20internal",
+                &own,
+                "%2F%2Finternal%3A1%2F%0D%0AHost:%20internal",
+            ),
+        ];
+        let before = app.seen().len();
+        let mut acks = Vec::new();
+        for (target, host, _) in &attacks {
+            acks.push(raw_upload(&server, target, host, &bytes).await);
+        }
+
+        let forged: Vec<_> = internal
+            .seen()
+            .iter()
+            .map(|n| format!("{} {} {:?}", n.method, n.uri, n.headers))
+            .collect();
+        assert!(
+            forged.is_empty(),
+            "{config}: the internal service received {forged:#?}"
+        );
+        let seen = app.seen();
+        assert_eq!(seen.len() - before, attacks.len(), "{config}");
+        for ((target, host, query), (ack, n)) in
+            attacks.iter().zip(acks.iter().zip(&seen[before..]))
+        {
+            let what = format!("{config}: {target} with Host {host}");
+            assert_eq!(ack.status, 200, "{what}: {ack:?}");
+            let reply_url = ack.header("BITS-Reply-URL").unwrap_or_default();
+            assert!(reply_url.contains("/.bits/replies/"), "{what}: {ack:?}");
+            let query: Vec<&str> = [own_query, query.as_str()]
+                .into_iter()
+                .filter(|q| !q.is_empty())
+                .collect();
+            let expected = match query.join("&") {
+                q if q.is_empty() => "/notify".to_owned(),
+                q => format!("/notify?{q}"),
+            };
+            assert_eq!(n.uri, expected, "{what}");
+            match &n.request_file {
+                Some(file) => assert_eq!(file, &bytes, "{what}"),
+                None => assert_eq!(n.body, bytes, "{what}"),
+            }
+        }
+        assert!(!server.root.join("orders/a.bin").exists(), "{config}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

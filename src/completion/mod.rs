@@ -47,6 +47,9 @@ pub struct CompletedUpload {
     /// The session.
     pub session_id: SessionId,
     /// The absolute URL the client uploaded to, query included (`BITS-Original-Request-URL`).
+    /// Unless [`public_origin`](crate::BitsLayerBuilder::public_origin) is set, its host is
+    /// what the request said (the `Host` header or an absolute-form target): the client's to
+    /// choose. It describes the request; do not connect to it.
     pub url: String,
     /// The destination under the upload root, `/`-separated (where a copy would go).
     pub destination: String,

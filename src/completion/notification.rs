@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{StatusCode, Uri};
 
 use super::notify::{self, AppReply, NotifyBody, NotifyError, NotifyRequest, TimeoutPhase};
 use super::{CompletedUpload, Completion, CompletionError, CompletionHandler, Reply};
+use crate::config::ConfigError;
 
 /// How the application receives the upload (`BITSServerNotificationType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +29,31 @@ pub(crate) const MAX_URL_LEN: usize = 2200;
 /// An HTTP notification to a server application when an upload completes, as IIS sends it.
 ///
 /// The server POSTs to the URL with `BITS-Original-Request-URL` (and, by reference, the two
-/// file-name headers). A query string on the upload URL is appended to the notification URL;
-/// a relative notification URL is resolved against the upload URL's folder. The application
-/// answers 200, optionally with `BITS-Static-Response-URL` (the reply is that URL) and
-/// `BITS-Copy-File-To-Destination` (the upload is also placed at its destination). Any other
-/// status is relayed to the client with context `0x7`; 503 and an unreachable application
-/// count as busy ([`CompletionPolicy`](super::CompletionPolicy)).
+/// file-name headers). The application answers 200, optionally with
+/// `BITS-Static-Response-URL` (the reply is that URL) and `BITS-Copy-File-To-Destination`
+/// (the upload is also placed at its destination). Any other status is relayed to the client
+/// with context `0x7`; 503 and an unreachable application count as busy
+/// ([`CompletionPolicy`](super::CompletionPolicy)).
+///
+/// # Where notifications go
+///
+/// Only where the operator says: the scheme, host, port and path of every notification are
+/// fixed when the layer is built, and nothing a client sends (its `Host` header, an
+/// absolute-form request target, its upload path) changes them.
+///
+/// * An absolute `http://` URL is used as it is.
+/// * A relative URL (`/notify`, or `notify`: both mean the same) is resolved against the
+///   root of [`public_origin`](crate::BitsLayerBuilder::public_origin), which must then be
+///   set and be `http://`; without it,
+///   [`build`](crate::BitsLayerBuilder::build) fails with
+///   [`ConfigError::RelativeNotificationUrl`](crate::ConfigError::RelativeNotificationUrl).
+///   IIS resolves a relative URL against the folder of the upload URL instead; the host and
+///   path of that URL are the client's to choose, so axum-bits does not.
+/// * As in IIS, the query of the upload URL is appended to the notification URL (after the
+///   URL's own query, joined with `&`). That is the only part a client chooses: it stays a
+///   query, whatever it holds (`?`, `@`, `/`, percent-encoded characters); a fragment (`#…`)
+///   never reaches the server, and characters a URL cannot carry (spaces, control characters
+///   such as CR and LF) are refused. The application must treat the query as client input.
 ///
 /// ```
 /// use std::time::Duration;
@@ -48,11 +69,15 @@ pub struct Notification {
     url: String,
     timeouts: notify::Timeouts,
     max_reply_size: u64,
+    /// `url` made absolute, when the layer is built.
+    base: Option<Uri>,
 }
 
 impl Notification {
     /// A notification of the given type to `url`: absolute `http://` (HTTPS is not supported,
-    /// as in IIS) or relative to the upload URL's folder.
+    /// as in IIS) or relative to the configured
+    /// [`public_origin`](crate::BitsLayerBuilder::public_origin) (see
+    /// [Where notifications go](Self#where-notifications-go)).
     pub fn new(kind: NotificationType, url: impl Into<String>) -> Self {
         Self {
             kind,
@@ -63,6 +88,7 @@ impl Notification {
                 receive: Duration::from_secs(120),
             },
             max_reply_size: 64 << 20,
+            base: None,
         }
     }
 
@@ -118,54 +144,87 @@ impl Notification {
         &self.url
     }
 
-    /// Checks the URL: at most 2,200 characters, `http://` if absolute.
-    pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.url.is_empty() || self.url.len() > MAX_URL_LEN {
-            return Err("the URL must have 1 to 2,200 characters".into());
-        }
-        if self.url.starts_with("http://") {
-            let uri: Uri = self.url.parse().map_err(|_| "not a URL".to_owned())?;
-            return match uri.authority() {
-                Some(_) => Ok(()),
-                None => Err("the URL has no host".into()),
-            };
-        }
-        if self.url.contains("://") {
-            return Err("only http:// notification URLs are supported (as in IIS)".into());
-        }
-        let path = self.url.trim_start_matches('/');
-        format!("http://host/{path}")
-            .parse::<Uri>()
-            .map(drop)
-            .map_err(|_| "not a relative URL".into())
+    /// Checks the URL and makes it absolute, against `public_origin` if it is relative.
+    pub(crate) fn resolve(&mut self, public_origin: Option<&str>) -> Result<(), ConfigError> {
+        self.base = Some(base_url(&self.url, public_origin)?);
+        Ok(())
     }
 }
 
-/// The URL to POST to for an upload of `original` (absolute): relative notification URLs are
-/// resolved against `original`'s folder, and `original`'s query is appended.
-pub(crate) fn target(notification_url: &str, original: &Uri) -> Result<Uri, String> {
-    let mut url = if notification_url.contains("://") {
-        notification_url.to_owned()
-    } else {
-        let scheme = original.scheme_str().unwrap_or("http");
-        let authority = original
-            .authority()
-            .ok_or("the upload URL has no host to resolve a relative notification URL against")?;
-        if notification_url.starts_with('/') {
-            format!("{scheme}://{authority}{notification_url}")
-        } else {
-            let path = original.path();
-            let folder = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-            let folder = if folder.is_empty() { "/" } else { folder };
-            format!("{scheme}://{authority}{folder}{notification_url}")
-        }
+/// The absolute URL notifications go to: `url` if it is absolute, else `url` on the root of
+/// `origin`, an origin the operator configured (never one from a request).
+pub(crate) fn base_url(url: &str, origin: Option<&str>) -> Result<Uri, ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidNotificationUrl {
+        url: url.to_owned(),
+        reason,
     };
-    if let Some(query) = original.query().filter(|q| !q.is_empty()) {
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(query);
+    if url.is_empty() || url.len() > MAX_URL_LEN {
+        return Err(invalid("the URL must have 1 to 2,200 characters".into()));
     }
-    url.parse()
-        .map_err(|_| format!("invalid notification target {url:?}"))
+    let first_segment = url.split(['/', '?', '#']).next().unwrap_or_default();
+    if url.contains("://") || first_segment.contains(':') {
+        if !url.starts_with("http://") {
+            return Err(invalid(
+                "only http:// notification URLs are supported (as in IIS)".into(),
+            ));
+        }
+        let uri: Uri = url.parse().map_err(|_| invalid("not a URL".into()))?;
+        return match uri.host() {
+            Some(host) if !host.is_empty() => Ok(uri),
+            _ => Err(invalid("the URL has no host".into())),
+        };
+    }
+    if url.starts_with("//") {
+        return Err(invalid(
+            "a URL starting with // names a host: write it as an absolute http:// URL".into(),
+        ));
+    }
+    let origin = origin.ok_or_else(|| ConfigError::RelativeNotificationUrl(url.to_owned()))?;
+    if !origin.starts_with("http://") {
+        return Err(invalid(format!(
+            "it is relative to public_origin {origin:?}, but notifications are sent over \
+             http:// only (as in IIS): give an absolute http:// URL"
+        )));
+    }
+    let origin: Uri = origin
+        .parse()
+        .map_err(|_| invalid(format!("public_origin {origin:?} is not a URL")))?;
+    let path = url.strip_prefix('/').unwrap_or(url);
+    let path_and_query: PathAndQuery = format!("/{path}")
+        .parse()
+        .map_err(|_| invalid("not a relative URL".into()))?;
+    let mut parts = origin.into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|_| invalid("not a relative URL".into()))
+}
+
+/// The URL to POST to for an upload whose URL has `query`: `base` with the query appended, as
+/// IIS does. Only the query is the client's: the scheme, authority and path are `base`'s
+/// whatever the query holds.
+pub(crate) fn target(base: &Uri, query: Option<&str>) -> Result<Uri, String> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(base.clone());
+    };
+    if query
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b' ' || b == b'#')
+    {
+        return Err("the upload URL's query has characters a URL cannot carry".into());
+    }
+    let path = base.path();
+    let path_and_query = match base.query() {
+        Some(own) if !own.is_empty() => format!("{path}?{own}&{query}"),
+        _ => format!("{path}?{query}"),
+    };
+    let path_and_query: PathAndQuery = path_and_query
+        .parse()
+        .map_err(|_| "the upload URL's query cannot be appended to the notification URL")?;
+    if path_and_query.path() != path {
+        return Err("the upload URL's query would change the notification path".into());
+    }
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|_| "invalid notification target".into())
 }
 
 impl CompletionHandler for Notification {
@@ -174,7 +233,12 @@ impl CompletionHandler for Notification {
             .url
             .parse()
             .map_err(|_| CompletionError::failed(format!("invalid upload URL {:?}", upload.url)))?;
-        let target = target(&self.url, &original).map_err(CompletionError::failed)?;
+        // Resolved when the layer was built; used on its own, only an absolute URL will do.
+        let base = match &self.base {
+            Some(base) => base.clone(),
+            None => base_url(&self.url, None).map_err(CompletionError::failed)?,
+        };
+        let target = target(&base, original.query()).map_err(CompletionError::failed)?;
         let body = match self.kind {
             NotificationType::ByReference => NotifyBody::ByReference {
                 request_file: upload.staged_path.clone(),
@@ -221,47 +285,121 @@ impl CompletionHandler for Notification {
 mod tests {
     use super::*;
 
-    fn t(url: &str, original: &str) -> String {
-        target(url, &original.parse().unwrap()).unwrap().to_string()
+    fn base(url: &str, origin: Option<&str>) -> Result<String, ConfigError> {
+        base_url(url, origin).map(|uri| uri.to_string())
+    }
+
+    fn t(url: &str, origin: Option<&str>, query: Option<&str>) -> String {
+        target(&base_url(url, origin).unwrap(), query)
+            .unwrap()
+            .to_string()
     }
 
     #[test]
-    fn targets_follow_the_iis_rules() {
+    fn absolute_urls_are_kept() {
+        for ok in [
+            "http://app/x",
+            "http://127.0.0.1:9/x?y=1",
+            "http://[::1]:9/x",
+        ] {
+            assert_eq!(base(ok, None).unwrap(), ok);
+            assert_eq!(base(ok, Some("http://public")).unwrap(), ok);
+        }
+        assert_eq!(base("http://app", None).unwrap(), "http://app/");
+    }
+
+    #[test]
+    fn relative_urls_resolve_against_the_configured_origin_only() {
+        let origin = Some("http://files.example.com:8080");
+        for (url, expected) in [
+            ("/notify", "http://files.example.com:8080/notify"),
+            ("notify", "http://files.example.com:8080/notify"),
+            (
+                "app/x.asp?mode=1",
+                "http://files.example.com:8080/app/x.asp?mode=1",
+            ),
+            ("/", "http://files.example.com:8080/"),
+        ] {
+            assert_eq!(base(url, origin).unwrap(), expected, "{url}");
+        }
+        let error = base_url("/notify", None).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::RelativeNotificationUrl(url) if url == "/notify"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("public_origin"), "{error}");
+        // Notifications are http only: an https origin cannot resolve a relative URL.
+        let error = base_url("/notify", Some("https://files.example.com")).unwrap_err();
+        assert!(matches!(error, ConfigError::InvalidNotificationUrl { .. }));
+        assert!(error.to_string().contains("absolute http://"), "{error}");
+    }
+
+    #[test]
+    fn invalid_urls() {
+        let long = format!("http://app/{}", "x".repeat(2200));
+        for bad in [
+            "",
+            "https://app/x",
+            "ftp://app/x",
+            "HTTP://app/x",
+            "http://",
+            "https:app",
+            "//evil.example/x",
+            "/bad path",
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(
+                    base_url(bad, Some("http://h")),
+                    Err(ConfigError::InvalidNotificationUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_query_is_appended_as_iis_does() {
+        // IIS's example (protocol reference, section 10.5).
         assert_eq!(
             t(
                 "http://otherserver/myvdir2/bag.asp",
-                "http://myserver/myvdir/subdir/file.asp?ACCOUNT=86433"
+                None,
+                Some("ACCOUNT=86433")
             ),
             "http://otherserver/myvdir2/bag.asp?ACCOUNT=86433"
         );
         assert_eq!(
-            t("myasp.asp", "http://myserver/myvdir/file.txt"),
-            "http://myserver/myvdir/myasp.asp"
-        );
-        assert_eq!(
-            t("/app/x", "http://myserver:8080/myvdir/file.txt?a=1"),
-            "http://myserver:8080/app/x?a=1"
-        );
-        assert_eq!(
-            t("http://app/process?mode=x", "http://h/f.bin?acct=42"),
+            t("http://app/process?mode=x", None, Some("acct=42")),
             "http://app/process?mode=x&acct=42"
         );
-        assert_eq!(t("p", "http://h/f.bin"), "http://h/p");
+        assert_eq!(
+            t("/app/x", Some("http://h:8080"), Some("a=1")),
+            "http://h:8080/app/x?a=1"
+        );
+        assert_eq!(t("http://app/p", None, Some("")), "http://app/p");
+        assert_eq!(t("http://app/p", None, None), "http://app/p");
     }
 
     #[test]
-    fn validation() {
-        for ok in [
-            "http://app/x",
-            "http://127.0.0.1:9/x?y=1",
-            "process.asp",
-            "/abs/path",
+    fn the_query_never_changes_the_authority_or_path() {
+        let base = base_url("http://app:9000/notify", None).unwrap();
+        for query in [
+            "@127.0.0.1:1/x",
+            "?//127.0.0.1:1/x",
+            "x/../../admin",
+            "u=http://127.0.0.1:1/x&b=2",
+            "%2F%2F127.0.0.1%3A1%2F%0D%0AHost:%20evil",
+            "a=\u{e9}",
         ] {
-            assert!(Notification::by_value(ok).validate().is_ok(), "{ok}");
+            let uri = target(&base, Some(query)).unwrap();
+            assert_eq!(uri.scheme_str(), Some("http"), "{query}");
+            assert_eq!(uri.authority().unwrap().as_str(), "app:9000", "{query}");
+            assert_eq!(uri.path(), "/notify", "{query}");
+            assert_eq!(uri.query(), Some(query), "{query}");
         }
-        let long = format!("http://app/{}", "x".repeat(2200));
-        for bad in ["", "https://app/x", "ftp://app/x", long.as_str()] {
-            assert!(Notification::by_value(bad).validate().is_err(), "{bad}");
+        for query in ["a\r\nHost: evil", "a b", "a#@evil/", "a\0"] {
+            assert!(target(&base, Some(query)).is_err(), "{query:?}");
         }
     }
 }

@@ -896,6 +896,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn original_url_cannot_inject_headers() {
+        let dir = TestDir::new();
+        let (addr, seen) = serve_recorder().await;
+        for original in [
+            "http://bits.example/a.bin\r\nX-Injected: 1",
+            "http://bits.example/a.bin\nX-Injected: 1",
+            "http://bits.example/a.bin\0",
+        ] {
+            let mut request = by_value(addr, &dir, b"data");
+            request.original_url = original.to_owned();
+            let err = notify(&request, &timeouts(), &dir.path("reply.bin"), 1024)
+                .await
+                .expect_err("not a header value");
+            assert!(matches!(err, NotifyError::Malformed(_)), "{err:?}");
+        }
+        assert!(seen.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
     async fn non_http_scheme_is_rejected() {
         let dir = TestDir::new();
         let mut request = by_reference("127.0.0.1:1".parse().expect("addr"), &dir);
