@@ -1,14 +1,21 @@
 //! URL path → destination under the upload root. Pure: no filesystem access.
 //!
 //! The path is percent-decoded exactly once and split on `/`; every component must be a plain
-//! file name. `..`, `.`, backslashes, NUL and control characters, `:` (drive prefixes and NTFS
-//! streams), Windows device names and the server's own reserved folders are refused, so no
-//! request can name anything outside the root.
+//! file name. Malformed escapes (`%`, `%zz`), `..`, `.`, backslashes, NUL and control
+//! characters, `:` (drive prefixes and NTFS streams), Windows device names and the server's
+//! own reserved folders are refused, so no request can name anything outside the root.
+//!
+//! A reserved name is refused in every spelling a filesystem might take for it: any case
+//! (Unicode full case folding, so `.bit\u{17F}` with a long s is `.bits`), any compatibility
+//! form (fullwidth `．ｂｉｔｓ`), with or without combining marks and with invisible
+//! characters (U+200B, U+00AD, U+FEFF) inserted.
 
 use std::path::{Path, PathBuf};
 
+use caseless::Caseless;
 use http::StatusCode;
 use percent_encoding::percent_decode_str;
+use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
 
 use crate::protocol::{Ack, ErrorContext, Hresult};
 
@@ -91,14 +98,23 @@ pub const MAX_DESTINATION_LEN: usize = 1024;
 ///
 /// `prefix` is `/` or a path like `/upload` (no trailing slash needed). `reserved` lists
 /// component names that requests may not use at any depth (the staging folder and reply URLs,
-/// e.g. `.bits`), compared
-/// case-insensitively because the destination may live on a case-insensitive filesystem.
+/// e.g. `.bits`), compared in any case and Unicode form, because the destination may live on
+/// a filesystem that ignores case or normalization.
+///
+/// Every `%` must start an escape of two hex digits: `/%zz`, `/a%2` or a lone `%` are invalid,
+/// not literal names. An encoded slash (`%2F`) separates components like `/` does, and each
+/// side is checked on its own; an encoded backslash (`%5C`) is refused like a raw one.
 pub fn from_url_path(
     path: &str,
     prefix: &str,
     reserved: &[String],
 ) -> Result<Destination, DestinationError> {
     let rest = strip_prefix(path, prefix).ok_or(DestinationError::OutsidePrefix)?;
+    if !escapes_are_valid(rest) {
+        return Err(DestinationError::Invalid(
+            "`%` must be followed by two hex digits",
+        ));
+    }
     let decoded = percent_decode_str(rest)
         .decode_utf8()
         .map_err(|_| DestinationError::Invalid("not UTF-8 after percent-decoding"))?;
@@ -129,14 +145,75 @@ pub(crate) fn strip_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
+/// Whether every `%` in `s` starts a `%XX` escape.
+fn escapes_are_valid(s: &str) -> bool {
+    s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    })
+}
+
+/// A name's comparison key for reserved names: what is left of it after every equivalence a
+/// filesystem might apply, and a few more, so that whatever a filesystem could take for a
+/// reserved name has that name's key.
+///
+/// Compatibility caseless matching (Unicode 3.13, D146: NFD, full case folding, NFKD, full
+/// case folding, NFKD), then without default-ignorable code points (zero-width characters, the
+/// soft hyphen, the byte-order mark, variation selectors: HFS+ and some tools ignore them) and
+/// without combining marks, and with the dotless `ı` read as `i`. Dropping the marks is
+/// stricter than any filesystem, but it is the simple way to make the dotted `İ` (which folds
+/// to `i` + U+0307) an `i`; it only means that a name such as `.bïts` is reserved too.
+fn fold(name: &str) -> String {
+    name.chars()
+        .filter(|&c| !is_default_ignorable(c))
+        .nfd()
+        .default_case_fold()
+        .nfkd()
+        .default_case_fold()
+        .nfkd()
+        .filter(|&c| !is_default_ignorable(c) && !is_combining_mark(c))
+        .map(|c| if c == '\u{131}' { 'i' } else { c })
+        .collect()
+}
+
+/// Unicode's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt; the set is stable:
+/// its unassigned ranges are included in advance).
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
 fn push_component(
     out: &mut String,
     component: &str,
     reserved: &[String],
 ) -> Result<(), DestinationError> {
     check_component(component)?;
-    if reserved.iter().any(|r| r.eq_ignore_ascii_case(component)) {
-        return Err(DestinationError::Reserved);
+    if !reserved.is_empty() {
+        let key = fold(component);
+        if reserved.iter().any(|r| fold(r) == key) {
+            return Err(DestinationError::Reserved);
+        }
     }
     if !out.is_empty() {
         out.push('/');
@@ -305,6 +382,141 @@ mod tests {
         assert_eq!(map("/x/.bits"), Err(DestinationError::Reserved));
         assert_eq!(map("/x/.Bits/replies/r"), Err(DestinationError::Reserved));
         assert_eq!(map("/.bitsy").unwrap(), ".bitsy");
+    }
+
+    #[test]
+    fn reserved_folder_in_any_unicode_spelling() {
+        for path in [
+            // U+017F LATIN SMALL LETTER LONG S folds to `s`.
+            "/.bit%C5%BF/x",
+            "/.bit\u{17F}",
+            // U+212A KELVIN SIGN is `K`: a reserved `.kit` would catch it (below).
+            // Fullwidth letters and full stop.
+            "/.\u{FF42}\u{FF49}\u{FF54}\u{FF53}",
+            "/\u{FF0E}bits",
+            "/\u{FF0E}\u{FF22}\u{FF29}\u{FF34}\u{FF33}/x",
+            // Dotted capital I (folds to i + U+0307) and dotless i.
+            "/.B\u{130}TS",
+            "/.b\u{131}ts",
+            // Decomposed: i + combining dot above, s + combining dot below.
+            "/.bi\u{307}ts",
+            "/.bit\u{1E63}",
+            "/.bits\u{323}",
+            // Default-ignorable characters some filesystems drop.
+            "/.b\u{200B}its",
+            "/.bi\u{AD}ts",
+            "/\u{FEFF}.bits",
+            "/.bits\u{200D}",
+            "/.bi\u{34F}ts",
+            "/.bits\u{FE0F}",
+            "/.bi%E2%80%8Bts/x",
+            // Mathematical and circled letters are compatibility forms of plain ones.
+            "/.\u{1D41B}its",
+            "/.\u{24D1}its",
+            // At any depth.
+            "/x/.bit\u{17F}/replies/r",
+            "/x/y/.\u{FF42}its",
+        ] {
+            assert_eq!(map(path), Err(DestinationError::Reserved), "{path}");
+        }
+        let kit = vec![".kit".to_owned()];
+        assert_eq!(
+            from_url_path("/.\u{212A}it", "/", &kit),
+            Err(DestinationError::Reserved)
+        );
+        assert_eq!(
+            Destination::from_stored("a/.bit\u{17F}/x", &reserved()),
+            Err(DestinationError::Reserved)
+        );
+        assert_eq!(
+            Destination::from_stored(".\u{FF42}its", &reserved()),
+            Err(DestinationError::Reserved)
+        );
+        // `ß` folds to `ss`: a reserved `.bitss` is reserved as `.bitß` too.
+        let ss = vec![".bitss".to_owned()];
+        assert_eq!(
+            from_url_path("/.bit\u{DF}", "/", &ss),
+            Err(DestinationError::Reserved)
+        );
+    }
+
+    #[test]
+    fn plain_unicode_names_are_not_reserved() {
+        for (path, name) in [
+            ("/rapport-%C3%A9t%C3%A9.bin", "rapport-\u{E9}t\u{E9}.bin"),
+            (
+                "/rapport-e\u{301}te\u{301}.bin",
+                "rapport-e\u{301}te\u{301}.bin",
+            ),
+            ("/%E6%8A%A5%E5%91%8A.bin", "\u{62A5}\u{544A}.bin"),
+            ("/Stra\u{DF}e.txt", "Stra\u{DF}e.txt"),
+            (
+                "/\u{FF42}\u{FF49}\u{FF54}\u{FF53}",
+                "\u{FF42}\u{FF49}\u{FF54}\u{FF53}",
+            ),
+            ("/.bit", ".bit"),
+            ("/.bitz", ".bitz"),
+            ("/bits", "bits"),
+            ("/.b\u{131}t", ".b\u{131}t"),
+            ("/a\u{200D}b", "a\u{200D}b"),
+            ("/.bits.d/x", ".bits.d/x"),
+        ] {
+            assert_eq!(map(path).as_deref(), Ok(name), "{path}");
+        }
+    }
+
+    #[test]
+    fn folding() {
+        assert_eq!(fold(".BITS"), ".bits");
+        assert_eq!(fold(".bit\u{17F}"), ".bits");
+        assert_eq!(fold("\u{FF0E}\u{FF22}\u{FF29}\u{FF34}\u{FF33}"), ".bits");
+        assert_eq!(fold("\u{130}\u{131}I"), "iii");
+        assert_eq!(fold("\u{212A}"), "k");
+        assert_eq!(fold("a\u{200B}\u{AD}\u{FEFF}\u{E0041}b"), "ab");
+        assert_eq!(fold("Stra\u{DF}e"), "strasse");
+        assert_eq!(fold("\u{E9}t\u{E9}"), "ete");
+        assert_eq!(fold("\u{62A5}\u{544A}"), "\u{62A5}\u{544A}");
+    }
+
+    #[test]
+    fn invalid_percent_escapes() {
+        for path in [
+            "/%",
+            "/%zz",
+            "/a%2",
+            "/%g0",
+            "/%0g",
+            "/x%",
+            "/%%41",
+            "/a/%/b",
+            "/ok%41/%z1",
+            "/%-1",
+            "/% 20",
+        ] {
+            assert_eq!(
+                map(path),
+                Err(DestinationError::Invalid(
+                    "`%` must be followed by two hex digits"
+                )),
+                "{path}"
+            );
+        }
+        assert_eq!(map("/%41%62%2e%2Ec").unwrap(), "Ab..c");
+        assert_eq!(map("/100%25.txt").unwrap(), "100%.txt");
+        // An encoded slash separates components, each checked on its own.
+        assert_eq!(map("/a%2Fb.bin").unwrap(), "a/b.bin");
+        assert_eq!(map("/a%2fb.bin").unwrap(), "a/b.bin");
+        assert!(matches!(
+            map("/a%2F..%2Fb"),
+            Err(DestinationError::Invalid(_))
+        ));
+        assert_eq!(map("/x%2F.bits/y"), Err(DestinationError::Reserved));
+        assert!(matches!(map("/a%5Cb"), Err(DestinationError::Invalid(_))));
+        // The prefix is matched before decoding: an encoded slash does not end it.
+        assert_eq!(
+            from_url_path("/upload%2Fa.bin", "/upload", &reserved()),
+            Err(DestinationError::OutsidePrefix)
+        );
     }
 
     #[test]

@@ -385,6 +385,73 @@ async fn the_servers_own_folder_is_forbidden() {
     sandbox.assert_confined();
 }
 
+/// Unicode spellings of `.bits` that a case-insensitive or normalizing filesystem may take for
+/// the server's folder (a long s, fullwidth letters, dotted and dotless i, a combining dot,
+/// invisible characters) are forbidden like `.bits`, at any depth; plain non-ASCII names are
+/// ordinary uploads.
+#[tokio::test]
+async fn the_servers_own_folder_is_forbidden_in_any_unicode_spelling() {
+    let sandbox = Sandbox::new(|b| b.allow_overwrites(true).create_directories(true)).await;
+    assert_ok(&create(&sandbox.server, "/victim.bin").await, "create");
+    let before = tree(&sandbox.root().join(".bits"), Path::new(""));
+    for target in [
+        "/.bit%C5%BF/x",
+        "/.%EF%BD%82%EF%BD%89%EF%BD%94%EF%BD%93/x",
+        "/%EF%BC%8Ebits/x",
+        "/.B%C4%B0TS/x",
+        "/.b%C4%B1ts/x",
+        "/.bi%CC%87ts/x",
+        "/.b%E2%80%8Bits/x",
+        "/.bi%C2%ADts/x",
+        "/%EF%BB%BF.bits/x",
+        "/sub/.bit%C5%BF/replies/x",
+    ] {
+        let r = create(&sandbox.server, target).await;
+        assert_refused(&r, 403, E_ACCESSDENIED, target);
+    }
+    assert_eq!(tree(&sandbox.root().join(".bits"), Path::new("")), before);
+    assert_eq!(sandbox.uploads(), Vec::<PathBuf>::new());
+    upload(&sandbox.server, "/rapport-%C3%A9t%C3%A9.bin", b"fr").await;
+    upload(&sandbox.server, "/%E6%8A%A5%E5%91%8A.bin", b"zh").await;
+    assert_eq!(
+        std::fs::read(sandbox.root().join("rapport-\u{E9}t\u{E9}.bin")).unwrap(),
+        b"fr"
+    );
+    assert_eq!(
+        std::fs::read(sandbox.root().join("\u{62A5}\u{544A}.bin")).unwrap(),
+        b"zh"
+    );
+    sandbox.assert_confined();
+}
+
+/// A `%` that does not start a two-hex-digit escape is a malformed URL, not a literal name;
+/// `%25` is a literal `%`, and an encoded slash separates folders like `/`.
+#[tokio::test]
+async fn malformed_percent_escapes_are_invalid_arg() {
+    let sandbox = Sandbox::new(|b| b.create_directories(true)).await;
+    for target in ["/%", "/%zz", "/a%2", "/%g0", "/x%", "/dir/%zz/y", "/%%41"] {
+        assert_refused(
+            &create(&sandbox.server, target).await,
+            400,
+            E_INVALIDARG,
+            target,
+        );
+    }
+    assert_eq!(leftovers(sandbox.root()), Vec::<PathBuf>::new());
+    assert_eq!(sandbox.uploads(), Vec::<PathBuf>::new());
+    upload(&sandbox.server, "/100%25.bin", b"percent").await;
+    upload(&sandbox.server, "/dir%2Fok.bin", b"slash").await;
+    assert_eq!(
+        std::fs::read(sandbox.root().join("100%.bin")).unwrap(),
+        b"percent"
+    );
+    assert_eq!(
+        std::fs::read(sandbox.root().join("dir/ok.bin")).unwrap(),
+        b"slash"
+    );
+    sandbox.assert_confined();
+}
+
 /// The destination is fixed by Create-Session: later packets sent to a traversal URL still
 /// commit to the session's own destination.
 #[tokio::test]
@@ -843,4 +910,78 @@ async fn another_owner_cannot_tell_a_session_from_an_unknown_one() {
     .await
     .assert_ok();
     assert_eq!(std::fs::read(server.root.join("alice.bin")).unwrap(), bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. repeated headers
+
+/// A header the packet depends on, repeated with another value, is refused with 400
+/// `E_INVALIDARG` and changes nothing: a proxy that reads the last copy must not see another
+/// packet than the server. Repeats with the same value (in any case) are fine.
+#[tokio::test]
+async fn conflicting_repeated_headers_are_invalid_arg() {
+    let sandbox = Sandbox::new(|b| b).await;
+    let server = &sandbox.server;
+    let target = "/repeated.bin";
+    let sid = assert_ok(&create(server, target).await, "create").expect("session id");
+    let refused = |r: RawResponse, what: &str| assert_refused(&r, 400, E_INVALIDARG, what);
+
+    let headers = [
+        ("BITS-Packet-Type", "Fragment"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("Content-Range", "bytes 0-2/6"),
+        ("bits-packet-type", "Close-Session"),
+    ];
+    refused(send(server, target, &headers, b"abc").await, "packet type");
+    let headers = [
+        ("BITS-Packet-Type", "Fragment"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("BITS-SESSION-ID", UNKNOWN_SID),
+        ("Content-Range", "bytes 0-2/6"),
+    ];
+    refused(send(server, target, &headers, b"abc").await, "session id");
+    let headers = [
+        ("BITS-Packet-Type", "Fragment"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("Content-Range", "bytes 0-2/6"),
+        ("content-range", "bytes 3-5/6"),
+    ];
+    refused(send(server, target, &headers, b"abc").await, "range");
+    let headers = [
+        ("BITS-Packet-Type", "Close-Session"),
+        ("BITS-Session-Id", UNKNOWN_SID),
+        ("BITS-Session-Id", sid.as_str()),
+    ];
+    refused(send(server, target, &headers, b"").await, "close");
+    let headers = [
+        ("BITS-Packet-Type", "Create-Session"),
+        ("BITS-Supported-Protocols", PROTOCOL),
+        ("Content-Name", "a.bin"),
+        ("Content-Name", "b.bin"),
+    ];
+    refused(
+        send(server, "/other.bin", &headers, b"").await,
+        "content name",
+    );
+
+    // Nothing happened: the session is open and still expects byte 0.
+    let lower = sid.to_ascii_lowercase();
+    let headers = [
+        ("BITS-Packet-Type", "Fragment"),
+        ("bits-packet-type", "FRAGMENT"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("BITS-Session-Id", lower.as_str()),
+        ("Content-Range", "bytes 0-5/6"),
+        ("Content-Range", "Bytes 0-5/6"),
+    ];
+    let r = send(server, target, &headers, b"abcdef").await;
+    assert_ok(&r, "agreeing repeats");
+    assert_eq!(r.header("BITS-Received-Content-Range"), Some("6"));
+    assert_ok(&close(server, target, &sid).await, "close");
+    assert_eq!(
+        std::fs::read(sandbox.root().join("repeated.bin")).unwrap(),
+        b"abcdef"
+    );
+    assert_eq!(sandbox.uploads(), [PathBuf::from("repeated.bin")]);
+    sandbox.assert_confined();
 }

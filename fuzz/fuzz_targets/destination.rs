@@ -25,12 +25,23 @@ fuzz_target!(|data: &[u8]| {
         assert!(!c.is_empty(), "empty component in {s:?}");
         assert!(*c != "." && *c != "..", "dot component in {s:?}");
     }
-    // The reserved folder is the first component `.bits` in any ASCII case. (`.bitsy` or
-    // `x/.bits` are ordinary names, so this is not a plain prefix test.)
+    // Every `%` started an escape of two hex digits.
     assert!(
-        !components[0].eq_ignore_ascii_case(".bits"),
-        "reserved folder reachable: {s:?}"
+        path.split('%').skip(1).all(|after| after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))),
+        "malformed escape accepted: {path:?}"
     );
+    // The reserved folder is no component in any case or compatibility form (Unicode
+    // compatibility caseless matching). `.bitsy` is an ordinary name, so this is not a
+    // prefix test.
+    for c in &components {
+        assert!(
+            !caseless::compatibility_caseless_match_str(c, ".bits"),
+            "reserved folder reachable: {s:?}"
+        );
+    }
 
     let root = Path::new("/root");
     let full = destination.under(root);

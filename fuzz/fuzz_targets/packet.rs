@@ -36,17 +36,33 @@ fn check_packet(headers: &HeaderMap, packet: &Packet) {
         headers.values().all(|v| v.len() <= MAX_HEADER_VALUE_LEN),
         "accepted an oversized header value"
     );
-    let ty = headers
-        .get(h::BITS_PACKET_TYPE)
-        .and_then(|v| PacketType::parse(v.as_bytes()));
-    assert_eq!(ty, Some(packet.packet_type()));
+    // Repeated headers the packet depends on all say the same thing.
+    for ty in &headers.get_all(h::BITS_PACKET_TYPE) {
+        assert_eq!(
+            PacketType::parse(ty.as_bytes()),
+            Some(packet.packet_type()),
+            "conflicting packet types accepted"
+        );
+    }
     if let Some(id) = packet.session_id() {
         let bytes = id.value().as_bytes();
         assert!(!bytes.is_empty(), "empty session id accepted");
         assert_eq!(bytes, bytes.trim_ascii(), "session id not trimmed");
+        for sent in &headers.get_all(h::BITS_SESSION_ID) {
+            assert!(
+                sent.as_bytes().trim_ascii().eq_ignore_ascii_case(bytes),
+                "conflicting session ids accepted"
+            );
+        }
     }
     match packet {
-        Packet::CreateSession(_) => {
+        Packet::CreateSession(create) => {
+            let names: Vec<_> = headers.get_all(h::CONTENT_NAME).iter().collect();
+            assert_eq!(create.content_name.is_some(), !names.is_empty());
+            assert!(
+                names.windows(2).all(|pair| pair[0] == pair[1]),
+                "conflicting Content-Name accepted"
+            );
             // Several header lines form one list: one of them must offer the protocol.
             assert!(
                 headers
@@ -57,10 +73,11 @@ fn check_packet(headers: &HeaderMap, packet: &Packet) {
             );
         }
         Packet::Fragment(fragment) => {
-            let range = headers
-                .get(header::CONTENT_RANGE)
-                .map(|v| FragmentRange::parse(v.as_bytes()));
-            assert_eq!(range.and_then(Result::ok), Some(fragment.range));
+            let ranges: Vec<_> = headers.get_all(header::CONTENT_RANGE).iter().collect();
+            assert!(!ranges.is_empty(), "Fragment without Content-Range");
+            for range in ranges {
+                assert_eq!(FragmentRange::parse(range.as_bytes()), Ok(fragment.range));
+            }
             let lengths: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
             assert!(!lengths.is_empty(), "Fragment without Content-Length");
             for length in lengths {

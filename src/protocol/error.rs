@@ -21,6 +21,10 @@ pub enum ProtocolError {
     /// A header value that must be text is not.
     #[error("the value of header {0} is not valid text")]
     InvalidHeader(&'static str),
+    /// A header the packet depends on is repeated with different values. A proxy or log that
+    /// reads another of them than the server would see another packet.
+    #[error("header {0} is repeated with conflicting values")]
+    ConflictingHeader(&'static str),
     /// Create-Session without `BITS-Supported-Protocols`, or without a GUID the server speaks.
     #[error("no supported protocol: the client offered {offered:?}")]
     NoSupportedProtocol {

@@ -1,4 +1,4 @@
-use http::{HeaderMap, HeaderValue, header, request::Parts};
+use http::{HeaderMap, HeaderName, HeaderValue, header, request::Parts};
 
 use super::{
     FragmentRange, MAX_HEADER_VALUE_LEN, ProtocolError, UPLOAD_PROTOCOL, headers as h,
@@ -112,6 +112,13 @@ impl Packet {
     /// Tolerates what Windows sends: any header casing and order, mixed-case packet types,
     /// `Content-Name` on any packet, a missing `Content-Length` on bodyless packets, a
     /// `BITS-Session-Id` on Ping.
+    ///
+    /// `BITS-Packet-Type`, `BITS-Session-Id`, `Content-Range`, `Content-Length` and
+    /// `Content-Name` may be repeated only with the same value (ignoring surrounding
+    /// whitespace, and ASCII case except for `Content-Name`); conflicting repeats are
+    /// [`ProtocolError::ConflictingHeader`], since something in front of the server that reads
+    /// another of them would see another packet. `BITS-Supported-Protocols` lines form one
+    /// list, as HTTP allows for list headers.
     pub fn parse(parts: &Parts) -> Result<Self, ProtocolError> {
         Self::from_headers(&parts.headers)
     }
@@ -134,8 +141,7 @@ impl Packet {
         {
             return Err(ProtocolError::HeaderTooLarge(name.as_str().to_owned()));
         }
-        let ty = headers
-            .get(h::BITS_PACKET_TYPE)
+        let ty = single(headers, &h::BITS_PACKET_TYPE, "BITS-Packet-Type")?
             .ok_or(ProtocolError::MissingPacketType)?;
         let ty = PacketType::parse(ty.as_bytes()).ok_or_else(|| {
             ProtocolError::UnknownPacketType(String::from_utf8_lossy(ty.as_bytes()).into_owned())
@@ -153,15 +159,14 @@ impl Packet {
                     negotiate_protocol(offered.iter().next())?;
                 }
                 Ok(Self::CreateSession(CreateSession {
-                    content_name: content_name(headers),
+                    content_name: content_name(headers)?,
                 }))
             }
             PacketType::Fragment => {
                 let session_id = session_id(headers)?;
                 identity_encoding(headers)?;
                 let length = content_length(headers)?.ok_or(ProtocolError::MissingContentLength)?;
-                let range = headers
-                    .get(header::CONTENT_RANGE)
+                let range = single(headers, &header::CONTENT_RANGE, "Content-Range")?
                     .ok_or(ProtocolError::MissingContentRange)?;
                 let range = FragmentRange::parse(range.as_bytes())?;
                 if length != range.len() {
@@ -228,9 +233,28 @@ pub fn negotiate_protocol(offered: Option<&HeaderValue>) -> Result<&'static str,
     }
 }
 
+/// The value of a header the packet depends on, if present. Repeats must agree: equal once
+/// surrounding whitespace is trimmed, ignoring ASCII case (packet types, session ids and the
+/// range unit are all compared that way).
+fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    label: &'static str,
+) -> Result<Option<&'a HeaderValue>, ProtocolError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    let key = first.as_bytes().trim_ascii();
+    if values.all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(key)) {
+        Ok(Some(first))
+    } else {
+        Err(ProtocolError::ConflictingHeader(label))
+    }
+}
+
 fn session_id(headers: &HeaderMap) -> Result<SessionHeader, ProtocolError> {
-    let value = headers
-        .get(h::BITS_SESSION_ID)
+    let value = single(headers, &h::BITS_SESSION_ID, "BITS-Session-Id")?
         .ok_or(ProtocolError::MissingSessionId)?;
     let trimmed = value.as_bytes().trim_ascii();
     if trimmed.is_empty() {
@@ -244,8 +268,8 @@ fn session_id(headers: &HeaderMap) -> Result<SessionHeader, ProtocolError> {
         .map_err(|_| ProtocolError::InvalidHeader("BITS-Session-Id"))
 }
 
-/// `Content-Length`, if present. Several headers must agree; a value that is not a decimal
-/// number is malformed.
+/// `Content-Length`, if present. Several headers must agree (hyper already refuses
+/// conflicting ones); a value that is not a decimal number is malformed.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProtocolError> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -283,16 +307,19 @@ fn identity_encoding(headers: &HeaderMap) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-fn content_name(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(h::CONTENT_NAME)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+/// `Content-Name`, if sent. A file name, so repeats must be byte for byte the same.
+fn content_name(headers: &HeaderMap) -> Result<Option<String>, ProtocolError> {
+    let mut values = headers.get_all(h::CONTENT_NAME).iter();
+    let first = values.next();
+    if values.any(|v| Some(v) != first) {
+        return Err(ProtocolError::ConflictingHeader("Content-Name"));
+    }
+    Ok(first.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderName;
 
     const SID: &str = "{6F1C2B7E-0D4A-4C55-9B8E-2A7D3C1E9F40}";
 
@@ -555,6 +582,141 @@ mod tests {
                 Err(ProtocolError::UnexpectedBody)
             );
         }
+    }
+
+    #[test]
+    fn conflicting_repeats_are_refused() {
+        let conflict = |label| Err(ProtocolError::ConflictingHeader(label));
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Ping"),
+                ("BITS-Packet-Type", "Fragment")
+            ]),
+            conflict("BITS-Packet-Type")
+        );
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Close-Session"),
+                ("BITS-Session-Id", SID),
+                ("BITS-Packet-Type", "Cancel-Session"),
+            ]),
+            conflict("BITS-Packet-Type")
+        );
+        let other = "{11111111-2222-4333-8444-555555555555}";
+        for ty in ["Close-Session", "Cancel-Session"] {
+            assert_eq!(
+                parse(&[
+                    ("BITS-Packet-Type", ty),
+                    ("BITS-Session-Id", SID),
+                    ("BITS-Session-Id", other),
+                ]),
+                conflict("BITS-Session-Id")
+            );
+        }
+        assert_eq!(
+            fragment(&[
+                ("BITS-Session-Id", other),
+                ("Content-Range", "bytes 0-9/10"),
+                ("Content-Length", "10"),
+            ]),
+            conflict("BITS-Session-Id")
+        );
+        assert_eq!(
+            fragment(&[
+                ("Content-Range", "bytes 0-9/20"),
+                ("Content-Range", "bytes 10-19/20"),
+                ("Content-Length", "10"),
+            ]),
+            conflict("Content-Range")
+        );
+        assert_eq!(
+            fragment(&[
+                ("Content-Range", "bytes 0-9/10"),
+                ("Content-Range", "bytes 0-9/11"),
+                ("Content-Length", "10"),
+            ]),
+            conflict("Content-Range")
+        );
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", UPLOAD_PROTOCOL),
+                ("Content-Name", "a.bin"),
+                ("Content-Name", "b.bin"),
+            ]),
+            conflict("Content-Name")
+        );
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", UPLOAD_PROTOCOL),
+                ("Content-Name", "a.bin"),
+                ("Content-Name", "A.bin"),
+            ]),
+            conflict("Content-Name")
+        );
+        assert_eq!(
+            ProtocolError::ConflictingHeader("BITS-Session-Id")
+                .ack()
+                .status(),
+            http::StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn agreeing_repeats_are_tolerated() {
+        assert_eq!(
+            parse(&[("BITS-Packet-Type", "Ping"), ("bits-packet-type", "PING")]),
+            Ok(Packet::Ping)
+        );
+        let packet = parse(&[
+            ("BITS-Packet-Type", "Close-Session"),
+            ("BITS-Session-Id", SID),
+            (
+                "BITS-Session-Id",
+                &format!(" {} ", SID.to_ascii_lowercase()),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            packet.session_id().and_then(SessionHeader::as_str),
+            Some(SID)
+        );
+        let packet = fragment(&[
+            ("BITS-Session-Id", SID),
+            ("Content-Range", "bytes 0-9/10"),
+            ("Content-Range", "Bytes 0-9/10"),
+            ("Content-Length", "10"),
+            ("Content-Length", "10"),
+        ])
+        .unwrap();
+        assert_eq!(
+            packet,
+            Packet::Fragment(Fragment {
+                session_id: SessionHeader(HeaderValue::from_static(SID)),
+                range: FragmentRange::new(0, 10, 10).unwrap(),
+            })
+        );
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", UPLOAD_PROTOCOL),
+                ("Content-Name", "a.bin"),
+                ("Content-Name", "a.bin"),
+            ]),
+            Ok(Packet::CreateSession(CreateSession {
+                content_name: Some("a.bin".into())
+            }))
+        );
+        // Ping ignores the session id, so conflicting ones do not matter there.
+        assert_eq!(
+            parse(&[
+                ("BITS-Packet-Type", "Ping"),
+                ("BITS-Session-Id", SID),
+                ("BITS-Session-Id", "{other}"),
+            ]),
+            Ok(Packet::Ping)
+        );
     }
 
     #[test]
