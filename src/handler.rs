@@ -16,7 +16,8 @@ use crate::destination::{self, Destination, DestinationError};
 use crate::hooks::{self, CancelReason, DynHooks, Event, EventKind, Veto};
 use crate::lease::{LockError, SessionGuard, SessionLocks};
 use crate::protocol::{
-    Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, SessionHeader, headers,
+    Ack, CreateSession, ErrorContext, Fragment, Hresult, Packet, PacketType, ProtocolError,
+    SessionHeader, headers,
 };
 use crate::reply::{self, Replies};
 use crate::retention;
@@ -363,12 +364,17 @@ where
         Ok(packet) => packet,
         Err(error) => {
             tracing::debug!(%error, uri = %parts.uri, "malformed BITS packet");
+            let mut ack = error.ack();
+            // Repeated headers that disagree leave open which session the client meant: name
+            // none, and report no offset.
+            if matches!(error, ProtocolError::ConflictingHeader(_)) {
+                return ack;
+            }
             let echo = parts
                 .headers
                 .get(headers::BITS_SESSION_ID)
                 .filter(|v| v.len() <= crate::protocol::MAX_HEADER_VALUE_LEN)
                 .cloned();
-            let mut ack = error.ack();
             if let Some(received) = offset_of_fragment(shared, &parts).await {
                 ack = ack.received(received);
             }
@@ -598,15 +604,16 @@ fn origin_of(config: &ValidConfig, parts: &Parts) -> Option<String> {
     let implied = if config.https { "https" } else { "http" };
     let scheme = parts.uri.scheme_str().unwrap_or(implied);
     let authority = match parts.uri.authority() {
-        Some(authority) => authority.as_str().to_owned(),
+        Some(authority) => authority.clone(),
         None => {
             let host = parts.headers.get(http::header::HOST)?.to_str().ok()?;
-            host.parse::<http::uri::Authority>()
-                .ok()?
-                .as_str()
-                .to_owned()
+            host.parse::<http::uri::Authority>().ok()?
         }
     };
+    // User info (`user@host`) names no host of ours; such an origin is not repeated in URLs.
+    if authority.as_str().contains('@') {
+        return None;
+    }
     Some(format!("{scheme}://{authority}"))
 }
 
@@ -1199,4 +1206,47 @@ async fn cancel_locked(shared: &Shared, record: &mut SessionRecord) -> Result<Ac
     tracing::info!(committed = record.committed, "session cancelled");
     shared.tombstones.ended(shared).await;
     Ok(Ack::ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(target: &str, host: Option<&str>) -> Parts {
+        let mut request = http::Request::builder().uri(target);
+        if let Some(host) = host {
+            request = request.header(http::header::HOST, host);
+        }
+        request.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_origin_comes_from_the_configuration_or_the_request_and_never_carries_user_info() {
+        let config = crate::config::Config::default().validate().expect("config");
+        let origin = |target, host| origin_of(&config, &parts(target, host));
+        assert_eq!(
+            origin("/a.bin", Some("bits.example:8080")).as_deref(),
+            Some("http://bits.example:8080")
+        );
+        assert_eq!(
+            origin("http://other.example/a.bin", Some("bits.example")).as_deref(),
+            Some("http://other.example")
+        );
+        assert_eq!(origin("/a.bin", None), None);
+        assert_eq!(origin("/a.bin", Some("app@127.0.0.1:9")), None);
+        assert_eq!(
+            origin("http://app@127.0.0.1:9/a.bin", Some("bits.example")),
+            None
+        );
+        let config = crate::config::Config {
+            public_origin: Some("https://public.example".into()),
+            ..crate::config::Config::default()
+        }
+        .validate()
+        .expect("config");
+        assert_eq!(
+            origin_of(&config, &parts("/a.bin", Some("app@127.0.0.1:9"))).as_deref(),
+            Some("https://public.example")
+        );
+    }
 }

@@ -939,7 +939,11 @@ async fn conflicting_repeated_headers_are_invalid_arg() {
         ("BITS-SESSION-ID", UNKNOWN_SID),
         ("Content-Range", "bytes 0-2/6"),
     ];
-    refused(send(server, target, &headers, b"abc").await, "session id");
+    let r = send(server, target, &headers, b"abc").await;
+    // Which session the client meant is unknown: the Ack names none and reports no offset.
+    assert_eq!(r.header("BITS-Session-Id"), None, "{r:?}");
+    assert_eq!(r.header("BITS-Received-Content-Range"), None, "{r:?}");
+    refused(r, "session id");
     let headers = [
         ("BITS-Packet-Type", "Fragment"),
         ("BITS-Session-Id", sid.as_str()),
