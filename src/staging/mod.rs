@@ -1,6 +1,7 @@
 //! Where the bytes of open sessions wait, and how a finished file reaches its destination:
 //! the [`Staging`] trait and [`LocalStaging`].
 
+pub(crate) mod dir;
 mod local;
 
 use std::future::Future;
@@ -166,6 +167,11 @@ impl StagingError {
             Self::DestinationExists | Self::Forbidden => {
                 (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
             }
+            // A symbolic link where the server's own files are (a part, a reply): refused
+            // like one on the way to a destination.
+            Self::Io(e) if dir::is_refused_link(e) => {
+                (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
+            }
             Self::IsDirectory => (StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
             // Like a gap: the client resends from the offset the Ack reports.
             Self::PartShort { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, Hresult::S_OK),
@@ -211,23 +217,6 @@ pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
         current = e.source();
     }
     false
-}
-
-/// The sessions that have a file named `{id}{suffix}` in `dir`.
-pub(crate) async fn session_files(dir: &Path, suffix: &str) -> io::Result<Vec<SessionId>> {
-    let mut ids = Vec::new();
-    let mut entries = tokio::fs::read_dir(dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
-        let name = entry.file_name();
-        if let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(suffix))
-            .and_then(SessionId::parse)
-        {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
 }
 
 /// Creates (or truncates) a file readable and writable by the owner only.
