@@ -147,6 +147,12 @@ mod imp {
         fd: OwnedFd,
     }
 
+    impl AsFd for Dir {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+    }
+
     const DIR_FLAGS: OFlags = OFlags::RDONLY
         .union(OFlags::DIRECTORY)
         .union(OFlags::NOFOLLOW)
@@ -183,6 +189,12 @@ mod imp {
                 Err(StagingError::ParentMissing) if create => {}
                 Err(e) => return Err(e),
             }
+            self.walk_each(names, create)
+        }
+
+        /// The walk without `openat2`: one `O_NOFOLLOW | O_DIRECTORY` handle at a time, each
+        /// opened relative to the one before.
+        pub(super) fn walk_each(&self, names: &[&str], create: bool) -> Result<Self, StagingError> {
             let mut dir: Option<OwnedFd> = None;
             for name in names {
                 let parent = dir.as_ref().map_or(self.fd.as_fd(), OwnedFd::as_fd);
@@ -201,10 +213,12 @@ mod imp {
                 };
                 dir = Some(next);
             }
-            match dir {
-                Some(fd) => Ok(Self { fd }),
-                None => Err(StagingError::ParentMissing),
-            }
+            Ok(Self {
+                fd: match dir {
+                    Some(fd) => fd,
+                    None => self.fd.try_clone()?,
+                },
+            })
         }
 
         pub(crate) fn stat(&self, name: &str) -> io::Result<Option<Entry>> {
@@ -514,6 +528,147 @@ mod imp {
 
         pub(crate) fn device(&self) -> io::Result<u64> {
             Ok(0)
+        }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    /// `tmp/root` with a folder `real`, a file `file` and a link `link` to `tmp/outside`
+    /// (which holds `target`).
+    fn tree() -> (tempfile::TempDir, Dir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("target"), b"outside").unwrap();
+        std::fs::write(root.join("file"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let dir = Dir::create_and_open(&root).unwrap();
+        (tmp, dir)
+    }
+
+    fn outside(tmp: &tempfile::TempDir) -> Vec<OsString> {
+        let mut names = Dir::open(&tmp.path().join("outside"))
+            .unwrap()
+            .names()
+            .unwrap();
+        names.sort();
+        names
+    }
+
+    type Walk = fn(&Dir, &[&str], bool) -> Result<Dir, StagingError>;
+
+    /// The walk with `openat2` (where the kernel has it) and the one without.
+    const WALKS: [(&str, Walk); 2] = [("openat2", Dir::walk), ("walk", Dir::walk_each)];
+
+    #[test]
+    fn links_and_files_on_the_way_are_refused_by_both_walks() {
+        for (how, walk) in WALKS {
+            let (tmp, root) = tree();
+            let refused = |names: &[&str], create| {
+                matches!(walk(&root, names, create), Err(StagingError::Forbidden))
+            };
+            assert!(refused(&["link"], false), "{how}");
+            assert!(refused(&["link", "sub"], true), "{how}");
+            assert!(refused(&["file"], false), "{how}");
+            assert!(refused(&["file", "sub"], true), "{how}");
+            // Even a link that stays inside the root.
+            std::os::unix::fs::symlink("..", tmp.path().join("root/real/up")).unwrap();
+            assert!(refused(&["real", "up", "real"], false), "{how}");
+            assert!(
+                matches!(
+                    walk(&root, &["real", "x"], false),
+                    Err(StagingError::ParentMissing)
+                ),
+                "{how}"
+            );
+            let deep = walk(&root, &["real", "new", "deeper"], true).unwrap();
+            assert!(deep.names().unwrap().is_empty());
+            assert!(tmp.path().join("root/real/new/deeper").is_dir(), "{how}");
+            assert_eq!(outside(&tmp), ["target"], "{how}");
+        }
+        // Names that leave their folder never reach the system.
+        let (_tmp, root) = tree();
+        for name in ["..", ".", "", "a/b", "a\\b", "a\0b"] {
+            assert!(
+                matches!(root.walk(&[name], true), Err(StagingError::Forbidden)),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_in_place_of_a_file_is_never_followed() {
+        let (tmp, root) = tree();
+        let real = root.walk(&["real"], false).unwrap();
+        std::os::unix::fs::symlink(
+            tmp.path().join("outside/target"),
+            tmp.path().join("root/real/f"),
+        )
+        .unwrap();
+        for how in [Open::Read, Open::Write, Open::Create, Open::Truncate] {
+            let error = real.open_file("f", how).unwrap_err();
+            assert!(is_refused_link(&error), "{how:?}: {error}");
+        }
+        assert_eq!(real.stat("f").unwrap().map(|e| e.kind), Some(Kind::Link));
+        // Removing and replacing act on the link, not on what it points to.
+        std::fs::write(tmp.path().join("root/real/new"), b"new").unwrap();
+        real.rename("new", &real, "f", true).unwrap();
+        assert_eq!(real.stat("f").unwrap().map(|e| e.kind), Some(Kind::File));
+        assert_eq!(
+            std::fs::read(tmp.path().join("outside/target")).unwrap(),
+            b"outside"
+        );
+    }
+
+    /// A folder swapped with a link out of the root while handles are opened and files linked
+    /// into them: nothing ever lands outside.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_swapped_folder_never_leads_outside() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        for (how, walk) in WALKS {
+            let (tmp, root) = tree();
+            std::fs::write(tmp.path().join("root/file"), b"data").unwrap();
+            let root = Arc::new(root);
+            let stop = Arc::new(AtomicBool::new(false));
+            let swapper = std::thread::spawn({
+                let (root, stop) = (root.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        rustix::fs::renameat_with(
+                            &*root,
+                            "real",
+                            &*root,
+                            "link",
+                            rustix::fs::RenameFlags::EXCHANGE,
+                        )
+                        .unwrap();
+                    }
+                }
+            });
+            let (mut linked, mut refused) = (0, 0);
+            for i in 0..2000 {
+                match walk(&root, &["real"], false) {
+                    Ok(folder) => {
+                        root.link("file", &folder, &format!("f{i}")).unwrap();
+                        linked += 1;
+                    }
+                    Err(StagingError::Forbidden) => refused += 1,
+                    Err(e) => panic!("{how}: {e:?}"),
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            swapper.join().unwrap();
+            assert_eq!(outside(&tmp), ["target"], "{how}");
+            assert!(linked > 0 && refused > 0, "{how}: {linked} / {refused}");
         }
     }
 }

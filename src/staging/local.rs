@@ -805,6 +805,195 @@ mod tests {
         assert!(!outside.path().join("x").exists());
     }
 
+    /// A root with a real folder `a`, `a/b` a link to a folder outside, and that folder.
+    #[cfg(unix)]
+    fn linked_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("x"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/b")).unwrap();
+        (tmp, root, outside)
+    }
+
+    #[cfg(unix)]
+    fn untouched(outside: &Path) {
+        let names: Vec<_> = std::fs::read_dir(outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["x"]);
+        assert_eq!(std::fs::read(outside.join("x")).unwrap(), b"outside");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_linked_intermediate_folder_is_refused_at_check_and_at_commit() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        for overwrite in [false, true] {
+            assert!(matches!(
+                staging.check_destination(&dest("/a/b/x"), overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            let id = SessionId::new();
+            write_part(&staging, id, 0, b"abc").await;
+            assert!(matches!(
+                staging.commit(id, &dest("/a/b/x"), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            assert!(matches!(
+                staging.commit(id, &dest("/a/b/new"), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            // The part stays, for a later attempt or the discard.
+            assert_eq!(staging.len(id).await.unwrap(), Some(3));
+            staging.discard(id).await.unwrap();
+        }
+        untouched(&outside);
+        assert_eq!(
+            StagingError::Forbidden.ack().error_code().map(|e| e.0),
+            Some(crate::protocol::Hresult::E_ACCESSDENIED)
+        );
+    }
+
+    /// `a/d` is a real folder at the check and a link out of the root at the commit.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_folder_swapped_for_a_link_after_the_check_is_refused_at_commit() {
+        let (_tmp, root, outside) = linked_tree();
+        std::fs::create_dir(root.join("a/d")).unwrap();
+        std::fs::write(root.join("a/d/x"), b"inside").unwrap();
+        for (staging, overwrite) in [
+            (LocalStaging::new(&root).unwrap(), true),
+            (LocalStaging::new(&root).unwrap(), false),
+            (
+                LocalStaging::new(&root).unwrap().create_directories(true),
+                false,
+            ),
+        ] {
+            let name = if overwrite { "/a/d/x" } else { "/a/d/y" };
+            staging
+                .check_destination(&dest(name), overwrite)
+                .await
+                .unwrap();
+            let id = SessionId::new();
+            write_part(&staging, id, 0, b"abc").await;
+            std::fs::rename(root.join("a/d"), root.join("a/real")).unwrap();
+            std::os::unix::fs::symlink(&outside, root.join("a/d")).unwrap();
+            assert!(matches!(
+                staging.commit(id, &dest(name), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            // Recovery's question does not follow the link either.
+            assert!(!staging.committed(id, &dest("/a/d/x"), 7).await.unwrap());
+            std::fs::remove_file(root.join("a/d")).unwrap();
+            std::fs::rename(root.join("a/real"), root.join("a/d")).unwrap();
+            staging.discard(id).await.unwrap();
+        }
+        assert_eq!(std::fs::read(root.join("a/d/x")).unwrap(), b"inside");
+        untouched(&outside);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_at_the_destination_is_replaced_not_followed() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        let link = root.join("a/link.bin");
+        std::os::unix::fs::symlink(outside.join("x"), &link).unwrap();
+        let d = dest("/a/link.bin");
+        // Without overwrites a link is an existing file.
+        assert!(matches!(
+            staging.check_destination(&d, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"replacement").await;
+        assert!(matches!(
+            staging.commit(id, &d, 11, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        // With them the link itself is replaced.
+        staging.check_destination(&d, true).await.unwrap();
+        staging.commit(id, &d, 11, true).await.unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&link).unwrap(), b"replacement");
+        untouched(&outside);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn create_directories_never_creates_through_a_link() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap().create_directories(true);
+        let d = dest("/a/b/new/deep/x");
+        assert!(matches!(
+            staging.check_destination(&d, false).await,
+            Err(StagingError::Forbidden)
+        ));
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"abc").await;
+        assert!(matches!(
+            staging.commit(id, &d, 3, false).await,
+            Err(StagingError::Forbidden)
+        ));
+        untouched(&outside);
+        // Below a real folder, the missing ones are created.
+        staging
+            .commit(id, &dest("/a/c/deep/x"), 3, false)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("a/c/deep/x")).unwrap(), b"abc");
+    }
+
+    /// Part files are opened beneath the staging folder's handle, never through a link.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_in_place_of_a_part_is_refused() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        let id = SessionId::new();
+        std::os::unix::fs::symlink(outside.join("x"), staging.part(id)).unwrap();
+        let mut part = staging.open(id, 0).await.unwrap();
+        part.write(Bytes::from_static(b"through")).await.unwrap();
+        assert!(matches!(part.finish().await, Err(StagingError::Forbidden)));
+        assert!(matches!(
+            staging.create(id).await,
+            Err(StagingError::Forbidden)
+        ));
+        assert!(matches!(
+            staging.len(id).await,
+            Err(StagingError::Forbidden)
+        ));
+        assert!(matches!(
+            staging.commit(id, &dest("/a/y"), 7, true).await,
+            Err(StagingError::Forbidden)
+        ));
+        staging.discard(id).await.unwrap();
+        assert!(std::fs::symlink_metadata(staging.part(id)).is_err());
+        untouched(&outside);
+    }
+
+    /// The staging folder inside the root is resolved beneath it: a link there is refused at
+    /// start-up.
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_staging_folder_is_refused() {
+        let (_tmp, root, outside) = linked_tree();
+        std::os::unix::fs::symlink(&outside, root.join(".bits")).unwrap();
+        let error = LocalStaging::new(&root).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+        untouched(&outside);
+        // A root that is itself a link is the operator's choice.
+        let linked_root = root.join("a/b");
+        let staging = LocalStaging::new(&linked_root).unwrap();
+        assert_eq!(staging.root(), linked_root);
+        assert!(outside.join(".bits/parts").is_dir());
+    }
+
     #[cfg(unix)]
     #[tokio::test]
     async fn files_are_private() {
