@@ -35,7 +35,7 @@ use crate::session::SessionId;
 /// somewhere else at any moment cannot lead a file outside the root: it is refused with
 /// [`StagingError::Forbidden`] (403 `E_ACCESSDENIED`). A symbolic link at the destination
 /// itself is an existing file: refused without overwrites, replaced (never written through)
-/// with them. On Windows the checks are by path, as before, and not atomic.
+/// with them. On Windows the checks are by path and not atomic with the operation.
 ///
 /// Because the rename must not cross filesystems, [`LocalStaging::new`] refuses a staging
 /// folder on a different device from the upload root.
