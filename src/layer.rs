@@ -450,7 +450,7 @@ impl BitsLayerBuilder {
                 let dir = self
                     .replies_dir
                     .unwrap_or_else(|| self.root.join(".bits").join("replies"));
-                let replies = Replies::open(dir).map_err(ConfigError::Replies)?;
+                let replies = Replies::open(&self.root, dir).map_err(ConfigError::Replies)?;
                 Some(ReplyMode { handler, replies })
             }
             None => None,

@@ -10,6 +10,7 @@ mod serve;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -23,41 +24,66 @@ use crate::destination::strip_prefix;
 use crate::file_body::FileBody;
 use crate::handler::Shared;
 use crate::session::{Owner, SessionId, StoredReply, now_ms};
+use crate::staging::dir::{Dir, Open, session_files};
 
-/// Where replies are stored: one file per session in a private folder.
+/// Where replies are stored: one file per session in a private folder, opened once; every
+/// operation on a reply file is relative to that handle and never follows a symbolic link.
 #[derive(Debug, Clone)]
 pub(crate) struct Replies {
     dir: PathBuf,
+    handle: Arc<Dir>,
 }
 
 impl Replies {
-    /// Creates the folder if needed.
-    pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+    /// Creates the folder `dir` if needed and opens it: beneath the upload `root` without
+    /// following links if it lies below it (the default, `root/.bits/replies`), as given
+    /// otherwise.
+    pub(crate) fn open(root: &Path, dir: PathBuf) -> io::Result<Self> {
+        let handle = Dir::create_and_open(root)?.open_folder(root, &dir)?;
+        Ok(Self {
+            dir,
+            handle: Arc::new(handle),
+        })
     }
 
     /// The reply file of a session.
     pub(crate) fn path(&self, id: SessionId) -> PathBuf {
-        self.dir.join(format!("{id}.reply"))
+        self.dir.join(file_name(id))
+    }
+
+    /// Runs `f` with the folder's handle on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Dir) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || f(&handle))
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Stores `reply` as the session's reply file (a static URL stores nothing).
     pub(crate) async fn store(&self, id: SessionId, reply: Reply) -> io::Result<StoredReply> {
         let path = self.path(id);
-        let len = match reply {
-            Reply::File(from) if from == path => tokio::fs::metadata(&path).await?.len(),
+        let bytes = match reply {
+            Reply::File(from) if from == path => None,
             Reply::File(from) => {
-                if tokio::fs::rename(&from, &path).await.is_err() {
-                    // Another filesystem: copy, then take the original away as promised.
-                    tokio::fs::copy(&from, &path).await?;
-                    tokio::fs::remove_file(&from).await?;
-                }
-                tokio::fs::metadata(&path).await?.len()
+                self.blocking(move |dir| move_in(dir, &from, &file_name(id)))
+                    .await?;
+                None
             }
-            Reply::Bytes(bytes) => write_private(path, bytes).await?,
-            Reply::None | Reply::StaticUrl(_) => write_private(path, Bytes::new()).await?,
+            Reply::Bytes(bytes) => Some(bytes),
+            Reply::None | Reply::StaticUrl(_) => Some(Bytes::new()),
         };
+        let len = self
+            .blocking(move |dir| {
+                let name = file_name(id);
+                match bytes {
+                    Some(bytes) => write_private(dir, &name, &bytes),
+                    None => Ok(dir.open_file(&name, Open::Read)?.metadata()?.len()),
+                }
+            })
+            .await?;
         Ok(StoredReply {
             len,
             stored_ms: now_ms(),
@@ -66,28 +92,53 @@ impl Replies {
 
     /// Sessions that have a reply file (for recovery).
     pub(crate) async fn list(&self) -> io::Result<Vec<SessionId>> {
-        crate::staging::session_files(&self.dir, ".reply").await
+        self.blocking(|dir| session_files(dir, SUFFIX)).await
     }
 
     /// Deletes the session's reply file if there is one.
     pub(crate) async fn remove(&self, id: SessionId) -> io::Result<()> {
-        match tokio::fs::remove_file(self.path(id)).await {
+        self.blocking(move |dir| match dir.remove_file(&file_name(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
-        }
+        })
+        .await
+    }
+
+    /// Opens the session's reply file for reading from `offset`.
+    async fn open_at(&self, id: SessionId, offset: u64) -> io::Result<tokio::fs::File> {
+        let file = self
+            .blocking(move |dir| dir.open_file(&file_name(id), Open::Read))
+            .await?;
+        let mut file = tokio::fs::File::from_std(file);
+        file.seek(io::SeekFrom::Start(offset)).await?;
+        Ok(file)
     }
 }
 
-async fn write_private(path: PathBuf, bytes: Bytes) -> io::Result<u64> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut file = crate::staging::private_file(&path)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        Ok(bytes.len() as u64)
-    })
-    .await
-    .map_err(io::Error::other)?
+const SUFFIX: &str = ".reply";
+
+fn file_name(id: SessionId) -> String {
+    format!("{id}{SUFFIX}")
+}
+
+/// Moves the handler's file `from` to `name` in `dir`: a rename, or across filesystems a copy
+/// and the removal of the original, as promised.
+fn move_in(dir: &Dir, from: &Path, name: &str) -> io::Result<()> {
+    if dir.rename_from(from, name).is_ok() {
+        return Ok(());
+    }
+    let mut source = std::fs::File::open(from)?;
+    let mut target = dir.open_file(name, Open::Truncate)?;
+    io::copy(&mut source, &mut target)?;
+    std::fs::remove_file(from)
+}
+
+fn write_private(dir: &Dir, name: &str, bytes: &[u8]) -> io::Result<u64> {
+    use std::io::Write;
+    let mut file = dir.open_file(name, Open::Truncate)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(bytes.len() as u64)
 }
 
 /// The reply URL of session `id` uploaded at `request_url` (path and query) on `origin`
@@ -156,7 +207,7 @@ pub(crate) async fn serve(shared: &Shared, parts: &Parts, id: SessionId) -> Down
     let head = serve::response_head(selection, stored.len, &etag, modified);
     let body = match selection.span(stored.len) {
         Some((offset, count)) if parts.method != Method::HEAD && count > 0 => {
-            match open_at(&mode.replies.path(id), offset).await {
+            match mode.replies.open_at(id, offset).await {
                 Ok(file) => Some(FileBody::new(file, count)),
                 Err(error) => {
                     tracing::warn!(%error, session = %id, "cannot open a stored reply");
@@ -175,12 +226,6 @@ fn id_hex(id: SessionId) -> String {
         .chars()
         .filter(char::is_ascii_hexdigit)
         .collect()
-}
-
-async fn open_at(path: &Path, offset: u64) -> io::Result<tokio::fs::File> {
-    let mut file = tokio::fs::File::open(path).await?;
-    file.seek(io::SeekFrom::Start(offset)).await?;
-    Ok(file)
 }
 
 #[cfg(test)]

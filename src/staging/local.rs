@@ -1,11 +1,12 @@
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::{PartWriter, Staging, StagingError, private_file, sync_dir};
+use super::dir::{Dir, Entry, Kind, Open, is_refused_link, session_files};
+use super::{PartWriter, Staging, StagingError};
 use crate::destination::Destination;
 use crate::session::SessionId;
 
@@ -20,6 +21,22 @@ use crate::session::SessionId;
 /// appeared meanwhile is never replaced), the folder's fsync, then the unlink of the part; with
 /// overwrites by a rename.
 ///
+/// # Symbolic links
+///
+/// No operation follows a symbolic link inside the upload tree. The root and the staging
+/// folder are opened once, by [`LocalStaging::new`] (the root as given, even if it is itself a
+/// link: that is the operator's choice; a staging folder inside the root beneath it, without
+/// following links); a destination's folder is opened beneath the root's handle without
+/// following any link (on Linux `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`,
+/// elsewhere on Unix one `O_NOFOLLOW` folder at a time; with
+/// [`create_directories`](LocalStaging::create_directories) missing folders are created the
+/// same way, one at a time). The check, the link or rename, the folder's fsync and the
+/// recovery checks are all relative to that one handle, so a folder swapped for a link to
+/// somewhere else at any moment cannot lead a file outside the root: it is refused with
+/// [`StagingError::Forbidden`] (403 `E_ACCESSDENIED`). A symbolic link at the destination
+/// itself is an existing file: refused without overwrites, replaced (never written through)
+/// with them. On Windows the checks are by path and not atomic with the operation.
+///
 /// Because the rename must not cross filesystems, [`LocalStaging::new`] refuses a staging
 /// folder on a different device from the upload root.
 #[derive(Debug, Clone)]
@@ -32,6 +49,10 @@ pub struct LocalStaging {
 struct Inner {
     root: PathBuf,
     parts: PathBuf,
+    /// The root, opened once.
+    root_dir: Arc<Dir>,
+    /// The staging folder, opened once.
+    parts_dir: Arc<Dir>,
     create_directories: bool,
     sync_data: bool,
     sync_on_commit: bool,
@@ -95,18 +116,33 @@ impl LocalStaging {
     }
 
     /// Staging in `parts`, committing into `root`. Both must be on the same filesystem.
+    ///
+    /// Both folders are created if missing and opened here, once: `root` as given (following
+    /// links), `parts`, if it is below `root`, beneath the root's handle without following
+    /// any link (a link on the way is an error).
     pub fn with_staging_dir(
         root: impl Into<PathBuf>,
         parts: impl Into<PathBuf>,
     ) -> io::Result<Self> {
         let (root, parts) = (root.into(), parts.into());
-        std::fs::create_dir_all(&root)?;
-        std::fs::create_dir_all(&parts)?;
-        same_filesystem(&root, &parts)?;
+        let root_dir = Dir::create_and_open(&root)?;
+        let parts_dir = root_dir.open_folder(&root, &parts)?;
+        if root_dir.device()? != parts_dir.device()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "staging folder {} is not on the same filesystem as the upload root {}",
+                    parts.display(),
+                    root.display()
+                ),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 root,
                 parts,
+                root_dir: Arc::new(root_dir),
+                parts_dir: Arc::new(parts_dir),
                 create_directories: false,
                 sync_data: false,
                 sync_on_commit: true,
@@ -158,42 +194,13 @@ impl LocalStaging {
     }
 
     fn part(&self, id: SessionId) -> PathBuf {
-        self.inner.parts.join(format!("{id}.part"))
+        self.inner.parts.join(part_name(id))
     }
 }
 
-#[cfg(unix)]
-fn same_filesystem(a: &Path, b: &Path) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::metadata(a)?.dev() == std::fs::metadata(b)?.dev() {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "staging folder {} is not on the same filesystem as the upload root {}",
-                b.display(),
-                a.display()
-            ),
-        ))
-    }
-}
-
-/// Whether two metadata describe one file (a hard link pair).
-#[cfg(unix)]
-fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    a.dev() == b.dev() && a.ino() == b.ino()
-}
-
-#[cfg(not(unix))]
-fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
-    false
-}
-
-#[cfg(not(unix))]
-fn same_filesystem(_: &Path, _: &Path) -> io::Result<()> {
-    Ok(())
+/// The part file's name in the staging folder.
+fn part_name(id: SessionId) -> String {
+    format!("{id}.part")
 }
 
 async fn blocking<T: Send + 'static>(
@@ -204,53 +211,145 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StagingError::Io(io::Error::other(e)))?
 }
 
-/// Walks the destination's folders below the root. Each must be a real directory (never a
-/// symbolic link, which could lead outside the root). A missing one is an error unless
-/// `create` is set, in which case it is created.
-fn check_parents(
-    root: &Path,
-    destination: &Destination,
-    create: bool,
-) -> Result<PathBuf, StagingError> {
-    let path = destination.under(root);
-    let mut dir = root.to_path_buf();
-    let parents: Vec<_> = destination.as_str().split('/').collect();
-    for name in &parents[..parents.len() - 1] {
-        dir.push(name);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(StagingError::Forbidden),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !create {
-                    return Err(StagingError::ParentMissing);
-                }
-                match std::fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        if !std::fs::symlink_metadata(&dir)?.is_dir() {
-                            return Err(StagingError::Forbidden);
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+/// An I/O error on a part: a symbolic link in its place is refused.
+fn part_error(e: io::Error) -> StagingError {
+    if is_refused_link(&e) {
+        StagingError::Forbidden
+    } else {
+        StagingError::Io(e)
     }
-    debug_assert!(
-        path.components()
-            .all(|c| !matches!(c, Component::ParentDir))
-    );
-    Ok(path)
 }
 
-fn check_target(path: &Path, overwrite: bool) -> Result<(), StagingError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => Err(StagingError::IsDirectory),
-        Ok(_) if !overwrite => Err(StagingError::DestinationExists),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e.into()),
+/// The destination's folder, opened beneath the root without following a link (created,
+/// one folder at a time, if `create`), and the file's name in it.
+fn folder_of<'d>(
+    root: &Dir,
+    destination: &'d Destination,
+    create: bool,
+) -> Result<(Dir, &'d str), StagingError> {
+    let mut names: Vec<&str> = destination.as_str().split('/').collect();
+    let name = names.pop().ok_or(StagingError::Forbidden)?;
+    Ok((root.walk(&names, create)?, name))
+}
+
+/// Whether `name` in `folder` may become the destination: not a folder, and absent unless
+/// `overwrite` (a symbolic link counts as a file, to be replaced).
+fn check_target(folder: &Dir, name: &str, overwrite: bool) -> Result<(), StagingError> {
+    match folder.stat(name)? {
+        Some(Entry {
+            kind: Kind::Dir, ..
+        }) => Err(StagingError::IsDirectory),
+        Some(_) if !overwrite => Err(StagingError::DestinationExists),
+        _ => Ok(()),
+    }
+}
+
+/// A failed link or rename to `name` in `folder`.
+fn target_error(e: io::Error, folder: &Dir, name: &str) -> StagingError {
+    match folder.stat(name) {
+        Ok(Some(Entry {
+            kind: Kind::Dir, ..
+        })) => StagingError::IsDirectory,
+        _ if e.kind() == io::ErrorKind::AlreadyExists => StagingError::DestinationExists,
+        _ => StagingError::Io(e),
+    }
+}
+
+impl Inner {
+    /// The commit proper, on the blocking pool.
+    fn commit(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        let part = part_name(id);
+        let file = match self.parts_dir.open_file(&part, Open::Write) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StagingError::PartMissing);
+            }
+            Err(e) => return Err(part_error(e)),
+        };
+        let len = file.metadata()?.len();
+        if len < total {
+            return Err(StagingError::Incomplete { len, total });
+        }
+        if len > total {
+            // Bytes past the end can only be the tail of an interrupted write.
+            file.set_len(total)?;
+        }
+        // Parts are private while staged; a finished file gets ordinary permissions.
+        #[cfg(unix)]
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        if self.sync_on_commit {
+            file.sync_all()?;
+        }
+        drop(file);
+
+        // From here on, everything is relative to this one handle of the folder.
+        let (folder, name) = folder_of(&self.root_dir, destination, self.create_directories)?;
+        check_target(&folder, name, overwrite)?;
+        let linked = if overwrite {
+            self.parts_dir
+                .rename(&part, &folder, name, true)
+                .map_err(|e| target_error(e, &folder, name))?;
+            false
+        } else {
+            match self.parts_dir.link(&part, &folder, name) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(StagingError::DestinationExists);
+                }
+                // Filesystems without hard links: a rename that keeps an existing file
+                // where the system can, the check above otherwise.
+                Err(_) => {
+                    self.parts_dir
+                        .rename(&part, &folder, name, false)
+                        .map_err(|e| target_error(e, &folder, name))?;
+                    false
+                }
+            }
+        };
+        if self.sync_on_commit {
+            folder.sync()?;
+        }
+        // The part's name goes only once the new one is on disk: a power loss in between
+        // leaves both (recovery finishes the commit), never neither.
+        if linked {
+            self.parts_dir.remove_file(&part)?;
+        }
+        Ok(())
+    }
+
+    /// [`Staging::committed`], on the blocking pool.
+    fn committed(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+    ) -> Result<bool, StagingError> {
+        let Ok((folder, name)) = folder_of(&self.root_dir, destination, false) else {
+            return Ok(false);
+        };
+        let target = match folder.stat(name)? {
+            Some(entry) if entry.kind == Kind::File && entry.len == total => entry,
+            _ => return Ok(false),
+        };
+        let part = part_name(id);
+        match self.parts_dir.stat(&part)? {
+            // The commit renamed the part, or linked it and removed it: only a commit makes a
+            // complete session's part vanish.
+            None => Ok(true),
+            // Linked but not yet unlinked: the destination is the part itself.
+            Some(entry) if entry.same_file(&target) => {
+                self.parts_dir.remove_file(&part)?;
+                self.parts_dir.sync()?;
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+        }
     }
 }
 
@@ -265,26 +364,35 @@ impl Staging for LocalStaging {
         let inner = self.inner.clone();
         let destination = destination.clone();
         blocking(move || {
-            let path = match check_parents(&inner.root, &destination, false) {
+            let (folder, name) = match folder_of(&inner.root_dir, &destination, false) {
                 Err(StagingError::ParentMissing) if inner.create_directories => return Ok(()),
                 other => other?,
             };
-            check_target(&path, overwrite)
+            check_target(&folder, name, overwrite)
         })
         .await
     }
 
     async fn create(&self, id: SessionId) -> Result<(), StagingError> {
-        let path = self.part(id);
-        blocking(move || Ok(private_file(&path).map(drop)?)).await
+        let parts = self.inner.parts_dir.clone();
+        blocking(move || {
+            parts
+                .open_file(&part_name(id), Open::Truncate)
+                .map(drop)
+                .map_err(part_error)
+        })
+        .await
     }
 
     async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
-        match tokio::fs::metadata(self.part(id)).await {
-            Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let parts = self.inner.parts_dir.clone();
+        blocking(move || match parts.stat(&part_name(id))? {
+            Some(entry) if entry.kind == Kind::File => Ok(Some(entry.len)),
+            // A link or a folder where the part should be: never followed.
+            Some(_) => Err(StagingError::Forbidden),
+            None => Ok(None),
+        })
+        .await
     }
 
     async fn open(&self, id: SessionId, offset: u64) -> Result<LocalPart, StagingError> {
@@ -292,7 +400,7 @@ impl Staging for LocalStaging {
         // to the blocking pool as its write, so a small fragment costs one trip.
         Ok(LocalPart {
             id,
-            path: Arc::new(self.part(id)),
+            parts: self.inner.parts_dir.clone(),
             file: None,
             written: 0,
             writeback: self.inner.sync_on_commit.then(|| self.writeback.clone()),
@@ -317,71 +425,18 @@ impl Staging for LocalStaging {
             let _ = flush.await;
         }
         let inner = self.inner.clone();
-        let part = self.part(id);
         let destination = destination.clone();
-        blocking(move || {
-            let file = match std::fs::OpenOptions::new().write(true).open(&part) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(StagingError::PartMissing);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let len = file.metadata()?.len();
-            if len < total {
-                return Err(StagingError::Incomplete { len, total });
-            }
-            if len > total {
-                // Bytes past the end can only be the tail of an interrupted write.
-                file.set_len(total)?;
-            }
-            // Parts are private while staged; a finished file gets ordinary permissions.
-            #[cfg(unix)]
-            std::fs::set_permissions(&part, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-            if inner.sync_on_commit {
-                file.sync_all()?;
-            }
-            drop(file);
-
-            let path = check_parents(&inner.root, &destination, inner.create_directories)?;
-            check_target(&path, overwrite)?;
-            let linked = if overwrite {
-                std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?;
-                false
-            } else {
-                match std::fs::hard_link(&part, &path) {
-                    Ok(()) => true,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        return Err(StagingError::DestinationExists);
-                    }
-                    // Filesystems without hard links: the check above is the best we have.
-                    Err(_) => {
-                        std::fs::rename(&part, &path).map_err(|e| target_error(e, &path))?;
-                        false
-                    }
-                }
-            };
-            if inner.sync_on_commit {
-                if let Some(dir) = path.parent() {
-                    sync_dir(dir)?;
-                }
-            }
-            // The part's name goes only once the new one is on disk: a power loss in between
-            // leaves both (recovery finishes the commit), never neither.
-            if linked {
-                std::fs::remove_file(&part)?;
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || inner.commit(id, &destination, total, overwrite)).await
     }
 
     async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
         self.writeback.forget(id);
-        match tokio::fs::remove_file(self.part(id)).await {
+        let parts = self.inner.parts_dir.clone();
+        blocking(move || match parts.remove_file(&part_name(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
-        }
+        })
+        .await
     }
 
     fn path(&self, id: SessionId) -> Option<PathBuf> {
@@ -395,47 +450,19 @@ impl Staging for LocalStaging {
         total: u64,
     ) -> Result<bool, StagingError> {
         let inner = self.inner.clone();
-        let part = self.part(id);
         let destination = destination.clone();
-        blocking(move || {
-            let Ok(path) = check_parents(&inner.root, &destination, false) else {
-                return Ok(false);
-            };
-            let target = match std::fs::symlink_metadata(&path) {
-                Ok(meta) if meta.is_file() && meta.len() == total => meta,
-                Ok(_) => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(e.into()),
-            };
-            match std::fs::symlink_metadata(&part) {
-                // The commit renamed the part, or linked it and removed it: only a commit
-                // makes a complete session's part vanish.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
-                Err(e) => Err(e.into()),
-                // Linked but not yet unlinked: the destination is the part itself.
-                Ok(meta) if same_file(&meta, &target) => {
-                    std::fs::remove_file(&part)?;
-                    if let Some(dir) = part.parent() {
-                        sync_dir(dir)?;
-                    }
-                    Ok(true)
-                }
-                Ok(_) => Ok(false),
-            }
-        })
-        .await
+        blocking(move || inner.committed(id, &destination, total)).await
     }
 
     async fn close(&self) -> Result<(), StagingError> {
-        let ids = self.list().await?;
-        let parts: Vec<PathBuf> = ids.into_iter().map(|id| self.part(id)).collect();
+        let parts = self.inner.parts_dir.clone();
         blocking(move || {
-            for part in parts {
-                match std::fs::File::open(&part) {
+            for id in session_files(&parts, ".part")? {
+                match parts.open_file(&part_name(id), Open::Read) {
                     Ok(file) => file.sync_data()?,
                     // Committed or discarded meanwhile.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(part_error(e)),
                 }
             }
             Ok(())
@@ -444,15 +471,8 @@ impl Staging for LocalStaging {
     }
 
     async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
-        Ok(super::session_files(&self.inner.parts, ".part").await?)
-    }
-}
-
-fn target_error(e: io::Error, path: &Path) -> StagingError {
-    if path.is_dir() {
-        StagingError::IsDirectory
-    } else {
-        e.into()
+        let parts = self.inner.parts_dir.clone();
+        blocking(move || Ok(session_files(&parts, ".part")?)).await
     }
 }
 
@@ -462,7 +482,8 @@ fn target_error(e: io::Error, path: &Path) -> StagingError {
 #[derive(Debug)]
 pub struct LocalPart {
     id: SessionId,
-    path: Arc<PathBuf>,
+    /// The staging folder's handle.
+    parts: Arc<Dir>,
     /// Open once the first flush has finished.
     file: Option<Arc<std::fs::File>>,
     /// Bytes handed to the file by this writer.
@@ -498,13 +519,14 @@ impl LocalPart {
         }
         let next = self.spare.take().unwrap_or_default();
         let data = std::mem::replace(&mut self.buffer, next);
-        let (file, path, offset) = (self.file.clone(), self.path.clone(), self.offset);
+        let (file, parts, offset) = (self.file.clone(), self.parts.clone(), self.offset);
+        let id = self.id;
         self.offset += data.len() as u64;
         self.written += data.len() as u64;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let file = match file {
                 Some(file) => file,
-                None => Arc::new(open_at(&path, offset)?),
+                None => Arc::new(open_at(&parts, id, offset)?),
             };
             write_all_at(&file, &data, offset)?;
             Ok((file, data))
@@ -515,12 +537,10 @@ impl LocalPart {
 
 /// Opens (or creates) the part for writing at `offset`; fails with
 /// [`StagingError::PartShort`] if it holds fewer bytes than that.
-fn open_at(path: &Path, offset: u64) -> Result<std::fs::File, StagingError> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(path)?;
+fn open_at(parts: &Dir, id: SessionId, offset: u64) -> Result<std::fs::File, StagingError> {
+    let file = parts
+        .open_file(&part_name(id), Open::Create)
+        .map_err(part_error)?;
     let held = file.metadata()?.len();
     if held < offset {
         return Err(StagingError::PartShort { held });
@@ -783,6 +803,195 @@ mod tests {
             Err(StagingError::Forbidden)
         ));
         assert!(!outside.path().join("x").exists());
+    }
+
+    /// A root with a real folder `a`, `a/b` a link to a folder outside, and that folder.
+    #[cfg(unix)]
+    fn linked_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("x"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/b")).unwrap();
+        (tmp, root, outside)
+    }
+
+    #[cfg(unix)]
+    fn untouched(outside: &Path) {
+        let names: Vec<_> = std::fs::read_dir(outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["x"]);
+        assert_eq!(std::fs::read(outside.join("x")).unwrap(), b"outside");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_linked_intermediate_folder_is_refused_at_check_and_at_commit() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        for overwrite in [false, true] {
+            assert!(matches!(
+                staging.check_destination(&dest("/a/b/x"), overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            let id = SessionId::new();
+            write_part(&staging, id, 0, b"abc").await;
+            assert!(matches!(
+                staging.commit(id, &dest("/a/b/x"), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            assert!(matches!(
+                staging.commit(id, &dest("/a/b/new"), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            // The part stays, for a later attempt or the discard.
+            assert_eq!(staging.len(id).await.unwrap(), Some(3));
+            staging.discard(id).await.unwrap();
+        }
+        untouched(&outside);
+        assert_eq!(
+            StagingError::Forbidden.ack().error_code().map(|e| e.0),
+            Some(crate::protocol::Hresult::E_ACCESSDENIED)
+        );
+    }
+
+    /// `a/d` is a real folder at the check and a link out of the root at the commit.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_folder_swapped_for_a_link_after_the_check_is_refused_at_commit() {
+        let (_tmp, root, outside) = linked_tree();
+        std::fs::create_dir(root.join("a/d")).unwrap();
+        std::fs::write(root.join("a/d/x"), b"inside").unwrap();
+        for (staging, overwrite) in [
+            (LocalStaging::new(&root).unwrap(), true),
+            (LocalStaging::new(&root).unwrap(), false),
+            (
+                LocalStaging::new(&root).unwrap().create_directories(true),
+                false,
+            ),
+        ] {
+            let name = if overwrite { "/a/d/x" } else { "/a/d/y" };
+            staging
+                .check_destination(&dest(name), overwrite)
+                .await
+                .unwrap();
+            let id = SessionId::new();
+            write_part(&staging, id, 0, b"abc").await;
+            std::fs::rename(root.join("a/d"), root.join("a/real")).unwrap();
+            std::os::unix::fs::symlink(&outside, root.join("a/d")).unwrap();
+            assert!(matches!(
+                staging.commit(id, &dest(name), 3, overwrite).await,
+                Err(StagingError::Forbidden)
+            ));
+            // Recovery's question does not follow the link either.
+            assert!(!staging.committed(id, &dest("/a/d/x"), 7).await.unwrap());
+            std::fs::remove_file(root.join("a/d")).unwrap();
+            std::fs::rename(root.join("a/real"), root.join("a/d")).unwrap();
+            staging.discard(id).await.unwrap();
+        }
+        assert_eq!(std::fs::read(root.join("a/d/x")).unwrap(), b"inside");
+        untouched(&outside);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_at_the_destination_is_replaced_not_followed() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        let link = root.join("a/link.bin");
+        std::os::unix::fs::symlink(outside.join("x"), &link).unwrap();
+        let d = dest("/a/link.bin");
+        // Without overwrites a link is an existing file.
+        assert!(matches!(
+            staging.check_destination(&d, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"replacement").await;
+        assert!(matches!(
+            staging.commit(id, &d, 11, false).await,
+            Err(StagingError::DestinationExists)
+        ));
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        // With them the link itself is replaced.
+        staging.check_destination(&d, true).await.unwrap();
+        staging.commit(id, &d, 11, true).await.unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&link).unwrap(), b"replacement");
+        untouched(&outside);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn create_directories_never_creates_through_a_link() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap().create_directories(true);
+        let d = dest("/a/b/new/deep/x");
+        assert!(matches!(
+            staging.check_destination(&d, false).await,
+            Err(StagingError::Forbidden)
+        ));
+        let id = SessionId::new();
+        write_part(&staging, id, 0, b"abc").await;
+        assert!(matches!(
+            staging.commit(id, &d, 3, false).await,
+            Err(StagingError::Forbidden)
+        ));
+        untouched(&outside);
+        // Below a real folder, the missing ones are created.
+        staging
+            .commit(id, &dest("/a/c/deep/x"), 3, false)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("a/c/deep/x")).unwrap(), b"abc");
+    }
+
+    /// Part files are opened beneath the staging folder's handle, never through a link.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_in_place_of_a_part_is_refused() {
+        let (_tmp, root, outside) = linked_tree();
+        let staging = LocalStaging::new(&root).unwrap();
+        let id = SessionId::new();
+        std::os::unix::fs::symlink(outside.join("x"), staging.part(id)).unwrap();
+        let mut part = staging.open(id, 0).await.unwrap();
+        part.write(Bytes::from_static(b"through")).await.unwrap();
+        assert!(matches!(part.finish().await, Err(StagingError::Forbidden)));
+        assert!(matches!(
+            staging.create(id).await,
+            Err(StagingError::Forbidden)
+        ));
+        assert!(matches!(
+            staging.len(id).await,
+            Err(StagingError::Forbidden)
+        ));
+        assert!(matches!(
+            staging.commit(id, &dest("/a/y"), 7, true).await,
+            Err(StagingError::Forbidden)
+        ));
+        staging.discard(id).await.unwrap();
+        assert!(std::fs::symlink_metadata(staging.part(id)).is_err());
+        untouched(&outside);
+    }
+
+    /// The staging folder inside the root is resolved beneath it: a link there is refused at
+    /// start-up.
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_staging_folder_is_refused() {
+        let (_tmp, root, outside) = linked_tree();
+        std::os::unix::fs::symlink(&outside, root.join(".bits")).unwrap();
+        let error = LocalStaging::new(&root).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+        untouched(&outside);
+        // A root that is itself a link is the operator's choice.
+        let linked_root = root.join("a/b");
+        let staging = LocalStaging::new(&linked_root).unwrap();
+        assert_eq!(staging.root(), linked_root);
+        assert!(outside.join(".bits/parts").is_dir());
     }
 
     #[cfg(unix)]

@@ -1,6 +1,7 @@
 //! Where the bytes of open sessions wait, and how a finished file reaches its destination:
 //! the [`Staging`] trait and [`LocalStaging`].
 
+pub(crate) mod dir;
 mod local;
 
 use std::future::Future;
@@ -24,7 +25,14 @@ use crate::store::BoxFuture;
 ///   its length may exceed `received` after a crash but never holds gaps below it;
 /// * [`Staging::commit`] is atomic: afterwards the destination holds exactly `total` bytes of
 ///   the part, or is untouched; without `overwrite` an existing destination is never replaced;
-/// * [`Staging::discard`] is idempotent and never touches a destination.
+/// * [`Staging::discard`] is idempotent and never touches a destination;
+/// * nothing is ever created, replaced or removed outside the upload root: a destination's
+///   folders are plain names below the root (the [`Destination`] guarantees that much), but
+///   a folder on the way may be a symbolic link, or be swapped for one at any moment by
+///   someone else with access to the tree. A filesystem staging must then refuse with
+///   [`StagingError::Forbidden`] rather than follow it, atomically with each operation, not
+///   by a check beforehand. [`LocalStaging`] resolves every operation beneath a handle of the
+///   root without following links (see its docs).
 pub trait Staging: Send + Sync + 'static {
     /// The writer [`Staging::open`] returns.
     type Part: PartWriter;
@@ -126,7 +134,9 @@ pub enum StagingError {
     /// A folder on the way to the destination does not exist.
     #[error("the destination's folder does not exist")]
     ParentMissing,
-    /// The path to the destination goes through a symbolic link or a file.
+    /// The path to the destination goes through a symbolic link or a file (found when it was
+    /// checked, or when it was resolved for the commit), or a link stands where the staging
+    /// keeps its own files.
     #[error("the destination path is not allowed")]
     Forbidden,
     /// The destination cannot take the file now; try again later. A custom commit may return
@@ -158,12 +168,17 @@ pub enum StagingError {
 }
 
 impl StagingError {
-    /// The Ack for this error: 403 for an existing destination or a forbidden path, 400 for a
-    /// directory, 404 for a missing folder, 416 (resend from the reported offset) for a short
+    /// The Ack for this error: 403 for an existing destination or a forbidden path (including
+    /// an I/O error that is a refused symbolic link, `ELOOP`), 400 for a directory, 404 for a missing folder, 416 (resend from the reported offset) for a short
     /// part, 500 with the disk-full HRESULT when out of space, and a transient 500 otherwise.
     pub fn ack(&self) -> Ack {
         let (status, code) = match self {
             Self::DestinationExists | Self::Forbidden => {
+                (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
+            }
+            // A symbolic link where the server's own files are (a part, a reply): refused
+            // like one on the way to a destination.
+            Self::Io(e) if dir::is_refused_link(e) => {
                 (StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED)
             }
             Self::IsDirectory => (StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
@@ -211,23 +226,6 @@ pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
         current = e.source();
     }
     false
-}
-
-/// The sessions that have a file named `{id}{suffix}` in `dir`.
-pub(crate) async fn session_files(dir: &Path, suffix: &str) -> io::Result<Vec<SessionId>> {
-    let mut ids = Vec::new();
-    let mut entries = tokio::fs::read_dir(dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
-        let name = entry.file_name();
-        if let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(suffix))
-            .and_then(SessionId::parse)
-        {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
 }
 
 /// Creates (or truncates) a file readable and writable by the owner only.
@@ -374,6 +372,22 @@ mod tests {
         assert_eq!(
             StagingError::DestinationExists.ack().status(),
             StatusCode::FORBIDDEN
+        );
+    }
+
+    /// A symbolic link refused by a reply or part operation answers like a forbidden path.
+    #[cfg(unix)]
+    #[test]
+    fn a_refused_link_is_access_denied() {
+        let refused = StagingError::Io(rustix::io::Errno::LOOP.into()).ack();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            refused.error_code().map(|e| e.0),
+            Some(Hresult::E_ACCESSDENIED)
+        );
+        assert_eq!(
+            StagingError::Forbidden.ack().error_code().map(|e| e.0),
+            Some(Hresult::E_ACCESSDENIED)
         );
     }
 }
