@@ -690,6 +690,7 @@ async fn reclaim_empty(shared: &Shared) -> Result<bool, Failure> {
         guard.release().await;
         reclaimed?;
         tracing::info!(session = %stale.id, "server full: reclaimed a session that never received a byte");
+        shared.tombstones.ended(shared).await;
         return Ok(true);
     }
     Ok(false)
@@ -723,6 +724,7 @@ async fn take_over_abandoned(
     shared.staging.discard(holder).await?;
     save(shared, &mut stale, |r| r.end(Phase::Cancelled)).await?;
     tracing::info!(%holder, "replaced a session that never received a byte");
+    shared.tombstones.ended(shared).await;
     Ok(true)
 }
 

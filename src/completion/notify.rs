@@ -368,7 +368,8 @@ async fn receive_reply(
     result
 }
 
-/// Creates (or truncates) the reply file, readable by the owner only on unix.
+/// Creates (or truncates) the reply file, readable by the owner only on unix. A symbolic link
+/// in its place is refused, never written through.
 async fn create_reply_file(path: &Path) -> std::io::Result<File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -376,6 +377,8 @@ async fn create_reply_file(path: &Path) -> std::io::Result<File> {
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
+        // The flag's bits fit an i32 (open(2) takes an int).
+        options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
     OpenOptions::from(options).open(path).await
 }
@@ -637,6 +640,23 @@ mod tests {
         );
         assert!(!h.contains_key("bits-request-datafile-name"));
         assert!(!h.contains_key("bits-response-datafile-name"));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_in_place_of_the_reply_file_is_not_written_through() {
+        let dir = TestDir::new();
+        let (addr, _seen) = serve_recorder().await;
+        let outside = dir.path("outside.txt");
+        std::fs::write(&outside, b"keep me").expect("outside file");
+        let reply_file = dir.path("reply.bin");
+        std::os::unix::fs::symlink(&outside, &reply_file).expect("link");
+
+        let request = by_value(addr, &dir, b"data");
+        notify(&request, &timeouts(), &reply_file, 1024)
+            .await
+            .expect_err("a link in place of the reply file is refused");
+        assert_eq!(std::fs::read(&outside).expect("outside"), b"keep me");
     }
 
     #[tokio::test]
