@@ -25,8 +25,14 @@ pub enum ConfigError {
     Store(#[from] crate::store::StoreError),
     /// The default staging area could not be set up (including: not on the upload root's
     /// filesystem).
-    #[error("cannot set up the staging folder")]
-    Staging(#[source] std::io::Error),
+    #[error("cannot set up the staging folder for the upload root {}: {source}", root.display())]
+    Staging {
+        /// The upload root given to the builder.
+        root: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// `host_id` is not a bare host name or address of at most 300 characters.
     #[error("invalid host id {0:?}: expected a host name or IP address (no scheme, no port)")]
     InvalidHostId(String),
@@ -62,8 +68,14 @@ pub enum ConfigError {
     #[error("upload-reply needs a staging whose parts have local paths")]
     NoLocalPaths,
     /// The reply folder could not be created.
-    #[error("cannot create the reply folder")]
-    Replies(#[source] std::io::Error),
+    #[error("cannot create the reply folder {}: {source}", dir.display())]
+    Replies {
+        /// The reply folder.
+        dir: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// A limit or timeout is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),

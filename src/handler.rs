@@ -56,6 +56,27 @@ pub(crate) struct Shared {
     pub(crate) lifecycle: Lifecycle,
     /// When to enforce the limits on what ended sessions leave behind.
     pub(crate) tombstones: crate::retention::Tombstones,
+    /// Whether a [`Sweeper::run`](crate::Sweeper::run) has started, and whether its absence
+    /// was already logged.
+    pub(crate) sweeper_started: std::sync::atomic::AtomicBool,
+    pub(crate) sweeper_missing_logged: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Logs once, loudly, that sessions are being created while no sweeper runs: without it
+    /// nothing expires, start-up recovery did not run, events are not redelivered and deferred
+    /// commits are never retried.
+    fn warn_if_no_sweeper(&self) {
+        use std::sync::atomic::Ordering;
+        if self.sweeper_started.load(Ordering::Relaxed)
+            || self.sweeper_missing_logged.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        tracing::warn!(
+            "sessions are being created but no Sweeper runs: spawn BitsLayer::sweeper().run(),              or idle sessions never expire, start-up recovery does not run, hook events are not              redelivered and deferred commits are not retried"
+        );
+    }
 }
 
 /// Session creates admitted but not yet in the store, by owner.
@@ -388,7 +409,7 @@ where
         session = tracing::field::Empty,
     );
     if let Some(id) = packet.session_id().and_then(SessionHeader::as_str) {
-        span.record("session", id);
+        span.record("session", tracing::field::display(id));
     }
     let work = async move {
         match packet {
@@ -582,7 +603,11 @@ async fn create_session(
             return Err(error.into());
         }
         tracing::Span::current().record("session", tracing::field::display(id));
-        tracing::info!(%destination, owner = ?record.owner, "session created");
+        shared.warn_if_no_sweeper();
+        match &record.owner {
+            Some(owner) => tracing::info!(%destination, %owner, "session created"),
+            None => tracing::info!(%destination, peer = ?record.peer, "session created"),
+        }
         let id = HeaderValue::from_str(&id.to_string())
             .expect("a braced GUID is a valid header value");
         let mut ack = Ack::ok().session_id(id).protocol();

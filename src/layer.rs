@@ -313,9 +313,13 @@ impl BitsLayerBuilder {
 
     /// After how long a client that cannot reach the host id may fall back to the original
     /// host (`BITSHostIdFallbackTimeout`), sent as `BITS-Host-Id-Fallback-Timeout` with the
-    /// host id. Default: unset (the client never falls back).
+    /// host id. The header counts whole seconds, so a part of a second rounds up (the client
+    /// never falls back sooner than asked). Default: unset (the client never falls back).
     pub fn host_id_fallback_timeout(mut self, timeout: Duration) -> Self {
-        self.config.host_id_fallback_timeout = Some(timeout.as_secs());
+        // The header counts whole seconds: a part of one rounds up, so the client never falls
+        // back sooner than asked.
+        let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        self.config.host_id_fallback_timeout = Some(secs);
         self
     }
 
@@ -435,7 +439,10 @@ impl BitsLayerBuilder {
             Some(staging) => staging,
             None => Box::new(
                 LocalStaging::new(&self.root)
-                    .map_err(ConfigError::Staging)?
+                    .map_err(|source| ConfigError::Staging {
+                        root: self.root.clone(),
+                        source,
+                    })?
                     .create_directories(config.create_directories)
                     .sync_data(config.sync_data)
                     .sync_on_commit(config.sync_on_commit || config.sync_data),
@@ -450,7 +457,8 @@ impl BitsLayerBuilder {
                 let dir = self
                     .replies_dir
                     .unwrap_or_else(|| self.root.join(".bits").join("replies"));
-                let replies = Replies::open(&self.root, dir).map_err(ConfigError::Replies)?;
+                let replies = Replies::open(&self.root, dir.clone())
+                    .map_err(|source| ConfigError::Replies { dir, source })?;
                 Some(ReplyMode { handler, replies })
             }
             None => None,
@@ -481,6 +489,8 @@ impl BitsLayerBuilder {
                 deferred_changed: tokio::sync::watch::channel(0).0,
                 lifecycle: Default::default(),
                 tombstones: Default::default(),
+                sweeper_started: Default::default(),
+                sweeper_missing_logged: Default::default(),
             }),
         })
     }
@@ -523,5 +533,43 @@ mod tests {
             .unwrap();
         }
         build(|b| b.notification(Notification::by_value("http://127.0.0.1:9000/notify"))).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod first_hour {
+    use super::*;
+
+    #[test]
+    fn a_fallback_timeout_with_a_part_of_a_second_rounds_up() {
+        let seconds = |d| {
+            BitsLayer::builder("unused")
+                .host_id_fallback_timeout(d)
+                .config
+                .host_id_fallback_timeout
+        };
+        assert_eq!(seconds(Duration::from_millis(1500)), Some(2));
+        assert_eq!(seconds(Duration::from_millis(1)), Some(1));
+        assert_eq!(seconds(Duration::from_secs(60)), Some(60));
+        assert_eq!(seconds(Duration::ZERO), Some(0));
+    }
+
+    #[test]
+    fn an_uncreatable_root_is_named_in_the_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"not a folder").expect("file");
+        let root = file.join("uploads");
+        let error = BitsLayer::builder(&root)
+            .build()
+            .expect_err("a root under a file");
+        let text = error.to_string();
+        assert!(text.contains(&root.display().to_string()), "{text}");
+        assert!(format!("{error:?}").contains("uploads"), "{error:?}");
+    }
+
+    #[test]
+    fn owners_display_as_their_name() {
+        assert_eq!(crate::Owner::new("alice").to_string(), "alice");
     }
 }

@@ -96,6 +96,9 @@ impl Sweeper {
     /// sweeps now and every `sweep_interval` and makes the attempts of deferred commits when
     /// they are due, until the layer is shut down. Errors are logged, not fatal.
     pub async fn run(self) {
+        self.shared
+            .sweeper_started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let stopping = self.shared.lifecycle.stopping();
         tokio::select! {
             () = self.run_until_stopped() => {}
