@@ -781,11 +781,13 @@ async fn the_session_follows_the_host_id() {
 #[tokio::test]
 async fn a_session_the_server_forgot_starts_over_from_zero() {
     within(async {
-        // Sessions expire after 1 ms idle, but only when the sweeper runs: it runs just
-        // before the third Fragment reaches the layer, so the server has forgotten the
-        // session (and deleted its data) when that Fragment arrives.
+        // Sessions expire after 500 ms idle: the sweeper runs, once they have, just before
+        // the third Fragment reaches the layer, so the server has forgotten the session (and
+        // deleted its data) when that Fragment arrives.
         let server = Server::start_with(
-            |b| b.session_timeout(Duration::from_millis(1)),
+            // Long enough that the packets before the third never find their session expired
+            // (a packet past the timeout finds it gone, whatever the sweeper does).
+            |b| b.session_timeout(Duration::from_millis(500)),
             |layer| {
                 let sweeper = layer.sweeper();
                 let fragments = Arc::new(Mutex::new(0));
@@ -798,9 +800,9 @@ async fn a_session_the_server_forgot_starts_over_from_zero() {
                             *n
                         };
                         if packet.kind == "Fragment" && n == 3 {
-                            // Until the millisecond clock has moved past the timeout.
+                            // Until the clock has moved past the timeout.
                             while sweeper.sweep().await.expect("sweep").expired == 0 {
-                                tokio::time::sleep(Duration::from_millis(1)).await;
+                                tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                         }
                     })

@@ -1286,13 +1286,14 @@ async fn idle_sessions_expire() {
 
 #[tokio::test]
 async fn expiry_keeps_a_committed_file() {
-    let server = TestServer::start(|b| b.session_timeout(Duration::from_millis(100))).await;
+    // Long enough that the fragments never find their session expired on a slow machine.
+    let server = TestServer::start(|b| b.session_timeout(Duration::from_millis(300))).await;
     let client = server.client();
     let sid = client.create_ok("/kept.bin").await;
     let bytes = data(5000, 14);
     client.send_all("/kept.bin", &sid, &bytes, 4096).await;
     // No Close-Session ever arrives (the client crashed after the final Ack).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let report = server.layer.sweeper().sweep().await.unwrap();
     assert_eq!(report.expired, 1, "{report:?}");
     assert_bytes(read(&server.root, "kept.bin"), &bytes, "file after expiry");
