@@ -36,11 +36,11 @@ fn tombstone_retention(shared: &Shared) -> std::time::Duration {
     config.tombstone_retention.min(config.session_timeout)
 }
 
-/// The oldest `updated_ms` a record may have and still be kept, for the shortest of the two
-/// keeping times: what the sweeper lists.
+/// The oldest `updated_ms` a record may have and still be kept, for the shorter of the two
+/// keeping times (the tombstone retention, which is never longer than the session timeout):
+/// what the sweeper lists.
 pub(crate) fn sweep_cutoff(shared: &Shared, now: u64) -> u64 {
-    let shortest = tombstone_retention(shared).min(shared.config.session_timeout);
-    now.saturating_sub(handler::duration_ms(shortest))
+    now.saturating_sub(handler::duration_ms(tombstone_retention(shared)))
 }
 
 /// What forgetting a due record did.
