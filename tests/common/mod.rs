@@ -72,9 +72,7 @@ impl TestServer {
 
     /// Serves an arbitrary app (the caller applies `layer` where it wants).
     pub async fn serve(root: &Path, layer: BitsLayer, app: Router) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = listen();
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -511,4 +509,16 @@ impl RawConn {
     pub fn into_inner(self) -> TcpStream {
         self.stream
     }
+}
+
+/// A listener on an ephemeral 127.0.0.1 port with a backlog of 4,096 (tokio's `bind` asks for
+/// 1,024): the tests that open a thousand connections at once must not see the kernel's
+/// queue of not-yet-accepted connections overflow (it then drops, or with SYN cookies
+/// resets, connections the server never saw), which says nothing about the server.
+pub fn listen() -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    socket.listen(4096).expect("listen")
 }
