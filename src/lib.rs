@@ -85,6 +85,7 @@ mod config;
 mod deferred;
 pub mod destination;
 mod file_body;
+mod fs;
 mod future;
 mod handler;
 pub mod hooks;

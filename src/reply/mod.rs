@@ -57,9 +57,7 @@ impl Replies {
         f: impl FnOnce(&Dir) -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
         let handle = self.handle.clone();
-        tokio::task::spawn_blocking(move || f(&handle))
-            .await
-            .map_err(io::Error::other)?
+        crate::fs::blocking(move || f(&handle)).await
     }
 
     /// Stores `reply` as the session's reply file (a static URL stores nothing).

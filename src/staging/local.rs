@@ -206,9 +206,7 @@ fn part_name(id: SessionId) -> String {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StagingError> + Send + 'static,
 ) -> Result<T, StagingError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StagingError::Io(io::Error::other(e)))?
+    crate::fs::blocking(f).await
 }
 
 /// An I/O error on a part: a symbolic link in its place is refused.

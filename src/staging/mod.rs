@@ -6,7 +6,7 @@ mod local;
 
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -186,7 +186,7 @@ impl StagingError {
             Self::PartShort { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, Hresult::S_OK),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, Hresult::FILE_EXISTS),
             Self::ParentMissing => (StatusCode::NOT_FOUND, Hresult::PATH_NOT_FOUND),
-            Self::Io(e) if is_disk_full(e) => {
+            Self::Io(e) if crate::fs::is_disk_full(e) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, Hresult::DISK_FULL)
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
@@ -207,44 +207,6 @@ impl StagingError {
             Self::Io(_) | Self::PartMissing | Self::PartShort { .. } | Self::Incomplete { .. }
         )
     }
-}
-
-/// Whether an error (or its source chain) is "no space left" or "quota exceeded".
-pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            // ENOSPC and EDQUOT on Linux; ERROR_DISK_FULL and ERROR_HANDLE_DISK_FULL on Windows.
-            if io.kind() == io::ErrorKind::StorageFull
-                || io.kind() == io::ErrorKind::QuotaExceeded
-                || matches!(io.raw_os_error(), Some(28 | 122) if cfg!(unix))
-                || matches!(io.raw_os_error(), Some(39 | 112) if cfg!(windows))
-            {
-                return true;
-            }
-        }
-        current = e.source();
-    }
-    false
-}
-
-/// Creates (or truncates) a file readable and writable by the owner only.
-pub(crate) fn private_file(path: &Path) -> io::Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
-}
-
-/// Fsyncs a directory so a rename or link in it is durable. A no-op where directories cannot
-/// be opened (Windows).
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 /// Object-safe mirror of [`Staging`].
@@ -356,11 +318,6 @@ mod tests {
     #[test]
     fn disk_full_detection() {
         let full = io::Error::from_raw_os_error(if cfg!(unix) { 28 } else { 112 });
-        assert!(is_disk_full(&full));
-        assert!(!is_disk_full(&io::Error::other("x")));
-        let wrapped =
-            crate::store::StoreError::backend(io::Error::from(io::ErrorKind::StorageFull));
-        assert!(is_disk_full(&wrapped));
         assert_eq!(
             StagingError::Io(full).ack().error_code().map(|e| e.0),
             Some(Hresult::DISK_FULL)

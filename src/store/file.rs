@@ -215,7 +215,7 @@ impl SessionStore for FileStore {
                     Err(e) => return Err(e),
                 }
             }
-            crate::staging::sync_dir(&dir)
+            crate::fs::sync_dir(&dir)
         })
         .await
     }
@@ -225,10 +225,7 @@ async fn blocking<F>(f: F) -> Result<(), StoreError>
 where
     F: FnOnce() -> io::Result<()> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(StoreError::backend)?
-        .map_err(StoreError::backend)
+    crate::fs::blocking(f).await.map_err(StoreError::backend)
 }
 
 fn read_record(path: &Path) -> io::Result<SessionRecord> {
@@ -290,7 +287,7 @@ fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()>
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let written = (|| {
-        let mut file = crate::staging::private_file(&tmp)?;
+        let mut file = crate::fs::private_file(&tmp)?;
         file.write_all(contents)?;
         if fsync {
             file.sync_all()?;
@@ -305,7 +302,7 @@ fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()>
     }
     if fsync {
         if let Some(dir) = path.parent() {
-            crate::staging::sync_dir(dir)?;
+            crate::fs::sync_dir(dir)?;
         }
     }
     Ok(())

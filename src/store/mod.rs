@@ -338,7 +338,7 @@ impl StoreError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Hresult::BG_E_SESSION_NOT_FOUND,
             ),
-            Self::Backend(e) if crate::staging::is_disk_full(e.as_ref()) => {
+            Self::Backend(e) if crate::fs::is_disk_full(e.as_ref()) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, Hresult::DISK_FULL)
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
