@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use bytes::Buf;
 use http_body::{Body, Frame};
 
+use crate::BoxError;
 use crate::staging::{DynPart, StagingError};
 
 /// Why a body did not deliver exactly the announced bytes.
@@ -22,7 +23,7 @@ pub(crate) enum BodyError {
     #[error("the server is shutting down")]
     Interrupted,
     #[error("reading the body failed (client gone?)")]
-    Client(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Client(#[source] crate::BoxError),
     #[error("the body is longer than its Content-Range")]
     TooLong,
     #[error("the body ended {missing} bytes early")]
@@ -30,8 +31,6 @@ pub(crate) enum BodyError {
     #[error(transparent)]
     Staging(#[from] StagingError),
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How fast a body must arrive: no pause longer than `idle`, and on average at least
 /// `min_rate` bytes a second once `grace` has passed since the body started. The average rule

@@ -81,6 +81,16 @@ pub enum ConfigError {
     Zero(&'static str),
 }
 
+impl From<crate::completion::UrlError> for ConfigError {
+    fn from(error: crate::completion::UrlError) -> Self {
+        use crate::completion::UrlError;
+        match error {
+            UrlError::Invalid { url, reason } => Self::InvalidNotificationUrl { url, reason },
+            UrlError::Relative(url) => Self::RelativeNotificationUrl(url),
+        }
+    }
+}
+
 /// Smallest fragment the Windows client sends after shrinking on 413.
 pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
 

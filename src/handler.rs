@@ -145,7 +145,7 @@ impl Shared {
     pub(crate) fn queue(&self, record: &mut SessionRecord, kind: EventKind) {
         if self.hooks.is_some() {
             let event = Event::new(record, kind, now_ms());
-            hooks::enqueue(record, event);
+            crate::session::enqueue(record, event);
         }
     }
 
@@ -283,7 +283,7 @@ pub(crate) async fn handle<B>(shared: Arc<Shared>, request: Request<B>) -> Ack
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let (parts, body) = request.into_parts();
     // A client that waits for "100 Continue" has sent no body yet; reading it would ask for
@@ -321,7 +321,7 @@ fn linger<B>(shared: &Arc<Shared>, body: B, is_fragment: bool)
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -379,7 +379,7 @@ async fn dispatch<B>(shared: &Shared, parts: Parts, body: &mut Option<B>) -> Ack
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let packet = match Packet::parse(&parts) {
         Ok(packet) => packet,
@@ -761,7 +761,7 @@ async fn handle_fragment<B>(
 ) -> Ack
 where
     B: Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let mut received = None;
     let result = write_fragment(shared, &fragment, owner, body, &mut received).await;
@@ -783,7 +783,7 @@ async fn write_fragment<B>(
 ) -> Result<Ack, Failure>
 where
     B: Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let (guard, mut record) = open_session(shared, &fragment.session_id, owner).await?;
     let result = fragment_locked(shared, fragment, &mut record, body, received).await;
@@ -801,7 +801,7 @@ async fn fragment_locked<B>(
 ) -> Result<Ack, Failure>
 where
     B: Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let config = &shared.config;
     *received = Some(record.received);
@@ -1021,7 +1021,7 @@ async fn store_fragment<B>(
 ) -> Result<(), Failure>
 where
     B: Body + Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let mut part = match shared.staging.open(record.id, write.offset).await {
         Err(StagingError::PartShort { held }) => {

@@ -117,6 +117,14 @@ pub use session::{Owner, PeerAddr, SessionId};
 pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
 pub use sweeper::{SweepReport, Sweeper};
 
+/// A type-erased error, as tower and axum use it: what a store backend, a hook or the
+/// application's completion handler may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed future, for the object-safe forms of the crate's async traits.
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The Redis client the [`RedisStore`](store::RedisStore) uses, re-exported so that your
 /// versions agree.
 #[cfg(feature = "redis")]

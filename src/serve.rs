@@ -97,7 +97,7 @@ impl<S> Serve<S> {
         S::Future: Send + 'static,
         B: Body + Send + 'static,
         B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B::Error: Into<crate::BoxError>,
     {
         let Self {
             listener,

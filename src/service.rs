@@ -83,7 +83,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ReqBody::Error: Into<crate::BoxError>,
     ResBody: Body,
     ResBody::Data: From<bytes::Bytes>,
 {

@@ -24,7 +24,6 @@
 //! ```
 
 mod notification;
-mod notify;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -33,12 +32,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 
-pub(crate) use notification::MAX_URL_LEN;
+pub(crate) use notification::{MAX_URL_LEN, UrlError};
 pub use notification::{Notification, NotificationType};
 
+use crate::BoxFuture;
 use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::session::{Owner, SessionId};
-use crate::store::BoxFuture;
 
 /// An upload whose last byte has arrived, as a [`CompletionHandler`] sees it.
 #[derive(Debug, Clone)]
@@ -119,7 +118,7 @@ pub enum CompletionError {
     /// The application cannot take the upload now (it answered 503, cannot be reached, or
     /// says "not now"). Handled by the [`CompletionPolicy`].
     #[error("the application is busy")]
-    Busy(#[source] Option<Box<dyn std::error::Error + Send + Sync>>),
+    Busy(#[source] Option<crate::BoxError>),
     /// The application refused with this HTTP status. The status is relayed to the client
     /// with `BITS-Error-Code: 0x8019xxxx` (`BG_E_HTTP_ERROR_<status>`) and context `0x7`;
     /// the Windows client gives up on 4xx (except 408 and 409), 501 and 505, and retries the
@@ -135,12 +134,12 @@ pub enum CompletionError {
     InvalidAnswer(String),
     /// Anything else: a transient 500, context `0x7`.
     #[error("the completion handler failed")]
-    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Failed(#[source] crate::BoxError),
 }
 
 impl CompletionError {
     /// A [`CompletionError::Failed`] wrapping `error`.
-    pub fn failed(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn failed(error: impl Into<crate::BoxError>) -> Self {
         Self::Failed(error.into())
     }
 

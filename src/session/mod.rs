@@ -1,12 +1,16 @@
 //! Sessions: ids, the record a [`SessionStore`](crate::store::SessionStore) keeps, and the pure
 //! transition function in [`machine`].
 
+mod event;
 pub mod machine;
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+pub(crate) use event::enqueue;
+pub use event::{CancelReason, Event, EventKind};
 
 /// A session id: a random (v4) GUID, braced and upper-case as IIS sends it, e.g.
 /// `{A0FF5911-4144-45B3-BF27-27AFC8EC8A67}`.
@@ -169,7 +173,7 @@ pub struct SessionRecord {
     pub deferred: Option<DeferredState>,
     /// Events not yet delivered to the hooks (at-least-once delivery survives a restart).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub outbox: Vec<crate::hooks::Event>,
+    pub outbox: Vec<Event>,
     /// The client's address, for an anonymous session (no `owner`) whose request carried one
     /// ([`PeerAddr`] or axum's `ConnectInfo`): the per-peer limits count by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

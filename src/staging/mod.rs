@@ -13,10 +13,10 @@ use http::StatusCode;
 
 pub use local::LocalStaging;
 
+use crate::BoxFuture;
 use crate::destination::Destination;
 use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::session::SessionId;
-use crate::store::BoxFuture;
 
 /// Keeps one part file per open session and commits it to its destination.
 ///
@@ -143,7 +143,7 @@ pub enum StagingError {
     /// it ("not now"); the [`CompletionPolicy`](crate::CompletionPolicy) decides what the
     /// client is told.
     #[error("the destination is busy")]
-    Busy(#[source] Option<Box<dyn std::error::Error + Send + Sync>>),
+    Busy(#[source] Option<crate::BoxError>),
     /// The session's part is gone.
     #[error("the session's staged data is missing")]
     PartMissing,

@@ -75,9 +75,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{SessionStore, StoreError};
-use crate::hooks::{self, Event, EventKind};
 use crate::session::{
-    DeferredState, DeferredStatus, Outcome, Owner, Phase, SessionId, SessionRecord, StoredReply,
+    DeferredState, DeferredStatus, Event, EventKind, Outcome, Owner, Phase, SessionId,
+    SessionRecord, StoredReply,
 };
 
 /// How many tasks race in the concurrent checks.
@@ -170,7 +170,7 @@ pub async fn round_trip(store: &impl SessionStore) {
         next_attempt_ms: 1_700_000_002_000,
         last_error: Some("destination busy".into()),
     });
-    hooks::enqueue(
+    crate::session::enqueue(
         &mut next,
         Event::new(
             &record,

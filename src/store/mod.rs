@@ -319,12 +319,12 @@ pub enum StoreError {
     NotFound,
     /// The backend failed (I/O, connection, serialization).
     #[error("session store backend failed")]
-    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Backend(#[source] crate::BoxError),
 }
 
 impl StoreError {
     /// Wraps a backend error.
-    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn backend(error: impl Into<crate::BoxError>) -> Self {
         Self::Backend(error.into())
     }
 
@@ -377,7 +377,7 @@ pub(crate) trait DynStore: Send + Sync {
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
-pub(crate) type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) use crate::BoxFuture;
 
 impl<T: SessionStore> DynStore for T {
     fn create<'a>(&'a self, record: &'a SessionRecord) -> BoxFuture<'a, Result<(), StoreError>> {

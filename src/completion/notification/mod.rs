@@ -6,9 +6,11 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{StatusCode, Uri};
 
-use super::notify::{self, AppReply, NotifyBody, NotifyError, NotifyRequest, TimeoutPhase};
+mod exchange;
+
+use exchange::{AppReply, NotifyBody, NotifyError, NotifyRequest, TimeoutPhase};
+
 use super::{CompletedUpload, Completion, CompletionError, CompletionHandler, Reply};
-use crate::config::ConfigError;
 
 /// How the application receives the upload (`BITSServerNotificationType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +69,7 @@ pub(crate) const MAX_URL_LEN: usize = 2200;
 pub struct Notification {
     kind: NotificationType,
     url: String,
-    timeouts: notify::Timeouts,
+    timeouts: exchange::Timeouts,
     max_reply_size: u64,
     /// `url` made absolute, when the layer is built.
     base: Option<Uri>,
@@ -82,7 +84,7 @@ impl Notification {
         Self {
             kind,
             url: url.into(),
-            timeouts: notify::Timeouts {
+            timeouts: exchange::Timeouts {
                 connect: Duration::from_secs(30),
                 send: Duration::from_secs(120),
                 receive: Duration::from_secs(120),
@@ -145,16 +147,31 @@ impl Notification {
     }
 
     /// Checks the URL and makes it absolute, against `public_origin` if it is relative.
-    pub(crate) fn resolve(&mut self, public_origin: Option<&str>) -> Result<(), ConfigError> {
+    pub(crate) fn resolve(&mut self, public_origin: Option<&str>) -> Result<(), UrlError> {
         self.base = Some(base_url(&self.url, public_origin)?);
         Ok(())
     }
 }
 
+/// Why a notification URL cannot be used; the builder reports it as a
+/// [`ConfigError`](crate::ConfigError).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UrlError {
+    /// Not an `http://` URL or a relative path of at most 2,200 characters.
+    #[error("invalid notification URL {url:?}: {reason}")]
+    Invalid { url: String, reason: String },
+    /// Relative, and no origin was configured to resolve it against.
+    #[error(
+        "relative notification URL {0:?} needs an origin to resolve against: set public_origin \
+         to the http://host[:port] clients reach this server at, or give an absolute http:// URL"
+    )]
+    Relative(String),
+}
+
 /// The absolute URL notifications go to: `url` if it is absolute, else `url` on the root of
 /// `origin`, an origin the operator configured (never one from a request).
-pub(crate) fn base_url(url: &str, origin: Option<&str>) -> Result<Uri, ConfigError> {
-    let invalid = |reason: String| ConfigError::InvalidNotificationUrl {
+pub(crate) fn base_url(url: &str, origin: Option<&str>) -> Result<Uri, UrlError> {
+    let invalid = |reason: String| UrlError::Invalid {
         url: url.to_owned(),
         reason,
     };
@@ -179,7 +196,7 @@ pub(crate) fn base_url(url: &str, origin: Option<&str>) -> Result<Uri, ConfigErr
             "a URL starting with // names a host: write it as an absolute http:// URL".into(),
         ));
     }
-    let origin = origin.ok_or_else(|| ConfigError::RelativeNotificationUrl(url.to_owned()))?;
+    let origin = origin.ok_or_else(|| UrlError::Relative(url.to_owned()))?;
     if !origin.starts_with("http://") {
         return Err(invalid(format!(
             "it is relative to public_origin {origin:?}, but notifications are sent over \
@@ -254,7 +271,7 @@ impl CompletionHandler for Notification {
             original_url: upload.url.clone(),
             body,
         };
-        let answer = notify::notify(
+        let answer = exchange::notify(
             &request,
             &self.timeouts,
             &upload.reply_path,
@@ -285,7 +302,7 @@ impl CompletionHandler for Notification {
 mod tests {
     use super::*;
 
-    fn base(url: &str, origin: Option<&str>) -> Result<String, ConfigError> {
+    fn base(url: &str, origin: Option<&str>) -> Result<String, UrlError> {
         base_url(url, origin).map(|uri| uri.to_string())
     }
 
@@ -324,13 +341,13 @@ mod tests {
         }
         let error = base_url("/notify", None).unwrap_err();
         assert!(
-            matches!(&error, ConfigError::RelativeNotificationUrl(url) if url == "/notify"),
+            matches!(&error, UrlError::Relative(url) if url == "/notify"),
             "{error:?}"
         );
         assert!(error.to_string().contains("public_origin"), "{error}");
         // Notifications are http only: an https origin cannot resolve a relative URL.
         let error = base_url("/notify", Some("https://files.example.com")).unwrap_err();
-        assert!(matches!(error, ConfigError::InvalidNotificationUrl { .. }));
+        assert!(matches!(error, UrlError::Invalid { .. }));
         assert!(error.to_string().contains("absolute http://"), "{error}");
     }
 
@@ -351,7 +368,7 @@ mod tests {
             assert!(
                 matches!(
                     base_url(bad, Some("http://h")),
-                    Err(ConfigError::InvalidNotificationUrl { .. })
+                    Err(UrlError::Invalid { .. })
                 ),
                 "{bad}"
             );

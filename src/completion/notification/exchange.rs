@@ -318,7 +318,7 @@ fn path_header_value(path: &Path) -> Result<HeaderValue, NotifyError> {
 fn static_response_url(value: &HeaderValue) -> Result<String, NotifyError> {
     let invalid = || NotifyError::Malformed("invalid BITS-Static-Response-URL".to_owned());
     let text = value.to_str().map_err(|_| invalid())?.trim();
-    if super::is_absolute_http_url(text) {
+    if crate::completion::is_absolute_http_url(text) {
         Ok(text.to_owned())
     } else {
         Err(invalid())
