@@ -163,8 +163,8 @@ impl Default for Config {
 
 impl Config {
     /// How fast a fragment body must arrive.
-    pub(crate) fn pace(&self) -> crate::body::Pace {
-        crate::body::Pace {
+    pub(crate) fn pace(&self) -> crate::request_body::Pace {
+        crate::request_body::Pace {
             idle: self.body_idle_timeout,
             min_rate: self.min_body_rate,
             grace: self.body_rate_grace,

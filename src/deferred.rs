@@ -8,10 +8,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::handler::{self, Shared, duration_ms};
-use crate::hooks::{CancelReason, EventKind};
-use crate::lease::LockError;
-use crate::session::{DeferredStatus, SessionId, SessionRecord, now_ms};
+use crate::session::{
+    CancelReason, DeferredStatus, EventKind, SessionId, SessionRecord, duration_ms, now_ms,
+};
+use crate::session_lock::LockError;
+use crate::shared::Shared;
 use crate::store::StoreError;
 
 /// One deferred commit.
@@ -100,31 +101,32 @@ impl DeferredCompletions {
     /// was one to cancel.
     pub async fn cancel(&self, id: SessionId) -> Result<bool, StoreError> {
         let shared = &self.shared;
-        let _guard = shared.locks.lock(id).await.map_err(|error| match error {
+        let session = shared.lock_session(id).await.map_err(|error| match error {
             // Another node is working on the session: let the caller try again.
             LockError::Busy => StoreError::Conflict,
             LockError::Store(error) => error,
         })?;
-        let Some(mut record) = shared.store.load(id).await? else {
+        let Some(mut session) = session else {
             return Ok(false);
         };
-        if !record.is_deferred() {
+        if !session.record.is_deferred() {
             return Ok(false);
         }
-        handler::amend(shared, &mut record, |r| {
-            if let Some(state) = r.deferred.as_mut() {
-                state.status = DeferredStatus::Cancelled;
-            }
-            let reason = CancelReason::DeferredCancelled;
-            shared.queue(r, EventKind::Cancelled { reason });
-        })
-        .await?;
-        if record.is_open() {
+        session
+            .amend(|r| {
+                if let Some(state) = r.deferred.as_mut() {
+                    state.status = DeferredStatus::Cancelled;
+                }
+                let reason = CancelReason::DeferredCancelled;
+                shared.queue(r, EventKind::Cancelled { reason });
+            })
+            .await?;
+        if session.record.is_open() {
             // The client has not closed yet: Close-Session will clean up; nothing to commit.
         } else if let Err(error) = shared.staging.discard(id).await {
             tracing::warn!(session = %id, %error, "cannot delete the staged file of a cancelled deferred commit; it goes at expiry");
         }
-        shared.deliver(&mut record).await;
+        session.deliver().await;
         shared.deferred_touched();
         tracing::info!(session = %id, "deferred commit cancelled");
         Ok(true)
@@ -150,14 +152,14 @@ impl DeferredCompletions {
 /// Attempts the deferred commit of `id` if it is due. Returns when its next attempt is due if
 /// it is still pending.
 async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreError> {
-    let Some(_guard) = shared.locks.try_lock(id).await? else {
+    let Some(guard) = shared.locks.try_lock(id).await? else {
         // A packet for the session is running; come back soon.
         return Ok(Some(now_ms() + 1_000));
     };
-    let Some(mut record) = shared.store.load(id).await? else {
+    let Some(mut session) = shared.load_locked(guard, id).await? else {
         return Ok(None);
     };
-    let Some(state) = record.deferred.clone() else {
+    let Some(state) = session.record.deferred.clone() else {
         return Ok(None);
     };
     if state.status != DeferredStatus::Pending {
@@ -170,7 +172,7 @@ async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreErr
         crate::CompletionPolicy::Defer(backoff) => backoff,
         _ => crate::completion::Backoff::default(),
     };
-    let result = handler::commit(shared, &mut record).await;
+    let result = session.commit().await;
     let attempts = state.attempts.saturating_add(1);
     let give_up = result.is_err() && attempts >= backoff.attempts;
     let due = now_ms().saturating_add(duration_ms(backoff.delay(attempts)));
@@ -181,30 +183,31 @@ async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreErr
         }
         Err(error) => tracing::info!(session = %id, attempts, %error, "deferred commit still busy"),
     }
-    handler::amend(shared, &mut record, |r| {
-        if let Some(d) = r.deferred.as_mut() {
-            d.attempts = attempts;
-            d.next_attempt_ms = due;
-            d.last_error = result.as_ref().err().map(ToString::to_string);
-            d.status = match (&result, give_up) {
-                (Ok(()), _) => DeferredStatus::Completed,
-                (Err(_), true) => DeferredStatus::Failed,
-                (Err(_), false) => DeferredStatus::Pending,
-            };
-        }
-        if give_up {
-            let reason = CancelReason::DeferredFailed;
-            shared.queue(r, EventKind::Cancelled { reason });
-        }
-    })
-    .await?;
-    if result.is_ok() && !record.is_open() {
+    session
+        .amend(|r| {
+            if let Some(d) = r.deferred.as_mut() {
+                d.attempts = attempts;
+                d.next_attempt_ms = due;
+                d.last_error = result.as_ref().err().map(ToString::to_string);
+                d.status = match (&result, give_up) {
+                    (Ok(()), _) => DeferredStatus::Completed,
+                    (Err(_), true) => DeferredStatus::Failed,
+                    (Err(_), false) => DeferredStatus::Pending,
+                };
+            }
+            if give_up {
+                let reason = CancelReason::DeferredFailed;
+                shared.queue(r, EventKind::Cancelled { reason });
+            }
+        })
+        .await?;
+    if result.is_ok() && !session.record.is_open() {
         // Closed meanwhile: nobody else will delete what is left of the part.
         if let Err(error) = shared.staging.discard(id).await {
             tracing::warn!(session = %id, %error, "cannot delete staged data after a deferred commit");
         }
     }
-    shared.deliver(&mut record).await;
+    session.deliver().await;
     shared.deferred_touched();
     Ok((result.is_err() && !give_up).then_some(due))
 }

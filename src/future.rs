@@ -11,9 +11,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::BoxFuture;
+use crate::download::Download;
 use crate::file_body::FileBody;
 use crate::protocol::{Ack, ErrorContext, Hresult};
-use crate::reply::Download;
 
 /// What the layer answers a request it handles: an Ack for `BITS_POST`, or a reply download.
 pub(crate) enum Answer {

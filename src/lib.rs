@@ -77,30 +77,33 @@
 
 #![warn(clippy::unwrap_used)]
 
-mod body;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod completion;
 mod config;
 mod deferred;
 pub mod destination;
+mod download;
 mod file_body;
 mod fs;
 mod future;
+mod handle;
 mod handler;
 pub mod hooks;
+mod keyed_lock;
 mod layer;
-mod lease;
-mod lock;
+mod lifecycle;
 pub mod protocol;
 pub mod recovery;
-mod reply;
+mod replies;
+mod request_body;
 mod retention;
 #[cfg(feature = "serve")]
 mod serve;
 mod service;
 pub mod session;
-mod shutdown;
+mod session_lock;
+mod shared;
 pub mod staging;
 pub mod store;
 mod sweeper;
@@ -109,12 +112,13 @@ pub use completion::{CompletionPolicy, Notification};
 pub use config::{CommitPoint, ConfigError};
 pub use deferred::{DeferredCompletion, DeferredCompletions};
 pub use future::{ResponseBody, ResponseFuture};
+pub use handle::{BitsHandle, DisableReport};
 pub use layer::{BitsLayer, BitsLayerBuilder};
+pub use lifecycle::ShutdownReport;
 #[cfg(feature = "serve")]
 pub use serve::{Serve, serve};
 pub use service::BitsService;
 pub use session::{Owner, PeerAddr, SessionId};
-pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
 pub use sweeper::{SweepReport, Sweeper};
 
 /// A type-erased error, as tower and axum use it: what a store backend, a hook or the

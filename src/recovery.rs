@@ -9,10 +9,9 @@
 
 use std::collections::HashMap;
 
-use crate::handler::{self, Shared};
-use crate::hooks::EventKind;
 use crate::session::machine::needs_commit;
-use crate::session::{DeferredStatus, Phase, SessionId, SessionRecord};
+use crate::session::{DeferredStatus, EventKind, Phase, SessionId, SessionRecord};
+use crate::shared::{LockedSession, Shared};
 use crate::staging::StagingError;
 use crate::store::StoreError;
 
@@ -77,11 +76,11 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     report.sessions = records.len();
 
     for id in parts {
-        let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+        let Some(guard) = shared.locks.lock_or_skip(id).await? else {
             continue;
         };
-        let keep = match shared.store.load(id).await? {
-            Some(record) => record.is_open() || record.is_deferred(),
+        let keep = match shared.load_locked(guard, id).await? {
+            Some(session) => session.record.is_open() || session.record.is_deferred(),
             None => false,
         };
         if !keep {
@@ -91,14 +90,13 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     }
     if let Some(mode) = &shared.reply {
         for id in replies {
-            let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+            let Some(guard) = shared.locks.lock_or_skip(id).await? else {
                 continue;
             };
             let keep = shared
-                .store
-                .load(id)
+                .load_locked(guard, id)
                 .await?
-                .is_some_and(|r| r.is_open() && r.outcome.is_some());
+                .is_some_and(|s| s.record.is_open() && s.record.outcome.is_some());
             if !keep {
                 mode.replies.remove(id).await.map_err(StagingError::Io)?;
                 report.orphan_replies += 1;
@@ -106,13 +104,10 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
         }
     }
     for id in records.into_keys() {
-        let Some(_guard) = shared.locks.lock_or_skip(id).await? else {
+        let Some(mut session) = shared.lock_session_or_skip(id).await? else {
             continue;
         };
-        let Some(mut record) = shared.store.load(id).await? else {
-            continue;
-        };
-        repair(shared, &mut record, &mut report).await?;
+        repair(&mut session, &mut report).await?;
     }
     tracing::info!(
         sessions = report.sessions,
@@ -128,10 +123,11 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
 
 /// Brings one session's record and part into agreement. Runs under the session's lock.
 async fn repair(
-    shared: &Shared,
-    record: &mut SessionRecord,
+    session: &mut LockedSession<'_>,
     report: &mut RecoveryReport,
 ) -> Result<(), RecoveryError> {
+    let shared = session.shared();
+    let record = &session.record;
     let reply_mode = shared.reply.is_some();
     let commit_pending = needs_commit(record, reply_mode) || record.is_deferred();
     // Which bytes the session still needs from its part.
@@ -148,21 +144,23 @@ async fn repair(
     if commit_pending && record.phase == Phase::Complete && committed(shared, record).await? {
         let deferred = record.is_deferred();
         let total = record.total.unwrap_or(record.received);
-        handler::amend(shared, record, |r| {
-            r.committed = true;
-            if let Some(state) = r.deferred.as_mut() {
-                state.status = DeferredStatus::Completed;
-            }
-            let kind = EventKind::Completed {
-                size: total,
-                committed: true,
-            };
-            shared.queue(r, kind);
-        })
-        .await?;
+        session
+            .amend(|r| {
+                r.committed = true;
+                if let Some(state) = r.deferred.as_mut() {
+                    state.status = DeferredStatus::Completed;
+                }
+                let kind = EventKind::Completed {
+                    size: total,
+                    committed: true,
+                };
+                shared.queue(r, kind);
+            })
+            .await?;
         if deferred {
             shared.deferred_touched();
         }
+        let record = &session.record;
         tracing::info!(session = %record.id, destination = %record.destination, "an interrupted commit had finished; recorded");
         report.commits_completed += 1;
         return Ok(());
@@ -171,13 +169,13 @@ async fn repair(
         Some(len) if len >= needed => {}
         Some(len) => {
             tracing::warn!(session = %record.id, recorded = needed, held = len, "staged data is shorter than the record; rewound");
-            rewind(shared, record, len).await?;
+            session.amend(|r| r.rewind(len)).await?;
             report.offsets_rewound += 1;
         }
         None => {
             tracing::warn!(session = %record.id, recorded = needed, "staged data is missing; the session restarts from byte 0");
             shared.staging.create(record.id).await?;
-            rewind(shared, record, 0).await?;
+            session.amend(|r| r.rewind(0)).await?;
             report.parts_recreated += 1;
         }
     }
@@ -196,13 +194,4 @@ async fn committed(shared: &Shared, record: &SessionRecord) -> Result<bool, Reco
         .staging
         .committed(record.id, &destination, total)
         .await?)
-}
-
-/// Sets the session back to `received` bytes; a complete one receives again.
-async fn rewind(
-    shared: &Shared,
-    record: &mut SessionRecord,
-    received: u64,
-) -> Result<(), StoreError> {
-    handler::amend(shared, record, |r| r.rewind(received)).await
 }

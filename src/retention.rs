@@ -4,18 +4,14 @@
 //! a bounded amount behind on every store.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::handler::{self, Shared};
-use crate::hooks::{Event, EventKind};
 use crate::session::machine::is_expired;
-use crate::session::{Owner, SessionRecord, now_ms};
+use crate::session::{Event, EventKind, Owner, SessionRecord, duration_ms, now_ms};
+use crate::shared::{self, Shared};
 use crate::store::StoreError;
 
 /// The tombstone limits are enforced once every this many sessions ended by this process (and
 /// by every sweep), so between two passes at most this many more tombstones exist per node.
-const TRIM_EVERY: usize = 64;
-
 /// Whether `record` is past its keeping time: an open session idle for the session timeout, or
 /// a tombstone idle for the tombstone retention. A deferred commit still running is never due.
 pub(crate) fn is_due(shared: &Shared, record: &SessionRecord, now: u64) -> bool {
@@ -27,7 +23,7 @@ pub(crate) fn is_due(shared: &Shared, record: &SessionRecord, now: u64) -> bool 
     } else {
         tombstone_retention(shared)
     };
-    is_expired(record, now, handler::duration_ms(keep))
+    is_expired(record, now, duration_ms(keep))
 }
 
 /// The tombstone retention, never longer than the session timeout.
@@ -40,7 +36,7 @@ fn tombstone_retention(shared: &Shared) -> std::time::Duration {
 /// keeping times (the tombstone retention, which is never longer than the session timeout):
 /// what the sweeper lists.
 pub(crate) fn sweep_cutoff(shared: &Shared, now: u64) -> u64 {
-    now.saturating_sub(handler::duration_ms(tombstone_retention(shared)))
+    now.saturating_sub(duration_ms(tombstone_retention(shared)))
 }
 
 /// What forgetting a due record did.
@@ -60,7 +56,7 @@ pub(crate) async fn forget(
     shared: &Shared,
     record: &SessionRecord,
 ) -> Result<Forgotten, StoreError> {
-    if let Err(error) = handler::release(shared, record).await {
+    if let Err(error) = shared::release(shared, record).await {
         tracing::warn!(session = %record.id, %error, "cannot delete the data of an expired session");
         return Ok(Forgotten::Kept);
     }
@@ -93,75 +89,65 @@ async fn expired_event_delivered(shared: &Shared, record: &SessionRecord) -> boo
 }
 
 /// Counts the sessions this process ended, to know when to enforce the tombstone limits.
-#[derive(Debug, Default)]
-pub(crate) struct Tombstones {
-    ended: AtomicUsize,
-    trimming: tokio::sync::Mutex<()>,
+/// Notes that a session ended (became a tombstone), and every so many ends keeps the
+/// tombstones within their limits. Failures are logged: they never fail the packet that
+/// ended the session.
+pub(crate) async fn session_ended(shared: &Shared) {
+    if !shared.tombstones.count_end() {
+        return;
+    }
+    if let Err(error) = trim(shared).await {
+        tracing::warn!(%error, "cannot trim the tombstones of ended sessions");
+    }
 }
 
-impl Tombstones {
-    /// Notes that a session ended (became a tombstone), and every [`TRIM_EVERY`] ends keeps
-    /// the tombstones within their limits. Failures are logged: they never fail the packet
-    /// that ended the session.
-    pub(crate) async fn ended(&self, shared: &Shared) {
-        if self.ended.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_EVERY {
-            return;
+/// Forgets the tombstones beyond the limits: past their retention, beyond
+/// `max_tombstones_per_owner` for their owner (or peer), and beyond `max_tombstones` in
+/// all, oldest first. Returns how many it forgot. One pass at a time per process.
+pub(crate) async fn trim(shared: &Shared) -> Result<usize, StoreError> {
+    let Some(_one_pass) = shared.tombstones.try_start() else {
+        return Ok(0);
+    };
+    let config = &shared.config;
+    let now = now_ms();
+    let mut ended = shared.store.list_ended().await?;
+    ended.retain(SessionRecord::is_tombstone);
+    // Newest first: the ones kept are the most recent of each owner and of all.
+    ended.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(a.id.cmp(&b.id)));
+    let mut per_owner: HashMap<Option<Owner>, usize> = HashMap::new();
+    let mut kept = 0usize;
+    let mut forgotten = 0usize;
+    for record in ended {
+        let mine = per_owner.entry(record.counted_as()).or_default();
+        let keep = *mine < config.max_tombstones_per_owner
+            && kept < config.max_tombstones
+            && !is_due(shared, &record, now);
+        if keep {
+            *mine += 1;
+            kept += 1;
+            continue;
         }
-        self.ended.store(0, Ordering::Relaxed);
-        if let Err(error) = self.trim(shared).await {
-            tracing::warn!(%error, "cannot trim the tombstones of ended sessions");
+        if forget_tombstone(shared, &record).await? {
+            forgotten += 1;
         }
     }
-
-    /// Forgets the tombstones beyond the limits: past their retention, beyond
-    /// `max_tombstones_per_owner` for their owner (or peer), and beyond `max_tombstones` in
-    /// all, oldest first. Returns how many it forgot. One pass at a time per process.
-    pub(crate) async fn trim(&self, shared: &Shared) -> Result<usize, StoreError> {
-        let Ok(_one_pass) = self.trimming.try_lock() else {
-            return Ok(0);
-        };
-        let config = &shared.config;
-        let now = now_ms();
-        let mut ended = shared.store.list_ended().await?;
-        ended.retain(SessionRecord::is_tombstone);
-        // Newest first: the ones kept are the most recent of each owner and of all.
-        ended.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(a.id.cmp(&b.id)));
-        let mut per_owner: HashMap<Option<Owner>, usize> = HashMap::new();
-        let mut kept = 0usize;
-        let mut forgotten = 0usize;
-        for record in ended {
-            let mine = per_owner.entry(record.counted_as()).or_default();
-            let keep = *mine < config.max_tombstones_per_owner
-                && kept < config.max_tombstones
-                && !is_due(shared, &record, now);
-            if keep {
-                *mine += 1;
-                kept += 1;
-                continue;
-            }
-            if forget_tombstone(shared, &record).await? {
-                forgotten += 1;
-            }
-        }
-        if forgotten > 0 {
-            tracing::debug!(forgotten, kept, "tombstones trimmed");
-        }
-        Ok(forgotten)
+    if forgotten > 0 {
+        tracing::debug!(forgotten, kept, "tombstones trimmed");
     }
+    Ok(forgotten)
 }
 
 /// Removes one tombstone if it still is one once locked. Its data went when it ended.
 async fn forget_tombstone(shared: &Shared, candidate: &SessionRecord) -> Result<bool, StoreError> {
-    let Some(_guard) = shared.locks.try_lock(candidate.id).await? else {
+    let Some(session) = shared.try_lock_session(candidate.id).await? else {
         return Ok(false);
     };
-    match shared.store.load(candidate.id).await? {
-        Some(record) if record.is_tombstone() && record.revision == candidate.revision => {
-            if !record.outbox.is_empty() {
-                tracing::warn!(session = %record.id, events = record.outbox.len(), "tombstone forgotten with undelivered events");
-            }
-            Ok(shared.store.remove(record.id).await?)
-        }
-        _ => Ok(false),
+    let record = &session.record;
+    if !record.is_tombstone() || record.revision != candidate.revision {
+        return Ok(false);
     }
+    if !record.outbox.is_empty() {
+        tracing::warn!(session = %record.id, events = record.outbox.len(), "tombstone forgotten with undelivered events");
+    }
+    shared.store.remove(record.id).await
 }

@@ -9,11 +9,13 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::destination::strip_prefix;
+use crate::download;
 use crate::future::{Answer, ResponseBody, ResponseFuture};
-use crate::handler::{self, Shared};
+use crate::handler;
 use crate::protocol::is_bits_post;
-use crate::reply::{self, parse_reply_path};
+use crate::replies::parse_reply_path;
 use crate::session::SessionId;
+use crate::shared::Shared;
 
 /// Serves BITS upload packets in front of an inner service. Made by
 /// [`BitsLayer`](crate::BitsLayer).
@@ -105,7 +107,7 @@ where
             let shared = self.shared.clone();
             let (parts, _body) = request.into_parts();
             ResponseFuture::bits(Box::pin(async move {
-                Answer::Download(reply::serve(&shared, &parts, id).await)
+                Answer::Download(download::respond(&shared, &parts, id).await)
             }))
         } else {
             ResponseFuture::inner(self.inner.call(request))

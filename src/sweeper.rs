@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use crate::deferred::DeferredCompletions;
-use crate::handler::Shared;
 use crate::retention::{self, Forgotten};
 use crate::session::now_ms;
+use crate::shared::Shared;
 use crate::store::StoreError;
 
 /// Deletes sessions that have seen no successful packet for the session timeout
@@ -50,23 +50,20 @@ impl Sweeper {
             if !retention::is_due(shared, &candidate, now_ms()) {
                 continue;
             }
-            let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
-                continue;
-            };
             // Look again under the lock: a packet may have made progress meanwhile.
-            let Some(record) = shared.store.load(candidate.id).await? else {
+            let Some(session) = shared.lock_session_or_skip(candidate.id).await? else {
                 continue;
             };
-            if !retention::is_due(shared, &record, now_ms()) {
+            if !retention::is_due(shared, &session.record, now_ms()) {
                 continue;
             }
-            match retention::forget(shared, &record).await? {
+            match retention::forget(shared, &session.record).await? {
                 Forgotten::Expired => report.expired += 1,
                 Forgotten::Tombstone => report.tombstones += 1,
                 Forgotten::Kept => {}
             }
         }
-        report.tombstones += shared.tombstones.trim(shared).await?;
+        report.tombstones += retention::trim(shared).await?;
         self.redeliver().await?;
         Ok(report)
     }
@@ -82,11 +79,8 @@ impl Sweeper {
                 continue;
             }
             // A session with a packet in flight delivers its own events.
-            let Some(_guard) = shared.locks.try_lock(candidate.id).await? else {
-                continue;
-            };
-            if let Some(mut record) = shared.store.load(candidate.id).await? {
-                shared.deliver(&mut record).await;
+            if let Some(mut session) = shared.try_lock_session(candidate.id).await? {
+                session.deliver().await;
             }
         }
         Ok(())

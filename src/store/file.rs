@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::index::Index;
-use super::leases::LocalLeases;
+use super::local_leases::LocalLeases;
 use super::{SessionStore, StoreError};
-use crate::lock::KeyedLock;
+use crate::keyed_lock::KeyedLock;
 use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps one JSON file per session in a directory, so open sessions survive a restart.

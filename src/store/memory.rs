@@ -1,7 +1,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::index::Index;
-use super::leases::LocalLeases;
+use super::local_leases::LocalLeases;
 use super::{SessionStore, StoreError};
 use crate::session::{Owner, SessionId, SessionRecord};
 

@@ -72,7 +72,7 @@
 pub mod conformance;
 mod file;
 mod index;
-mod leases;
+mod local_leases;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -344,6 +344,11 @@ impl StoreError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         };
         Ack::error(status, code, ErrorContext::RemoteFile)
+    }
+
+    /// Whether the store, not the client, is at fault (worth an error log).
+    pub(crate) fn is_server_fault(&self) -> bool {
+        matches!(self, Self::Backend(_) | Self::Conflict)
     }
 }
 

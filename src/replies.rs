@@ -1,29 +1,22 @@
-//! Replies of upload-reply sessions: where they are kept, the URL they are served at, and the
-//! GET/HEAD handler the Windows client downloads them with.
+//! Replies of upload-reply sessions: where they are kept and the URL they are served at (the
+//! GET/HEAD handler that serves them is [`download`](crate::download)).
 //!
 //! A reply is served at `<upload folder>/.bits/replies/{id}/reply.bin` on the host the client
 //! uploaded to (or the host id, or the configured public origin), so it is relative to the
 //! upload URL as in IIS, but sent as an absolute URL. The `.bits` name is reserved at every
 //! depth, so no upload can collide with it.
 
-mod serve;
-
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{Method, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use tokio::io::AsyncSeekExt;
 
 use crate::completion::Reply;
 use crate::destination::strip_prefix;
-use crate::file_body::FileBody;
-use crate::handler::Shared;
-use crate::session::{Owner, SessionId, StoredReply, now_ms};
+use crate::session::{SessionId, StoredReply, now_ms};
 use crate::staging::dir::{Dir, Open, session_files};
 
 /// Where replies are stored: one file per session in a private folder, opened once; every
@@ -103,7 +96,7 @@ impl Replies {
     }
 
     /// Opens the session's reply file for reading from `offset`.
-    async fn open_at(&self, id: SessionId, offset: u64) -> io::Result<tokio::fs::File> {
+    pub(crate) async fn open_at(&self, id: SessionId, offset: u64) -> io::Result<tokio::fs::File> {
         let file = self
             .blocking(move |dir| dir.open_file(&file_name(id), Open::Read))
             .await?;
@@ -161,69 +154,6 @@ pub(crate) fn parse_reply_path(path: &str, prefix: &str) -> Option<SessionId> {
         return None;
     }
     SessionId::parse(&percent_decode_str(id).decode_utf8().ok()?)
-}
-
-/// A download response: headers plus the part of the reply file to stream, if any.
-pub(crate) type Download = Response<Option<FileBody>>;
-
-fn plain(status: StatusCode) -> Download {
-    let mut response = Response::new(None);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_LENGTH,
-        http::HeaderValue::from_static("0"),
-    );
-    response
-}
-
-/// Serves a GET or HEAD of a reply URL. Unknown sessions, sessions of another owner and
-/// sessions without a stored reply all get 404.
-pub(crate) async fn serve(shared: &Shared, parts: &Parts, id: SessionId) -> Download {
-    let Some(mode) = &shared.reply else {
-        return plain(StatusCode::NOT_FOUND);
-    };
-    let owner = parts.extensions.get::<Owner>();
-    let record = match shared.store.load(id).await {
-        Ok(Some(record)) => record,
-        Ok(None) => return plain(StatusCode::NOT_FOUND),
-        Err(error) => {
-            tracing::warn!(%error, session = %id, "cannot load a session to serve its reply");
-            return plain(StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    let stored = record
-        .outcome
-        .as_ref()
-        .and_then(|o| o.stored_reply)
-        .filter(|_| record.is_open() && record.is_owned_by(owner));
-    let Some(stored) = stored else {
-        return plain(StatusCode::NOT_FOUND);
-    };
-    let etag = format!("\"{}-{:x}-{:x}\"", id_hex(id), stored.len, stored.stored_ms);
-    let modified = UNIX_EPOCH + Duration::from_millis(stored.stored_ms);
-    let selection = serve::select(&parts.headers, stored.len, &etag, modified);
-    let head = serve::response_head(selection, stored.len, &etag, modified);
-    let body = match selection.span(stored.len) {
-        Some((offset, count)) if parts.method != Method::HEAD && count > 0 => {
-            match mode.replies.open_at(id, offset).await {
-                Ok(file) => Some(FileBody::new(file, count)),
-                Err(error) => {
-                    tracing::warn!(%error, session = %id, "cannot open a stored reply");
-                    return plain(StatusCode::NOT_FOUND);
-                }
-            }
-        }
-        _ => None,
-    };
-    head.body(body)
-        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR))
-}
-
-fn id_hex(id: SessionId) -> String {
-    id.to_string()
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .collect()
 }
 
 #[cfg(test)]

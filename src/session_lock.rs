@@ -15,7 +15,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::lock::{KeyedGuard, KeyedLock};
+use http::StatusCode;
+
+use crate::keyed_lock::{KeyedGuard, KeyedLock};
+use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::session::SessionId;
 use crate::store::{DynStore, StoreError};
 
@@ -52,6 +55,20 @@ pub(crate) enum LockError {
     /// The store failed while taking the lease.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl LockError {
+    /// The error Ack: 503 `ERROR_BUSY` (transient) while another node works on the session.
+    pub(crate) fn ack(&self) -> Ack {
+        match self {
+            Self::Busy => Ack::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Hresult::BUSY,
+                ErrorContext::RemoteFile,
+            ),
+            Self::Store(error) => error.ack(),
+        }
+    }
 }
 
 impl SessionLocks {

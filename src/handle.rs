@@ -3,142 +3,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
-
 use crate::destination::strip_prefix;
-use crate::handler::{self, Shared};
-use crate::hooks::{CancelReason, Event, EventKind};
+use crate::lifecycle::{ShutdownReport, State};
 use crate::recovery::{self, RecoveryReport};
-use crate::session::now_ms;
+use crate::session::{CancelReason, Event, EventKind, now_ms};
+use crate::shared::{self, Shared};
 use crate::store::StoreError;
-
-/// Where a layer is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    /// Every packet is served.
-    Running,
-    /// Shutting down: new sessions are refused, open sessions' packets are still served.
-    Draining,
-    /// Shut down: every packet is refused (transient), fragment bodies stop.
-    Stopped,
-    /// Uploads disabled for the mount: every packet is refused (fatal), fragment bodies stop.
-    Disabled,
-}
-
-impl State {
-    /// Whether fragment bodies in flight stop at their next frame.
-    fn interrupts(self) -> bool {
-        matches!(self, Self::Stopped | Self::Disabled)
-    }
-}
-
-/// The layer's state and its requests in flight.
-pub(crate) struct Lifecycle {
-    state: watch::Sender<State>,
-    in_flight: AtomicUsize,
-    idle: Notify,
-    interrupted: AtomicUsize,
-    /// Set by the first shutdown; a shut-down layer cannot be enabled again.
-    shut_down: AtomicBool,
-    /// Serializes shutdowns and keeps the report of the one that finished.
-    shutdown: tokio::sync::Mutex<Option<ShutdownReport>>,
-}
-
-impl Default for Lifecycle {
-    fn default() -> Self {
-        Self {
-            state: watch::channel(State::Running).0,
-            in_flight: AtomicUsize::new(0),
-            idle: Notify::new(),
-            interrupted: AtomicUsize::new(0),
-            shut_down: AtomicBool::new(false),
-            shutdown: tokio::sync::Mutex::new(None),
-        }
-    }
-}
-
-/// A request in flight; dropping it lets a waiting shutdown proceed.
-pub(crate) struct InFlight<'a>(&'a Lifecycle);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-impl Lifecycle {
-    /// Registers a request and tells it the state it runs in. Registering before reading the
-    /// state means a shutdown that changed the state either is seen here or waits for us.
-    pub(crate) fn enter(&self) -> (InFlight<'_>, State) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        (InFlight(self), self.state())
-    }
-
-    pub(crate) fn state(&self) -> State {
-        *self.state.borrow()
-    }
-
-    /// Resolves once fragment bodies must stop (shut down or disabled).
-    pub(crate) fn interrupted(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut state = self.state.subscribe();
-        async move {
-            // An error means the layer is gone, and so is everyone who could wait on us.
-            let _ = state.wait_for(|s| s.interrupts()).await;
-        }
-    }
-
-    /// Resolves once the layer is shut down (bodies of refused requests are no longer read).
-    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut state = self.state.subscribe();
-        async move {
-            let _ = state.wait_for(|s| *s == State::Stopped).await;
-        }
-    }
-
-    /// Counts a fragment that was stopped by a shutdown.
-    pub(crate) fn count_interrupted(&self) {
-        self.interrupted.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Resolves when the state leaves `Running` (for the sweeper).
-    pub(crate) fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut state = self.state.subscribe();
-        async move {
-            let _ = state
-                .wait_for(|s| matches!(s, State::Draining | State::Stopped))
-                .await;
-        }
-    }
-
-    fn set(&self, next: State) {
-        self.state.send_replace(next);
-    }
-
-    /// Waits until no request is in flight, for at most `limit`. True if none is.
-    async fn wait_idle(&self, limit: Duration) -> bool {
-        let idle = async {
-            loop {
-                let notified = self.idle.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.in_flight.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(limit, idle).await.is_ok()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-}
 
 /// How long requests that a shutdown or disable interrupted may take to wind up (record their
 /// offset, send their Ack) before the store is closed anyway.
@@ -187,22 +59,6 @@ impl std::fmt::Debug for BitsHandle {
     }
 }
 
-/// What a shutdown did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// Every request in flight finished within the grace period.
-    pub drained: bool,
-    /// Fragments stopped at a frame boundary when the grace period ended (what they had
-    /// received is kept and their clients resume after the restart).
-    pub interrupted: usize,
-    /// Requests still running when the store was closed (a completion handler that did not
-    /// return, a store that did not answer).
-    pub abandoned: usize,
-    /// The store and the staging were closed without error.
-    pub closed: bool,
-}
-
 /// What disabling uploads removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -234,14 +90,7 @@ impl BitsHandle {
     ) -> impl Future<Output = ShutdownReport> + Send + 'static {
         let shared = self.shared.clone();
         let lifecycle = &shared.lifecycle;
-        lifecycle.shut_down.store(true, Ordering::SeqCst);
-        lifecycle.state.send_if_modified(|state| {
-            let running = *state == State::Running;
-            if running {
-                *state = State::Draining;
-            }
-            running
-        });
+        lifecycle.begin_shutdown();
         async move { shut_down(&shared, grace).await }
     }
 
@@ -265,19 +114,17 @@ impl BitsHandle {
             if !under_prefix(&candidate.request_url, &shared.config.prefix) {
                 continue;
             }
-            let Some(_guard) = shared.locks.lock_or_skip(candidate.id).await? else {
+            let Some(session) = shared.lock_session_or_skip(candidate.id).await? else {
                 continue;
             };
-            let Some(record) = shared.store.load(candidate.id).await? else {
-                continue;
-            };
+            let record = &session.record;
             if let Some(deferred) = record.deferred.as_ref().filter(|_| record.is_deferred()) {
                 tracing::warn!(session = %record.id, attempts = deferred.attempts, "deferred commit abandoned: uploads disabled");
             }
             // Forget the deferred commit so that `release` deletes the staged file too.
             let mut doomed = record.clone();
             doomed.deferred = None;
-            handler::release(shared, &doomed)
+            shared::release(shared, &doomed)
                 .await
                 .map_err(StoreError::backend)?;
             shared.store.remove(record.id).await?;
@@ -285,7 +132,7 @@ impl BitsHandle {
                 report.sessions += 1;
                 if let Some(hooks) = &shared.hooks {
                     let reason = CancelReason::UploadsDisabled;
-                    let event = Event::new(&record, EventKind::Cancelled { reason }, now_ms());
+                    let event = Event::new(record, EventKind::Cancelled { reason }, now_ms());
                     if let Err(error) = hooks.on_event(&event).await {
                         tracing::warn!(key = %event.key, %error, "event delivery failed; not retried (the session is gone)");
                     }
@@ -308,14 +155,7 @@ impl BitsHandle {
     /// (and changes nothing) if the layer was not disabled, e.g. because it is shut down.
     pub fn enable_uploads(&self) -> bool {
         let lifecycle = &self.shared.lifecycle;
-        let enabled = lifecycle.state.send_if_modified(|state| {
-            // Checked under the state's lock, which a shutdown takes after setting the flag.
-            let disabled = *state == State::Disabled && !lifecycle.shut_down.load(Ordering::SeqCst);
-            if disabled {
-                *state = State::Running;
-            }
-            disabled
-        });
+        let enabled = lifecycle.enable();
         if enabled {
             tracing::info!(prefix = %self.shared.config.prefix, "BITS uploads enabled");
         }
@@ -336,7 +176,7 @@ impl BitsHandle {
 }
 
 async fn shut_down(shared: &Shared, grace: Duration) -> ShutdownReport {
-    let mut done = shared.lifecycle.shutdown.lock().await;
+    let mut done = shared.lifecycle.shutdown_report().await;
     if let Some(report) = *done {
         return report;
     }
@@ -365,7 +205,7 @@ async fn shut_down(shared: &Shared, grace: Duration) -> ShutdownReport {
     }
     let report = ShutdownReport {
         drained,
-        interrupted: lifecycle.interrupted.load(Ordering::Relaxed),
+        interrupted: lifecycle.interrupted_count(),
         abandoned,
         closed,
     };
@@ -396,30 +236,5 @@ mod tests {
         assert!(under_prefix("/a.bin", "/"));
         assert!(!under_prefix("/upload/a.bin", "/up"));
         assert!(!under_prefix("/other/a.bin?/up/x", "/up"));
-    }
-
-    #[tokio::test]
-    async fn waits_for_requests_in_flight() {
-        let lifecycle = Arc::new(Lifecycle::default());
-        let (ticket, state) = lifecycle.enter();
-        assert_eq!(state, State::Running);
-        assert!(!lifecycle.wait_idle(Duration::from_millis(20)).await);
-        let waiter = {
-            let lifecycle = lifecycle.clone();
-            tokio::spawn(async move { lifecycle.wait_idle(Duration::from_secs(5)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        drop(ticket);
-        assert!(waiter.await.expect("join"));
-
-        let stop = lifecycle.interrupted();
-        lifecycle.set(State::Draining);
-        let still = tokio::time::timeout(Duration::from_millis(20), lifecycle.interrupted()).await;
-        assert!(still.is_err(), "draining must not interrupt fragments");
-        lifecycle.set(State::Stopped);
-        tokio::time::timeout(Duration::from_secs(1), stop)
-            .await
-            .expect("stopped interrupts");
-        assert_eq!(lifecycle.enter().1, State::Stopped);
     }
 }

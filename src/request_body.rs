@@ -10,7 +10,10 @@ use tokio::time::Instant;
 use bytes::Buf;
 use http_body::{Body, Frame};
 
+use http::StatusCode;
+
 use crate::BoxError;
+use crate::protocol::{Ack, ErrorContext, Hresult};
 use crate::staging::{DynPart, StagingError};
 
 /// Why a body did not deliver exactly the announced bytes.
@@ -30,6 +33,28 @@ pub(crate) enum BodyError {
     TooShort { missing: u64 },
     #[error(transparent)]
     Staging(#[from] StagingError),
+}
+
+impl BodyError {
+    /// The error Ack: 408 for a body that stalled or crawled (the client retries), 400 for a
+    /// body that did not match its `Content-Range` (malformed, like a bad header), 503 when
+    /// the server stopped it to shut down.
+    pub(crate) fn ack(&self) -> Ack {
+        match self {
+            Self::Staging(error) => error.ack(),
+            Self::Interrupted => crate::lifecycle::shutting_down(),
+            Self::Idle(_) | Self::TooSlow(_) => Ack::error(
+                StatusCode::REQUEST_TIMEOUT,
+                Hresult::TIMEOUT,
+                ErrorContext::RemoteFile,
+            ),
+            Self::TooShort { .. } | Self::TooLong | Self::Client(_) => Ack::error(
+                StatusCode::BAD_REQUEST,
+                Hresult::E_INVALIDARG,
+                ErrorContext::RemoteFile,
+            ),
+        }
+    }
 }
 
 /// How fast a body must arrive: no pause longer than `idle`, and on average at least
