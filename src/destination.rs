@@ -17,7 +17,7 @@ use http::StatusCode;
 use percent_encoding::percent_decode_str;
 use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
 
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 
 /// A validated destination: one or more plain components, relative to the upload root.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,16 +75,8 @@ impl DestinationError {
     /// otherwise.
     pub fn ack(&self) -> Ack {
         match self {
-            Self::Reserved => Ack::error(
-                StatusCode::FORBIDDEN,
-                Hresult::E_ACCESSDENIED,
-                ErrorContext::RemoteFile,
-            ),
-            _ => Ack::error(
-                StatusCode::BAD_REQUEST,
-                Hresult::E_INVALIDARG,
-                ErrorContext::RemoteFile,
-            ),
+            Self::Reserved => Ack::error(StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED),
+            _ => Ack::error(StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
         }
     }
 }

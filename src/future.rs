@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use crate::BoxFuture;
 use crate::download::Download;
 use crate::file_body::FileBody;
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 
 /// What the layer answers a request it handles: an Ack for `BITS_POST`, or a reply download.
 pub(crate) enum Answer {
@@ -92,7 +92,6 @@ where
                         Answer::Ack(Ack::error(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             Hresult::E_FAIL,
-                            ErrorContext::RemoteFile,
                         ))
                     }
                 };

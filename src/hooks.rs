@@ -39,7 +39,7 @@ use std::future::Future;
 use http::StatusCode;
 
 use crate::BoxFuture;
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 pub use crate::session::{CancelReason, Event, EventKind};
 
 /// A hook refuses a new session: the client gets this error Ack (context `0x5`).
@@ -68,7 +68,7 @@ impl Veto {
     }
 
     pub(crate) fn ack(&self) -> Ack {
-        Ack::error(self.status, self.code, ErrorContext::RemoteFile)
+        Ack::error(self.status, self.code)
     }
 }
 

@@ -30,10 +30,13 @@
 //!
 //! ## How it fits together
 //!
-//! A request flows one way: [`BitsService`] picks out `BITS_POST`; [`protocol`] parses the
-//! packet (pure); [`session::machine`] decides what it does (pure); the handler carries that
-//! out against a [`store::SessionStore`] (session records) and a [`staging::Staging`]
-//! (part files and the final commit); [`protocol::Ack`] is the answer.
+//! A request flows one way: [`BitsService`] picks out `BITS_POST` (and the GETs of reply URLs;
+//! everything else reaches your app); [`protocol`] parses the packet (pure); the session state
+//! machine decides what it does (pure); the handler carries that out on the locked session,
+//! against a [`store::SessionStore`] (session records) and a [`staging::Staging`] (part files
+//! and the final commit); a [`protocol::Ack`] is the answer. Work outside packets (the
+//! [`Sweeper`], [`DeferredCompletions`], start-up recovery, the [`BitsHandle`]) takes the same
+//! per-session lock and changes records the same way, by compare-and-set.
 //!
 //! ## Guarantees
 //!
@@ -50,7 +53,7 @@
 //! sessions, lets fragments in flight finish (or stops them at a frame boundary with their
 //! offset recorded) and closes the store, deleting nothing; [`BitsHandle::disable_uploads`]
 //! answers every packet with 501 and deletes the prefix's sessions, as IIS does when uploads
-//! are turned off; [`Sweeper::run`] starts with a [`recovery`] scan. [`serve`] is an
+//! are turned off; [`Sweeper::run`] starts with a recovery scan ([`RecoveryReport`]). [`serve`] is an
 //! accept loop with the header read timeout `axum::serve` lacks.
 //!
 //! ## Upload-reply
@@ -94,7 +97,7 @@ mod keyed_lock;
 mod layer;
 mod lifecycle;
 pub mod protocol;
-pub mod recovery;
+mod recovery;
 mod replies;
 mod request_body;
 mod retention;
@@ -115,6 +118,7 @@ pub use future::{ResponseBody, ResponseFuture};
 pub use handle::{BitsHandle, DisableReport};
 pub use layer::{BitsLayer, BitsLayerBuilder};
 pub use lifecycle::ShutdownReport;
+pub use recovery::{RecoveryError, RecoveryReport};
 #[cfg(feature = "serve")]
 pub use serve::{Serve, serve};
 pub use service::BitsService;

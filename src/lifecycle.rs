@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::sync::{Notify, watch};
 
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 
 /// What a shutdown did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,20 +28,12 @@ pub struct ShutdownReport {
 
 /// 501 + `E_ACCESSDENIED`: uploads are not enabled for the URL (IIS 6). Fatal for the client.
 pub(crate) fn uploads_disabled() -> Ack {
-    Ack::error(
-        StatusCode::NOT_IMPLEMENTED,
-        Hresult::E_ACCESSDENIED,
-        ErrorContext::RemoteFile,
-    )
+    Ack::error(StatusCode::NOT_IMPLEMENTED, Hresult::E_ACCESSDENIED)
 }
 
 /// 503 + `ERROR_SHUTDOWN_IN_PROGRESS`: transient, the client comes back later.
 pub(crate) fn shutting_down() -> Ack {
-    Ack::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Hresult::SHUTTING_DOWN,
-        ErrorContext::RemoteFile,
-    )
+    Ack::error(StatusCode::SERVICE_UNAVAILABLE, Hresult::SHUTTING_DOWN)
 }
 
 /// Where a layer is in its life.

@@ -13,7 +13,7 @@ use http_body::{Body, Frame};
 use http::StatusCode;
 
 use crate::BoxError;
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 use crate::staging::{DynPart, StagingError};
 
 /// Why a body did not deliver exactly the announced bytes.
@@ -43,16 +43,12 @@ impl BodyError {
         match self {
             Self::Staging(error) => error.ack(),
             Self::Interrupted => crate::lifecycle::shutting_down(),
-            Self::Idle(_) | Self::TooSlow(_) => Ack::error(
-                StatusCode::REQUEST_TIMEOUT,
-                Hresult::TIMEOUT,
-                ErrorContext::RemoteFile,
-            ),
-            Self::TooShort { .. } | Self::TooLong | Self::Client(_) => Ack::error(
-                StatusCode::BAD_REQUEST,
-                Hresult::E_INVALIDARG,
-                ErrorContext::RemoteFile,
-            ),
+            Self::Idle(_) | Self::TooSlow(_) => {
+                Ack::error(StatusCode::REQUEST_TIMEOUT, Hresult::TIMEOUT)
+            }
+            Self::TooShort { .. } | Self::TooLong | Self::Client(_) => {
+                Ack::error(StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG)
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use http::StatusCode;
 
 use crate::keyed_lock::{KeyedGuard, KeyedLock};
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 use crate::session::SessionId;
 use crate::store::{DynStore, StoreError};
 
@@ -61,11 +61,7 @@ impl LockError {
     /// The error Ack: 503 `ERROR_BUSY` (transient) while another node works on the session.
     pub(crate) fn ack(&self) -> Ack {
         match self {
-            Self::Busy => Ack::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Hresult::BUSY,
-                ErrorContext::RemoteFile,
-            ),
+            Self::Busy => Ack::error(StatusCode::SERVICE_UNAVAILABLE, Hresult::BUSY),
             Self::Store(error) => error.ack(),
         }
     }

@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
             7 => ErrorContext::RemoteApplication,
             _ => return,
         };
-        let sent = Ack::error(status, Hresult(code.0), context);
+        let sent = Ack::error_with_context(status, Hresult(code.0), context);
         let again = ParsedAck::parse(status, &sent.headers()).expect("our own Ack parses");
         assert_eq!(again.error_code(), Some(code));
         assert!(again.is_ack());

@@ -145,17 +145,14 @@ impl CompletionError {
 
     /// The Ack for this error, except [`CompletionError::Busy`], whose Ack the policy decides.
     pub(crate) fn ack(&self, policy: &CompletionPolicy) -> Ack {
-        let app = ErrorContext::RemoteApplication;
         match self {
             Self::Busy(_) => policy.busy_ack(Busy::Application),
-            Self::Status(status) => Ack::error(*status, Hresult::http_error(*status), app),
-            Self::Timeout => Ack::error(StatusCode::REQUEST_TIMEOUT, Hresult::TIMEOUT, app),
-            Self::InvalidAnswer(_) => Ack::error(
-                StatusCode::BAD_REQUEST,
-                Hresult::E_INVALIDARG,
-                ErrorContext::RemoteFile,
-            ),
-            Self::Failed(_) => Ack::error(StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL, app),
+            Self::Status(status) => Ack::application_error(*status, Hresult::http_error(*status)),
+            Self::Timeout => Ack::application_error(StatusCode::REQUEST_TIMEOUT, Hresult::TIMEOUT),
+            Self::InvalidAnswer(_) => Ack::error(StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
+            Self::Failed(_) => {
+                Ack::application_error(StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL)
+            }
         }
     }
 }
@@ -318,14 +315,14 @@ impl CompletionPolicy {
         };
         match (self, busy) {
             (Self::Reject, _) => {
-                Ack::error(StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED, context)
+                Ack::error_with_context(StatusCode::FORBIDDEN, Hresult::E_ACCESSDENIED, context)
             }
-            (_, Busy::Destination) => Ack::error(
+            (_, Busy::Destination) => Ack::error_with_context(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Hresult::FILE_EXISTS,
                 context,
             ),
-            (_, Busy::Application) => Ack::error(
+            (_, Busy::Application) => Ack::error_with_context(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Hresult::http_error(StatusCode::SERVICE_UNAVAILABLE),
                 context,

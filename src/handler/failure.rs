@@ -6,7 +6,7 @@ use http::StatusCode;
 use crate::completion::{Busy, CompletionError, CompletionPolicy};
 use crate::destination::DestinationError;
 use crate::hooks::Veto;
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 use crate::request_body::BodyError;
 use crate::session::machine::Refusal;
 use crate::session_lock::LockError;
@@ -64,19 +64,13 @@ impl Failure {
             Self::Body(e) => e.ack(),
             Self::Commit(e) => e.ack(),
             // 503 is transient for the client: it retries later.
-            Self::TooManySessions | Self::OwnerLimit => Ack::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Hresult::TOO_MANY_SESSIONS,
-                ErrorContext::RemoteFile,
-            ),
+            Self::TooManySessions | Self::OwnerLimit => {
+                Ack::error(StatusCode::SERVICE_UNAVAILABLE, Hresult::TOO_MANY_SESSIONS)
+            }
             Self::Vetoed(veto) => veto.ack(),
             Self::Application(error) => error.ack(policy),
             Self::DestinationBusy(_) => policy.busy_ack(Busy::Destination),
-            Self::NoLocalPath => Ack::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Hresult::E_FAIL,
-                ErrorContext::RemoteFile,
-            ),
+            Self::NoLocalPath => Ack::error(StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         }
     }
 
@@ -108,6 +102,7 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ErrorContext;
 
     fn answer(failure: Failure, policy: CompletionPolicy) -> (u16, Option<Hresult>, u32) {
         let ack = failure.ack(&policy);

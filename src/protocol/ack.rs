@@ -2,131 +2,7 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use super::{UPLOAD_PROTOCOL, headers as h};
-
-/// An HRESULT as carried by `BITS-Error-Code`, formatted `0x` + 8 upper-case hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Hresult(pub u32);
-
-impl Hresult {
-    /// No error; paired with 416 as [MC-BUP] does.
-    pub const S_OK: Self = Self(0);
-    /// `E_INVALIDARG`: the request is malformed or refers to something invalid. Fatal.
-    pub const E_INVALIDARG: Self = Self(0x8007_0057);
-    /// `E_ACCESSDENIED`: not allowed (403), or uploads disabled (501). Fatal.
-    pub const E_ACCESSDENIED: Self = Self(0x8007_0005);
-    /// `E_FAIL`: an unspecified server-side failure; sent with 500 so the client retries.
-    pub const E_FAIL: Self = Self(0x8000_4005);
-    /// `BG_E_SESSION_NOT_FOUND`: the session id is unknown; the client starts a new session.
-    pub const BG_E_SESSION_NOT_FOUND: Self = Self(0x8020_001F);
-    /// `BG_E_TOO_LARGE`: the file is larger than the server accepts. Fatal.
-    pub const BG_E_TOO_LARGE: Self = Self(0x8020_0020);
-    /// `HRESULT_FROM_WIN32(ERROR_DISK_FULL)`: the server is out of space. Transient.
-    pub const DISK_FULL: Self = Self(0x8007_0070);
-    /// `HRESULT_FROM_WIN32(ERROR_PATH_NOT_FOUND)`: the destination's folder does not exist.
-    pub const PATH_NOT_FOUND: Self = Self(0x8007_0003);
-    /// `HRESULT_FROM_WIN32(ERROR_SHARING_VIOLATION)`: another session is uploading the same
-    /// destination.
-    pub const SHARING_VIOLATION: Self = Self(0x8007_0020);
-    /// `HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESS)`: the server's session limit is reached.
-    pub const TOO_MANY_SESSIONS: Self = Self(0x8007_0045);
-    /// `HRESULT_FROM_WIN32(ERROR_TIMEOUT)`: the fragment body stalled, or the server
-    /// application did not answer in time. ([MC-BUP] prints `0x80070112` for the latter, which
-    /// decodes to an unrelated Win32 error; the client only displays the code, the 408 status
-    /// is what makes it retry.)
-    pub const TIMEOUT: Self = Self(0x8007_05B4);
-    /// `HRESULT_FROM_WIN32(ERROR_FILE_EXISTS)`: the destination exists (transient form).
-    pub const FILE_EXISTS: Self = Self(0x8007_0050);
-    /// `HRESULT_FROM_WIN32(ERROR_SHUTDOWN_IN_PROGRESS)`: the server is shutting down (sent
-    /// with 503, so the client retries later).
-    pub const SHUTTING_DOWN: Self = Self(0x8007_045B);
-    /// `ERROR_BUSY`: another server node is working on the session (503; the client retries).
-    pub const BUSY: Self = Self(0x8007_00AA);
-
-    /// `BG_E_HTTP_ERROR_<status>` (`0x80190000 + status`): how an application's HTTP status
-    /// is relayed to the client.
-    pub fn http_error(status: StatusCode) -> Self {
-        Self(0x8019_0000 + u32::from(status.as_u16()))
-    }
-
-    /// The HTTP status a `BG_E_HTTP_ERROR_<status>` code relays, if this is one.
-    pub fn relayed_http_status(self) -> Option<StatusCode> {
-        let status = self.0.checked_sub(0x8019_0000)?;
-        u16::try_from(status)
-            .ok()
-            .filter(|s| (100..=599).contains(s))
-            .and_then(|s| StatusCode::from_u16(s).ok())
-    }
-
-    /// The symbolic name of a code a BITS server sends or a BITS client reports, if known
-    /// (`BG_E_SESSION_NOT_FOUND`, `E_INVALIDARG`, ...).
-    pub fn name(self) -> Option<&'static str> {
-        Some(match self.0 {
-            0 => "S_OK",
-            0x8007_0057 => "E_INVALIDARG",
-            0x8007_0005 => "E_ACCESSDENIED",
-            0x8000_4005 => "E_FAIL",
-            0x8020_001F => "BG_E_SESSION_NOT_FOUND",
-            0x8020_0020 => "BG_E_TOO_LARGE",
-            0x8020_001B => "BG_E_INVALID_SERVER_RESPONSE",
-            0x8020_0022 => "BG_E_CLIENT_SERVER_PROTOCOL_MISMATCH",
-            0x8020_001D => "BG_E_LOCAL_FILE_CHANGED",
-            0x8007_0070 => "ERROR_DISK_FULL",
-            0x8007_0003 => "ERROR_PATH_NOT_FOUND",
-            0x8007_0020 => "ERROR_SHARING_VIOLATION",
-            0x8007_0045 => "ERROR_TOO_MANY_SESS",
-            0x8007_05B4 => "ERROR_TIMEOUT",
-            0x8007_0112 => "ERROR_TIMEOUT (as printed by MC-BUP)",
-            0x8007_0050 => "ERROR_FILE_EXISTS",
-            0x8007_045B => "ERROR_SHUTDOWN_IN_PROGRESS",
-            0x8007_00AA => "ERROR_BUSY",
-            _ if self.relayed_http_status().is_some() => "BG_E_HTTP_ERROR",
-            _ => return None,
-        })
-    }
-
-    /// What the code means, in a sentence a person can act on; `None` for unknown codes.
-    pub fn description(self) -> Option<String> {
-        let text = match self.0 {
-            0 => "no error",
-            0x8007_0057 => "the server rejected the request as invalid",
-            0x8007_0005 => {
-                "access denied: not allowed to write this URL, the file exists and may not be \
-                 overwritten, or BITS uploads are not enabled here"
-            }
-            0x8000_4005 => "the server failed for an unspecified reason",
-            0x8020_001F => "the server does not know the upload session (expired or lost)",
-            0x8020_0020 => "the file is larger than the server accepts",
-            0x8020_001B => "the server's answer did not follow the BITS protocol",
-            0x8020_0022 => "client and server have no upload protocol in common",
-            0x8020_001D => "the local file changed while it was being uploaded",
-            0x8007_0070 => "the server is out of disk space",
-            0x8007_0003 => "the destination folder does not exist on the server",
-            0x8007_0020 => "another upload to the same destination is in progress",
-            0x8007_0045 => "the server has too many upload sessions open",
-            0x8007_05B4 | 0x8007_0112 => "the server (or its application) did not finish in time",
-            0x8007_0050 => "the destination file already exists",
-            0x8007_045B => "the server is shutting down",
-            0x8007_00AA => "another server node is busy with this session",
-            _ => {
-                return self
-                    .relayed_http_status()
-                    .map(|s| format!("the server application answered HTTP {s}"));
-            }
-        };
-        Some(text.to_owned())
-    }
-}
-
-impl fmt::Display for Hresult {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 == 0 {
-            f.write_str("0x0")
-        } else {
-            write!(f, "0x{:08X}", self.0)
-        }
-    }
-}
+use super::{Hresult, UPLOAD_PROTOCOL, headers as h};
 
 /// `BITS-Error-Context`: who produced an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -186,9 +62,19 @@ impl Ack {
         }
     }
 
-    /// An error Ack: the status plus `BITS-Error-Code` (and `BITS-Error`) and
-    /// `BITS-Error-Context`.
-    pub fn error(status: StatusCode, code: Hresult, context: ErrorContext) -> Self {
+    /// An error Ack from the BITS server itself (`BITS-Error-Context: 0x5`), the common case:
+    /// the status plus `BITS-Error-Code` (and `BITS-Error`) and `BITS-Error-Context`.
+    pub fn error(status: StatusCode, code: Hresult) -> Self {
+        Self::error_with_context(status, code, ErrorContext::RemoteFile)
+    }
+
+    /// An error Ack relaying the server application's failure (`BITS-Error-Context: 0x7`).
+    pub fn application_error(status: StatusCode, code: Hresult) -> Self {
+        Self::error_with_context(status, code, ErrorContext::RemoteApplication)
+    }
+
+    /// An error Ack with the given `BITS-Error-Context`.
+    pub fn error_with_context(status: StatusCode, code: Hresult, context: ErrorContext) -> Self {
         Self {
             error: Some((code, context)),
             ..Self::with_status(status)
@@ -364,7 +250,6 @@ mod tests {
         let ack = Ack::error(
             StatusCode::INTERNAL_SERVER_ERROR,
             Hresult::BG_E_SESSION_NOT_FOUND,
-            ErrorContext::RemoteFile,
         );
         let headers = ack.headers();
         assert_eq!(get(&headers, "bits-error-code"), Some("0x8020001F"));
@@ -380,11 +265,7 @@ mod tests {
             .received(4096)
             .headers();
         assert_eq!(get(&headers, "bits-received-content-range"), Some("4096"));
-        let app = Ack::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Hresult(0x801901F4),
-            ErrorContext::RemoteApplication,
-        );
+        let app = Ack::application_error(StatusCode::INTERNAL_SERVER_ERROR, Hresult(0x801901F4));
         assert_eq!(get(&app.headers(), "bits-error-context"), Some("0x7"));
     }
 

@@ -1,6 +1,6 @@
 use http::StatusCode;
 
-use super::{Ack, ErrorContext, Hresult};
+use super::{Ack, Hresult};
 
 /// Why a `BITS_POST` request is not a well-formed packet.
 ///
@@ -66,10 +66,6 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// The Ack that answers this error: 400, `E_INVALIDARG`, context 0x5.
     pub fn ack(&self) -> Ack {
-        Ack::error(
-            StatusCode::BAD_REQUEST,
-            Hresult::E_INVALIDARG,
-            ErrorContext::RemoteFile,
-        )
+        Ack::error(StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG)
     }
 }

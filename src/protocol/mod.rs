@@ -8,13 +8,15 @@
 mod ack;
 mod error;
 pub mod headers;
+mod hresult;
 mod method;
 mod packet;
 mod range;
 mod response;
 
-pub use ack::{Ack, ErrorContext, Hresult};
+pub use ack::{Ack, ErrorContext};
 pub use error::ProtocolError;
+pub use hresult::Hresult;
 pub use method::{BITS_POST, bits_post, is_bits_post};
 pub use packet::{CreateSession, Fragment, Packet, PacketType, SessionHeader, negotiate_protocol};
 pub use range::FragmentRange;

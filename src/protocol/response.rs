@@ -407,14 +407,10 @@ mod tests {
 
     #[test]
     fn round_trips_what_the_server_sends() {
-        use crate::protocol::{Ack, ErrorContext};
-        let sent = Ack::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Hresult::BUSY,
-            ErrorContext::RemoteFile,
-        )
-        .session_id(HeaderValue::from_static("{X}"))
-        .received(77);
+        use crate::protocol::Ack;
+        let sent = Ack::error(StatusCode::SERVICE_UNAVAILABLE, Hresult::BUSY)
+            .session_id(HeaderValue::from_static("{X}"))
+            .received(77);
         let ack = ParsedAck::parse(sent.status(), &sent.headers()).unwrap();
         assert!(ack.is_ack());
         assert_eq!(ack.error_code(), Some(Hresult::BUSY));

@@ -29,7 +29,7 @@ pub struct Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum EventKind {
-    /// Create-Session, before the client is told the session id ([`Hooks::on_create`]).
+    /// Create-Session, before the client is told the session id ([`Hooks::on_create`](crate::hooks::Hooks::on_create)).
     Created,
     /// A fragment was stored: `received` of `total` bytes are held.
     Progress {

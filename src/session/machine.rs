@@ -7,7 +7,7 @@
 use http::StatusCode;
 
 use super::{Phase, SessionRecord};
-use crate::protocol::{Ack, ErrorContext, FragmentRange, Hresult};
+use crate::protocol::{Ack, FragmentRange, Hresult};
 
 /// The limits a Fragment is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,26 +56,15 @@ impl Refusal {
             Self::NotFound => Ack::error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Hresult::BG_E_SESSION_NOT_FOUND,
-                ErrorContext::RemoteFile,
             ),
             // [MC-BUP] pairs 416 with HRESULT 0: "not an error", the client just resyncs.
-            Self::Gap => Ack::error(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                Hresult::S_OK,
-                ErrorContext::RemoteFile,
-            ),
+            Self::Gap => Ack::error(StatusCode::RANGE_NOT_SATISFIABLE, Hresult::S_OK),
             // No BITS-Error-Code: 0x80200020 would be fatal and defeat the client's shrinking.
             Self::FragmentTooLarge => Ack::with_status(StatusCode::PAYLOAD_TOO_LARGE),
-            Self::TooLarge { .. } => Ack::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Hresult::BG_E_TOO_LARGE,
-                ErrorContext::RemoteFile,
-            ),
-            Self::TotalChanged { .. } => Ack::error(
-                StatusCode::BAD_REQUEST,
-                Hresult::E_INVALIDARG,
-                ErrorContext::RemoteFile,
-            ),
+            Self::TooLarge { .. } => {
+                Ack::error(StatusCode::INTERNAL_SERVER_ERROR, Hresult::BG_E_TOO_LARGE)
+            }
+            Self::TotalChanged { .. } => Ack::error(StatusCode::BAD_REQUEST, Hresult::E_INVALIDARG),
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Sessions: ids, the record a [`SessionStore`](crate::store::SessionStore) keeps, and the pure
-//! transition function in [`machine`].
+//! Sessions: ids, owners, the record a [`SessionStore`](crate::store::SessionStore) keeps, and
+//! the events it carries until the hooks have them. (What each packet does to a record is a
+//! pure state machine inside the crate.)
 
 mod event;
-pub mod machine;
+pub(crate) mod machine;
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

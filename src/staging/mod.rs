@@ -15,7 +15,7 @@ pub use local::LocalStaging;
 
 use crate::BoxFuture;
 use crate::destination::Destination;
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 use crate::session::SessionId;
 
 /// Keeps one part file per open session and commits it to its destination.
@@ -191,7 +191,7 @@ impl StagingError {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         };
-        Ack::error(status, code, ErrorContext::RemoteFile)
+        Ack::error(status, code)
     }
 
     /// Whether the commit may succeed later: the destination exists (and someone may remove

@@ -97,7 +97,7 @@ pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
-use crate::protocol::{Ack, ErrorContext, Hresult};
+use crate::protocol::{Ack, Hresult};
 use crate::session::{Owner, SessionId, SessionRecord};
 
 /// Keeps session records. See the [module docs](self) for the atomicity contract.
@@ -343,7 +343,7 @@ impl StoreError {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         };
-        Ack::error(status, code, ErrorContext::RemoteFile)
+        Ack::error(status, code)
     }
 
     /// Whether the store, not the client, is at fault (worth an error log).
