@@ -11,7 +11,7 @@ use crate::protocol::{Ack, FragmentRange, Hresult};
 
 /// The limits a Fragment is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Largest file accepted (`BITSMaximumUploadSize`).
     pub max_upload_size: u64,
     /// Largest fragment body accepted; larger ones get a plain 413 so the client shrinks them.
@@ -21,7 +21,7 @@ pub struct Limits {
 /// Why a packet for a session is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The session does not exist (never did, expired, cancelled, or belongs to someone else).
     #[error("session not found")]
     NotFound,
@@ -51,7 +51,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The Ack for this refusal (the handler adds the session id and received offset).
-    pub fn ack(&self) -> Ack {
+    pub(crate) fn ack(&self) -> Ack {
         match self {
             Self::NotFound => Ack::error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,7 +71,7 @@ impl Refusal {
 
 /// The bytes of a fragment that are new to the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Write {
+pub(crate) struct Write {
     /// Leading body bytes the session already holds; they are read and dropped.
     pub skip: u64,
     /// File offset the first new byte goes to (the session's `received`).
@@ -84,19 +84,19 @@ pub struct Write {
 
 impl Write {
     /// `received` after the write.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.offset + self.len
     }
 
     /// Whether the write completes the file.
-    pub fn completes(&self) -> bool {
+    pub(crate) fn completes(&self) -> bool {
         self.end() == self.total
     }
 }
 
 /// What to do with a Fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FragmentDecision {
+pub(crate) enum FragmentDecision {
     /// Write the new bytes, then advance `received`.
     Write(Write),
     /// Nothing new: Ack 200 with the current `received` (duplicate or already complete).
@@ -112,7 +112,7 @@ pub enum FragmentDecision {
 /// `BG_E_TOO_LARGE`; a body over the fragment limit → 413. A fragment for a closed session
 /// whose file was committed is answered as a duplicate so a client that lost the final Ack
 /// finishes cleanly.
-pub fn fragment(
+pub(crate) fn fragment(
     record: &SessionRecord,
     range: &FragmentRange,
     limits: &Limits,
@@ -165,7 +165,7 @@ pub fn fragment(
 
 /// What to do with a Close-Session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseDecision {
+pub(crate) enum CloseDecision {
     /// Not every byte arrived: delete the staged data, create nothing, close.
     Discard,
     /// Complete but not yet at its destination: commit, then delete staging and close.
@@ -182,7 +182,7 @@ pub enum CloseDecision {
 /// Whether a complete session's file still has to be moved to its destination. In upload-reply
 /// mode (`reply_mode`) only if the application asked for it; never while a deferred commit owns
 /// the file.
-pub fn needs_commit(record: &SessionRecord, reply_mode: bool) -> bool {
+pub(crate) fn needs_commit(record: &SessionRecord, reply_mode: bool) -> bool {
     let wanted = if reply_mode {
         record
             .outcome
@@ -195,7 +195,7 @@ pub fn needs_commit(record: &SessionRecord, reply_mode: bool) -> bool {
 }
 
 /// Decides what a Close-Session does. `reply_mode`: a completion handler is configured.
-pub fn close(record: &SessionRecord, reply_mode: bool) -> CloseDecision {
+pub(crate) fn close(record: &SessionRecord, reply_mode: bool) -> CloseDecision {
     match record.phase {
         Phase::Receiving => CloseDecision::Discard,
         Phase::Complete if needs_commit(record, reply_mode) => CloseDecision::Commit,
@@ -207,7 +207,7 @@ pub fn close(record: &SessionRecord, reply_mode: bool) -> CloseDecision {
 
 /// What to do with a Cancel-Session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelDecision {
+pub(crate) enum CancelDecision {
     /// Delete staged data (a committed file stays where it is) and mark cancelled.
     Discard,
     /// Closed or cancelled before: answer 200 again.
@@ -215,7 +215,7 @@ pub enum CancelDecision {
 }
 
 /// Decides what a Cancel-Session does.
-pub fn cancel(record: &SessionRecord) -> CancelDecision {
+pub(crate) fn cancel(record: &SessionRecord) -> CancelDecision {
     if record.is_open() {
         CancelDecision::Discard
     } else {
@@ -224,7 +224,7 @@ pub fn cancel(record: &SessionRecord) -> CancelDecision {
 }
 
 /// Whether a session (or tombstone) has seen no successful packet for `timeout_ms`.
-pub fn is_expired(record: &SessionRecord, now_ms: u64, timeout_ms: u64) -> bool {
+pub(crate) fn is_expired(record: &SessionRecord, now_ms: u64, timeout_ms: u64) -> bool {
     record.is_idle_since(now_ms.saturating_sub(timeout_ms))
 }
 
