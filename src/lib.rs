@@ -71,6 +71,7 @@
 //! | `redis` | `store::RedisStore`, and `redis` re-exported |
 //! | `conformance` | `store::conformance`: the suite every [`SessionStore`](store::SessionStore) must pass |
 //! | `client` | `client::BitsClient`: an async BITS upload client (HTTPS with rustls), and `reqwest` re-exported |
+//! | `settings` | `Settings`: every builder option from a TOML file, with humane durations (`"14d"`) and sizes (`"4GiB"`) |
 //!
 //! The memory and file stores and local staging are always compiled. A farm of nodes shares a
 //! PostgreSQL or Redis store and the upload root; see the README's "Running a farm".
@@ -100,6 +101,8 @@ mod retention;
 mod serve;
 mod service;
 pub mod session;
+#[cfg(feature = "settings")]
+pub mod settings;
 mod shutdown;
 pub mod staging;
 pub mod store;
@@ -114,6 +117,8 @@ pub use layer::{BitsLayer, BitsLayerBuilder};
 pub use serve::{Serve, serve};
 pub use service::BitsService;
 pub use session::{Owner, PeerAddr, SessionId};
+#[cfg(feature = "settings")]
+pub use settings::{Settings, SettingsError};
 pub use shutdown::{BitsHandle, DisableReport, ShutdownReport};
 pub use sweeper::{SweepReport, Sweeper};
 
