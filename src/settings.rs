@@ -515,7 +515,9 @@ impl SettingsError {
         Self::Invalid {
             path: path.map(Path::to_path_buf),
             key: at.and_then(|at| key_at(text, at)),
-            line: at.and_then(|at| text.get(..at)).map(|before| before.matches('\n').count() + 1),
+            line: at
+                .and_then(|at| text.get(..at))
+                .map(|before| before.matches('\n').count() + 1),
             message: error.to_string().trim_end().to_owned(),
         }
     }
@@ -622,7 +624,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = |reason: &str| format!("invalid duration {text:?}: {reason}");
     let mut rest = text.trim();
     if rest.is_empty() {
-        return Err(invalid("it is empty; write a number and a unit, such as \"30s\""));
+        return Err(invalid(
+            "it is empty; write a number and a unit, such as \"30s\"",
+        ));
     }
     let mut nanos: u128 = 0;
     while !rest.is_empty() {
