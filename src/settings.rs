@@ -756,9 +756,12 @@ impl<'de> Deserialize<'de> for Humane {
             }
 
             fn visit_i64<E: de::Error>(self, number: i64) -> Result<Humane, E> {
-                Err(E::custom(format!(
-                    "invalid duration {number}: expected a string such as \"30s\""
-                )))
+                match u64::try_from(number) {
+                    Ok(number) => self.visit_u64(number),
+                    Err(_) => Err(E::custom(format!(
+                        "invalid duration {number}: expected a string such as \"30s\""
+                    ))),
+                }
             }
         }
 
@@ -1011,5 +1014,440 @@ mod completion_policy {
         deserializer: D,
     ) -> Result<Option<CompletionPolicy>, D::Error> {
         Ok(Option::<Policy>::deserialize(deserializer)?.map(|policy| policy.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BitsLayer;
+
+    fn debug(builder: BitsLayerBuilder) -> String {
+        format!("{builder:?}")
+    }
+
+    /// Every key, each set to something other than its default.
+    const EVERY_KEY: &str = r#"
+        root = "elsewhere"
+        prefix = "/upload"
+        max_upload_size = "4GiB"
+        session_timeout = "7d"
+        allow_overwrites = true
+        host_id = "node1.example.com"
+        host_id_fallback_timeout = "1m30s"
+        sweep_interval = "10m"
+        max_sessions = 10
+        max_sessions_per_owner = 3
+        max_sessions_per_peer = 4
+        reclaim_empty_after = "2m"
+        tombstone_retention = "12h"
+        max_tombstones = 100
+        max_tombstones_per_owner = 5
+        abandoned_after = "45s"
+        lease_ttl = "20s"
+        sync_data = true
+        sync_on_commit = false
+        max_fragment_size = "8MiB"
+        body_idle_timeout = "90s"
+        min_body_rate = "2K"
+        body_rate_grace = "15s"
+        commit_point = "close_session"
+        create_directories = true
+        public_origin = "http://files.example.com:8080"
+        https = true
+        replies_dir = "replies"
+        completion_policy = { defer = { first = "5s", max = "1m", attempts = 3 } }
+
+        [notification]
+        url = "/uploaded"
+        type = "by_reference"
+        connect_timeout = "5s"
+        send_timeout = "1m"
+        receive_timeout = "3m"
+        max_reply_size = "1MiB"
+    "#;
+
+    /// [`EVERY_KEY`] through the setters.
+    fn every_key_by_hand() -> BitsLayerBuilder {
+        let secs = Duration::from_secs;
+        BitsLayer::builder("elsewhere")
+            .prefix("/upload")
+            .max_upload_size(4 << 30)
+            .session_timeout(secs(7 * 86_400))
+            .allow_overwrites(true)
+            .host_id("node1.example.com")
+            .host_id_fallback_timeout(secs(90))
+            .sweep_interval(secs(600))
+            .max_sessions(10)
+            .max_sessions_per_owner(3)
+            .max_sessions_per_peer(4)
+            .reclaim_empty_after(secs(120))
+            .tombstone_retention(secs(12 * 3600))
+            .max_tombstones(100)
+            .max_tombstones_per_owner(5)
+            .abandoned_after(secs(45))
+            .lease_ttl(secs(20))
+            .sync_data(true)
+            .sync_on_commit(false)
+            .max_fragment_size(8 << 20)
+            .body_idle_timeout(secs(90))
+            .min_body_rate(2048)
+            .body_rate_grace(secs(15))
+            .commit_point(CommitPoint::CloseSession)
+            .create_directories(true)
+            .public_origin("http://files.example.com:8080")
+            .https(true)
+            .replies_dir("replies")
+            .notification(
+                Notification::by_reference("/uploaded")
+                    .connect_timeout(secs(5))
+                    .send_timeout(secs(60))
+                    .receive_timeout(secs(180))
+                    .max_reply_size(1 << 20),
+            )
+            .completion_policy(CompletionPolicy::Defer(Backoff::new(secs(5), secs(60), 3)))
+    }
+
+    /// The settings' fields as JSON: `null` for those not set.
+    fn fields(settings: &Settings) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(settings).unwrap() {
+            serde_json::Value::Object(fields) => fields,
+            other => panic!("settings serialized as {other}"),
+        }
+    }
+
+    #[test]
+    fn no_settings_leave_the_builders_defaults() {
+        let bare = debug(BitsLayer::builder("uploads"));
+        assert_eq!(
+            debug(Settings::default().apply(BitsLayer::builder("uploads"))),
+            bare
+        );
+        let empty = Settings::from_toml_str("# nothing set\n").unwrap();
+        assert_eq!(empty, Settings::default());
+        assert_eq!(debug(empty.apply(BitsLayer::builder("uploads"))), bare);
+
+        // The same validated configuration, too.
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let bare = BitsLayer::builder(a.path()).build().unwrap();
+        let applied = Settings::default()
+            .apply(BitsLayer::builder(b.path()))
+            .build()
+            .unwrap();
+        assert_eq!(format!("{applied:?}"), format!("{bare:?}"));
+    }
+
+    #[test]
+    fn every_key_calls_its_setter() {
+        let settings = Settings::from_toml_str(EVERY_KEY).unwrap();
+        // EVERY_KEY misses no field.
+        for (key, value) in fields(&settings) {
+            assert!(!value.is_null(), "EVERY_KEY does not set {key}");
+        }
+        assert_eq!(
+            debug(settings.apply(BitsLayer::builder("unused"))),
+            debug(every_key_by_hand())
+        );
+    }
+
+    #[test]
+    fn each_key_alone_changes_the_builder() {
+        let every = Settings::from_toml_str(EVERY_KEY).unwrap();
+        let default = debug(BitsLayer::builder("unused"));
+        for (key, value) in fields(&every) {
+            let mut one = serde_json::Map::new();
+            one.insert(key.clone(), value);
+            let one: Settings = serde_json::from_value(one.into()).unwrap();
+            assert_ne!(
+                debug(one.apply(BitsLayer::builder("unused"))),
+                default,
+                "{key} alone changed nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn applied_settings_build_a_layer_with_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("from-the-file");
+        let text = format!(
+            "root = {:?}\nmax_upload_size = \"1MiB\"\nsession_timeout = \"1h30m\"\n",
+            root.display().to_string()
+        );
+        let layer = Settings::from_toml_str(&text)
+            .unwrap()
+            .apply(BitsLayer::builder(tmp.path().join("not-this-one")))
+            .build()
+            .unwrap();
+        let shown = format!("{layer:?}");
+        assert!(shown.contains("max_upload_size: 1048576"), "{shown}");
+        assert!(shown.contains("session_timeout: 5400s"), "{shown}");
+        // The root from the file is the one used.
+        assert!(root.join(".bits").is_dir());
+        assert!(!tmp.path().join("not-this-one").exists());
+    }
+
+    #[test]
+    fn settings_serialize_to_what_they_read() {
+        let settings = Settings::from_toml_str(EVERY_KEY).unwrap();
+        let json = serde_json::to_value(&settings).unwrap();
+        assert_eq!(json["session_timeout"], "7d");
+        assert_eq!(json["host_id_fallback_timeout"], "1m30s");
+        assert_eq!(json["max_upload_size"], 4u64 << 30);
+        assert_eq!(json["commit_point"], "close_session");
+        assert_eq!(json["notification"]["type"], "by_reference");
+        assert_eq!(json["completion_policy"]["defer"]["attempts"], 3);
+        assert_eq!(serde_json::from_value::<Settings>(json).unwrap(), settings);
+        for policy in ["reject", "retry_later"] {
+            let settings =
+                Settings::from_toml_str(&format!("completion_policy = {policy:?}")).unwrap();
+            let json = serde_json::to_value(&settings).unwrap();
+            assert_eq!(json["completion_policy"], policy);
+        }
+    }
+
+    #[test]
+    fn durations_are_humane() {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        for (text, expected) in [
+            ("30s", secs(30)),
+            ("500ms", ms(500)),
+            ("14d", secs(14 * 86_400)),
+            ("1h30m", secs(5_400)),
+            ("1h 30m", secs(5_400)),
+            (" 2m ", secs(120)),
+            ("1s500ms", ms(1_500)),
+            ("90m", secs(5_400)),
+            ("0s", Duration::ZERO),
+            ("7us", Duration::from_micros(7)),
+            ("3ns", Duration::from_nanos(3)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for (duration, text) in [
+            (secs(5_400), "1h30m"),
+            (secs(14 * 86_400), "14d"),
+            (ms(1_500), "1s500ms"),
+            (Duration::ZERO, "0s"),
+            (Duration::new(90_061, 1), "1d1h1m1s1ns"),
+        ] {
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(parse_duration(text), Ok(duration), "{text}");
+        }
+        let settings = Settings::from_toml_str(
+            "session_timeout = \"14d\"\nbody_idle_timeout = \"500ms\"\nlease_ttl = \"1h30m\"",
+        )
+        .unwrap();
+        assert_eq!(settings.session_timeout, Some(secs(14 * 86_400)));
+        assert_eq!(settings.body_idle_timeout, Some(ms(500)));
+        assert_eq!(settings.lease_ttl, Some(secs(5_400)));
+    }
+
+    #[test]
+    fn sizes_are_humane() {
+        for (text, expected) in [
+            ("1024", 1024),
+            ("16M", 16 << 20),
+            ("4GiB", 4 << 30),
+            ("4gib", 4 << 30),
+            ("512 KiB", 512 << 10),
+            ("2T", 2 << 40),
+            ("10MB", 10_000_000),
+            ("3kb", 3_000),
+            ("7B", 7),
+        ] {
+            assert_eq!(parse_size(text), Ok(expected), "{text}");
+        }
+        let settings = Settings::from_toml_str(
+            "max_upload_size = 1_000_000\nmax_fragment_size = \"16M\"\nmin_body_rate = \"1KiB\"",
+        )
+        .unwrap();
+        assert_eq!(settings.max_upload_size, Some(1_000_000));
+        assert_eq!(settings.max_fragment_size, Some(16 << 20));
+        assert_eq!(settings.min_body_rate, Some(1024));
+    }
+
+    /// The error for `text`, asserting that it names `key`, is on `line` and says `reason`.
+    fn assert_invalid(text: &str, key: &str, line: usize, reason: &str) {
+        let error = Settings::from_toml_str(text).expect_err(text);
+        let shown = error.to_string();
+        match &error {
+            SettingsError::Invalid {
+                key: Some(found),
+                line: Some(on),
+                message,
+                path: None,
+            } => {
+                assert_eq!(found, key, "{shown}");
+                assert_eq!(*on, line, "{shown}");
+                assert!(message.contains(&format!("line {line}")), "{shown}");
+            }
+            other => panic!("{text}: {other:?}"),
+        }
+        assert!(shown.contains(&format!("key `{key}`")), "{shown}");
+        assert!(shown.contains(reason), "{text}: {shown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        assert_invalid(
+            "prefix = \"/u\"\nmax_upload_sise = 10\n",
+            "max_upload_sise",
+            2,
+            "unknown field `max_upload_sise`",
+        );
+        assert_invalid(
+            "[notification]\nurl = \"http://127.0.0.1:9/\"\ntype = \"by_value\"\ntimeout = \"1s\"",
+            "notification.timeout",
+            4,
+            "unknown field `timeout`",
+        );
+        assert_invalid(
+            "\n\ncompletion_policy = { defer = { tries = 3 } }",
+            "completion_policy.defer.tries",
+            3,
+            "unknown field `tries`",
+        );
+        assert_invalid("[bits]\nprefix = \"/\"", "bits", 1, "unknown field `bits`");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (text, key, reason) in [
+            (
+                "session_timeout = \"30x\"",
+                "session_timeout",
+                "unknown unit \"x\"",
+            ),
+            ("session_timeout = 30", "session_timeout", "write \"30s\""),
+            ("lease_ttl = \"\"", "lease_ttl", "it is empty"),
+            ("lease_ttl = \"s\"", "lease_ttl", "expected a number"),
+            ("lease_ttl = \"10\"", "lease_ttl", "10 has no unit"),
+            (
+                "sweep_interval = \"99999999999999999999d\"",
+                "sweep_interval",
+                "too",
+            ),
+            (
+                "max_upload_size = \"4 parsecs\"",
+                "max_upload_size",
+                "unknown unit \"parsecs\"",
+            ),
+            (
+                "max_upload_size = -1",
+                "max_upload_size",
+                "must not be negative",
+            ),
+            (
+                "max_upload_size = \"99999999T\"",
+                "max_upload_size",
+                "too large",
+            ),
+            ("max_upload_size = 1.5", "max_upload_size", "invalid type"),
+            ("max_sessions = \"many\"", "max_sessions", "expected usize"),
+            (
+                "allow_overwrites = \"yes\"",
+                "allow_overwrites",
+                "expected a boolean",
+            ),
+            (
+                "commit_point = \"close\"",
+                "commit_point",
+                "unknown variant `close`",
+            ),
+            (
+                "completion_policy = \"maybe\"",
+                "completion_policy",
+                "unknown variant `maybe`",
+            ),
+            (
+                "completion_policy = { later = {} }",
+                "completion_policy",
+                "unknown variant `later`",
+            ),
+            (
+                "[notification]\nurl = \"http://127.0.0.1:9/\"\ntype = \"by_carrier\"",
+                "notification.type",
+                "unknown variant `by_carrier`",
+            ),
+        ] {
+            let line = text.lines().count();
+            assert_invalid(text, key, line, reason);
+        }
+        // A missing key names its table.
+        let error = Settings::from_toml_str("[notification]\ntype = \"by_value\"").unwrap_err();
+        assert_eq!(error.key(), Some("notification"), "{error}");
+        assert!(error.to_string().contains("missing field `url`"), "{error}");
+        // Not TOML at all: the line still is.
+        let error = Settings::from_toml_str("prefix = \"/\"\nmax_sessions =").unwrap_err();
+        assert!(
+            matches!(error, SettingsError::Invalid { line: Some(2), .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn values_are_checked_when_the_layer_is_built() {
+        let settings = Settings::from_toml_str("max_fragment_size = \"1K\"").unwrap();
+        let error = settings
+            .apply(BitsLayer::builder("unused"))
+            .build()
+            .map(drop)
+            .unwrap_err();
+        assert!(
+            matches!(error, crate::ConfigError::FragmentLimitTooSmall(1024)),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing.toml");
+        let error = Settings::from_file(&missing).unwrap_err();
+        assert!(matches!(error, SettingsError::Read { .. }), "{error:?}");
+        assert!(error.to_string().contains("missing.toml"), "{error}");
+
+        let path = tmp.path().join("bits.toml");
+        std::fs::write(&path, "max_sessions = 10\nsession_timeout = \"1y\"\n").unwrap();
+        let error = Settings::from_file(&path).unwrap_err();
+        let shown = error.to_string();
+        assert!(shown.contains("bits.toml"), "{shown}");
+        assert!(shown.contains("key `session_timeout`"), "{shown}");
+        assert!(shown.contains("line 2"), "{shown}");
+
+        std::fs::write(&path, "max_sessions = 10\n").unwrap();
+        assert_eq!(Settings::from_file(&path).unwrap().max_sessions, Some(10));
+    }
+
+    /// The example server's `--config` file, as the example reads it.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ExampleFile {
+        server: ExampleServer,
+        bits: Settings,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ExampleServer {
+        listen: std::net::SocketAddr,
+        store: String,
+    }
+
+    #[test]
+    fn the_example_configuration_reads_and_states_the_defaults() {
+        let file: ExampleFile = from_toml_str(include_str!("../examples/server.toml")).unwrap();
+        assert_eq!(file.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(file.server.store, "file");
+        let mut bits = file.bits;
+        assert_eq!(bits.root.as_deref(), Some(Path::new("./uploads")));
+        assert_eq!(bits.max_upload_size.take(), Some(4 << 30));
+        // Every other value it sets is the builder's default, as its comments say.
+        assert_eq!(
+            debug(bits.apply(BitsLayer::builder("unused"))),
+            debug(BitsLayer::builder("./uploads"))
+        );
     }
 }
