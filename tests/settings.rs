@@ -32,7 +32,10 @@ async fn max_upload_size_from_a_file_refuses_a_larger_upload() {
     let bytes = data(64 << 10, 2);
     for _ in 0..2 {
         client.upload("/ok.bin", &bytes, 16 << 10).await;
-        assert_eq!(std::fs::read(server.root.join("ok.bin")).expect("file"), bytes);
+        assert_eq!(
+            std::fs::read(server.root.join("ok.bin")).expect("file"),
+            bytes
+        );
     }
     server.stop().await;
 }
