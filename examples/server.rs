@@ -1,7 +1,7 @@
 //! A BITS upload server on a local folder.
 //!
 //! ```text
-//! cargo run --release --example server -- [--listen 127.0.0.1:8080] [--root ./uploads]
+//! cargo run --release --example server -- [--config FILE] [--listen 127.0.0.1:8080] [--root ./uploads]
 //!     [--max-upload-size BYTES] [--session-timeout SECS] [--allow-overwrites] [--sync-data]
 //!     [--notify-url URL --notify-type reference|value] [--public-origin http://HOST:PORT]
 //!     [--host-id ID --host-id-fallback-timeout SECS]
@@ -11,43 +11,57 @@
 //! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin`. Sessions persist under
 //! `ROOT/.bits`, so a restarted server resumes them. Ctrl-C or SIGTERM stops it cleanly.
 //!
+//! `--config FILE` reads a TOML file with a `[server]` table (`listen`, `store`) and a `[bits]`
+//! table ([`axum_bits::Settings`]: every builder option); see `examples/server.toml`. Flags
+//! given on the command line override the file.
+//!
 //! The SQLite, PostgreSQL and Redis stores need the crate feature of the same name, e.g.
 //! `cargo run --release --features postgres --example server -- --store postgres://..`.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use axum_bits::completion::NotificationType;
+use axum_bits::settings::NotificationSettings;
 use axum_bits::store::MemoryStore;
-use axum_bits::{BitsLayer, BitsLayerBuilder, CommitPoint, Notification};
+use axum_bits::{BitsLayer, BitsLayerBuilder, CommitPoint, Settings};
 use clap::{Parser, ValueEnum};
+use serde::Deserialize;
 
 /// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
 /// or `Start-BitsTransfer -TransferType Upload`.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Folder uploads land in (`BITS_POST /a/b.bin` → ROOT/a/b.bin).
-    #[arg(long, default_value = "./uploads")]
-    root: PathBuf,
+    /// TOML configuration: a [server] table (listen, store) and a [bits] table (every
+    /// builder option; see examples/server.toml). Flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on. Default: 127.0.0.1:8080.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Folder uploads land in (`BITS_POST /a/b.bin` → ROOT/a/b.bin). Default: ./uploads.
+    #[arg(long)]
+    root: Option<PathBuf>,
     /// Largest file accepted, in bytes (IIS: BITSMaximumUploadSize). Default: unlimited.
     #[arg(long, value_name = "BYTES")]
     max_upload_size: Option<u64>,
     /// Seconds a session may be idle before it is deleted (IIS: BITSSessionTimeout).
-    #[arg(long, value_name = "SECS", default_value_t = 14 * 24 * 3600)]
-    session_timeout: u64,
-    /// Let uploads replace existing files (IIS: BITSAllowOverwrites).
-    #[arg(long)]
-    allow_overwrites: bool,
-    /// Fsync every fragment and session record before its Ack (power-loss durability).
-    #[arg(long)]
-    sync_data: bool,
+    /// Default: 1209600 (14 days).
+    #[arg(long, value_name = "SECS")]
+    session_timeout: Option<u64>,
+    /// Let uploads replace existing files (IIS: BITSAllowOverwrites); `=false` turns it off
+    /// again over the config file.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    allow_overwrites: Option<bool>,
+    /// Fsync every fragment and session record before its Ack (power-loss durability);
+    /// `=false` turns it off again over the config file.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    sync_data: Option<bool>,
     /// Server-application notification URL (IIS: BITSServerNotificationURL): absolute
     /// http://, or relative (/notify) to --public-origin, which it then requires.
     #[arg(long, value_name = "URL", requires = "notify_type")]
@@ -63,15 +77,34 @@ struct Args {
     #[arg(long, value_name = "ID")]
     host_id: Option<String>,
     /// Seconds before a client may fall back from the host id (IIS: BITSHostIdFallbackTimeout).
-    #[arg(long, value_name = "SECS", requires = "host_id")]
+    /// Needs a host id (--host-id, or host_id in the config file).
+    #[arg(long, value_name = "SECS")]
     host_id_fallback_timeout: Option<u64>,
-    /// When a finished upload is moved into place.
-    #[arg(long, value_enum, default_value_t = CommitOn::LastFragment)]
-    commit_on: CommitOn,
+    /// When a finished upload is moved into place. Default: last-fragment.
+    #[arg(long, value_enum)]
+    commit_on: Option<CommitOn>,
     /// Where session records live: file (ROOT/.bits/sessions), memory, sqlite:PATH,
-    /// postgres://.., redis://..
-    #[arg(long, default_value = "file")]
-    store: String,
+    /// postgres://.., redis://.. Default: file.
+    #[arg(long)]
+    store: Option<String>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    /// This example's own settings.
+    server: ServerSection,
+    /// The BITS layer's.
+    bits: Settings,
+}
+
+/// The `[server]` table: the flags that are not builder options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<SocketAddr>,
+    store: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -109,43 +142,90 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut builder = BitsLayer::builder(&args.root)
-        .session_timeout(Duration::from_secs(args.session_timeout))
-        .allow_overwrites(args.allow_overwrites)
-        .sync_data(args.sync_data)
-        .commit_point(match args.commit_on {
+    let file = match &args.config {
+        Some(path) => axum_bits::settings::from_file::<ConfigFile>(path)?,
+        None => ConfigFile::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.server.listen)
+        .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)));
+    let store = args
+        .store
+        .or(file.server.store)
+        .unwrap_or_else(|| "file".into());
+    // The command line overrides the file; what neither sets keeps the builder's default.
+    let mut settings = file.bits;
+    if let Some(root) = args.root {
+        settings.root = Some(root);
+    }
+    if let Some(bytes) = args.max_upload_size {
+        settings.max_upload_size = Some(bytes);
+    }
+    if let Some(secs) = args.session_timeout {
+        settings.session_timeout = Some(Duration::from_secs(secs));
+    }
+    if let Some(allow) = args.allow_overwrites {
+        settings.allow_overwrites = Some(allow);
+    }
+    if let Some(on) = args.sync_data {
+        settings.sync_data = Some(on);
+    }
+    if let Some(commit_on) = args.commit_on {
+        settings.commit_point = Some(match commit_on {
             CommitOn::LastFragment => CommitPoint::LastFragment,
             CommitOn::Close => CommitPoint::CloseSession,
         });
-    if let Some(bytes) = args.max_upload_size {
-        builder = builder.max_upload_size(bytes);
     }
-    if let Some(host) = &args.host_id {
-        builder = builder.host_id(host);
+    if let Some(host) = args.host_id {
+        settings.host_id = Some(host);
     }
-    if let Some(origin) = &args.public_origin {
-        builder = builder.public_origin(origin);
+    if let Some(secs) = args.host_id_fallback_timeout {
+        settings.host_id_fallback_timeout = Some(Duration::from_secs(secs));
     }
-    if let (Some(url), Some(kind)) = (&args.notify_url, args.notify_type) {
+    if let Some(origin) = args.public_origin {
+        settings.public_origin = Some(origin);
+    }
+    if let (Some(url), Some(kind)) = (args.notify_url, args.notify_type) {
+        let kind = match kind {
+            NotifyType::Reference => NotificationType::ByReference,
+            NotifyType::Value => NotificationType::ByValue,
+        };
+        // The file's timeouts and reply size stay.
+        match &mut settings.notification {
+            Some(notification) => {
+                notification.url = url;
+                notification.kind = kind;
+            }
+            None => settings.notification = Some(NotificationSettings::new(kind, url)),
+        }
+    }
+    if settings.host_id_fallback_timeout.is_some() && settings.host_id.is_none() {
+        return Err(
+            "--host-id-fallback-timeout needs a host id: also give --host-id \
+                    (or host_id in the config file)"
+                .into(),
+        );
+    }
+    let notify = settings.notification.as_ref().map(|n| n.url.clone());
+    if let Some(url) = &notify {
         // The server never resolves a notification URL against a request: its Host is the
         // client's to choose.
-        if !url.contains("://") && args.public_origin.is_none() {
+        if !url.contains("://") && settings.public_origin.is_none() {
             return Err(format!(
-                "--notify-url {url} is relative: also give --public-origin http://HOST:PORT \
-                 (where clients reach this server; the URL resolves against it), or give an \
-                 absolute http:// URL"
+                "notification URL {url} is relative: also give --public-origin \
+                 http://HOST:PORT, or public_origin in the config file (where clients reach \
+                 this server; the URL resolves against it), or give an absolute http:// URL"
             )
             .into());
         }
-        builder = builder.notification(match kind {
-            NotifyType::Reference => Notification::by_reference(url),
-            NotifyType::Value => Notification::by_value(url),
-        });
     }
-    if let Some(secs) = args.host_id_fallback_timeout {
-        builder = builder.host_id_fallback_timeout(Duration::from_secs(secs));
-    }
-    builder = with_store(builder, &args.store).await?;
+    let root = settings
+        .root
+        .take()
+        .unwrap_or_else(|| PathBuf::from("./uploads"));
+    let mut builder = settings.apply(BitsLayer::builder(&root));
+    builder = with_store(builder, &store).await?;
     let bits = builder.build()?;
     let handle = bits.handle();
     // Recovers what a crash left behind, then expires idle sessions; stops at shutdown.
@@ -157,12 +237,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             get(|| async { "axum-bits: BITS_POST a file to any path to upload it\n" }),
         )
         .layer(bits);
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        root = %args.root.display(),
-        store = %args.store,
-        notify = args.notify_url.as_deref().unwrap_or("none"),
+        root = %root.display(),
+        store = %store,
+        notify = notify.as_deref().unwrap_or("none"),
         "BITS upload server ready"
     );
     let stopping = handle.clone();

@@ -123,11 +123,29 @@ impl std::fmt::Debug for BitsLayerBuilder {
         f.debug_struct("BitsLayerBuilder")
             .field("root", &self.root)
             .field("config", &self.config)
+            .field("notification", &self.notification)
+            .field("replies_dir", &self.replies_dir)
             .finish_non_exhaustive()
     }
 }
 
 impl BitsLayerBuilder {
+    /// Replaces the upload root given to [`BitsLayer::builder`], for a root that comes from
+    /// configuration read later (such as [`Settings::root`](crate::Settings::root)). The
+    /// default store, staging and reply folder are placed under the root when the layer is
+    /// built, so they follow it.
+    ///
+    /// ```
+    /// use axum_bits::BitsLayer;
+    ///
+    /// let builder = BitsLayer::builder("./uploads").root("/srv/uploads");
+    /// assert!(format!("{builder:?}").contains("/srv/uploads"));
+    /// ```
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = root.into();
+        self
+    }
+
     /// Only `BITS_POST` requests whose path is at or below `prefix` are handled; the rest of
     /// the path (below the prefix) names the destination under the root. Default: `/`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {

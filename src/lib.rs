@@ -74,6 +74,7 @@
 //! | `redis` | `store::RedisStore`, and `redis` re-exported |
 //! | `conformance` | `store::conformance`: the suite every [`SessionStore`](store::SessionStore) must pass |
 //! | `client` | `client::BitsClient`: an async BITS upload client (HTTPS with rustls), and `reqwest` re-exported |
+//! | `settings` | `Settings`: every builder option from a TOML file, with humane durations (`"14d"`) and sizes (`"4GiB"`) |
 //!
 //! The memory and file stores and local staging are always compiled. A farm of nodes shares a
 //! PostgreSQL or Redis store and the upload root; see the README's "Running a farm".
@@ -106,6 +107,8 @@ mod serve;
 mod service;
 pub mod session;
 mod session_lock;
+#[cfg(feature = "settings")]
+pub mod settings;
 mod shared;
 pub mod staging;
 pub mod store;
@@ -123,6 +126,8 @@ pub use recovery::{RecoveryError, RecoveryReport};
 pub use serve::{Serve, serve};
 pub use service::BitsService;
 pub use session::{Owner, PeerAddr, SessionId};
+#[cfg(feature = "settings")]
+pub use settings::{Settings, SettingsError};
 pub use sweeper::{SweepReport, Sweeper};
 
 /// A type-erased error, as tower and axum use it: what a store backend, a hook or the
