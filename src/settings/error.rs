@@ -111,8 +111,8 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     find(document.get_ref(), at, &mut path).then(|| path.join("."))
 }
 
-/// Reads any configuration from TOML text with the errors of [`Settings::from_toml_str`]:
-/// for a configuration of your own that holds [`Settings`] as one of its tables.
+/// Reads any configuration from TOML text with the errors of [`Settings::from_toml_str`](super::Settings::from_toml_str):
+/// for a configuration of your own that holds [`Settings`](super::Settings) as one of its tables.
 ///
 /// ```
 /// use axum_bits::Settings;
@@ -132,8 +132,8 @@ pub fn from_toml_str<T: DeserializeOwned>(text: &str) -> Result<T, SettingsError
     toml::from_str(text).map_err(|error| SettingsError::invalid(text, None, &error))
 }
 
-/// Reads any configuration from a TOML file with the errors of [`Settings::from_file`] (and
-/// its blocking I/O): for a configuration of your own that holds [`Settings`] as one of its
+/// Reads any configuration from a TOML file with the errors of [`Settings::from_file`](super::Settings::from_file) (and
+/// its blocking I/O): for a configuration of your own that holds [`Settings`](super::Settings) as one of its
 /// tables.
 ///
 /// ```

@@ -30,7 +30,7 @@
 //!   1024; `KB`, `MB`, `GB`, `TB` are powers of 1000; `B` is bytes. Units ignore case.
 //! * **`commit_point`** is `"last_fragment"` or `"close_session"`.
 //! * **`completion_policy`** is `"reject"`, `"retry_later"`, `"defer"` (with the default
-//!   [`Backoff`]), or `{ defer = { first = "10s", max = "10m", attempts = 12 } }` (each of
+//!   [`Backoff`](crate::completion::Backoff)), or `{ defer = { first = "10s", max = "10m", attempts = 12 } }` (each of
 //!   the three optional).
 //! * **`notification`** is a table with `url` and `type` (`"by_reference"` or `"by_value"`),
 //!   and optionally `connect_timeout`, `send_timeout`, `receive_timeout` and
