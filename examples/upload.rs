@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum_bits::client::{BitsClient, Error, Phase, Progress, UploadSource};
+use axum_bits::client::{BitsClient, Error, Progress, UploadPhase, UploadSource};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -187,7 +187,7 @@ impl Bar {
                 eprintln!("\rsession {id} (continue an interrupted upload with --resume {id})");
             }
         }
-        let finished = p.phase == Phase::Finished;
+        let finished = p.phase == UploadPhase::Finished;
         let now = Instant::now();
         if self.quiet
             || (!finished
@@ -222,13 +222,13 @@ impl Bar {
             String::new()
         };
         let status = match &p.phase {
-            Phase::Connecting => "connecting".to_owned(),
-            Phase::Uploading | Phase::Finished => String::new(),
-            Phase::Retrying { delay, error } => {
+            UploadPhase::Connecting => "connecting".to_owned(),
+            UploadPhase::Uploading | UploadPhase::Finished => String::new(),
+            UploadPhase::Retrying { delay, error } => {
                 format!("retry in {:.0?}: {}", delay, truncate(error, 60))
             }
-            Phase::DownloadingReply { received, .. } => format!("reply {}", human(*received)),
-            Phase::Closing => "closing".to_owned(),
+            UploadPhase::DownloadingReply { received, .. } => format!("reply {}", human(*received)),
+            UploadPhase::Closing => "closing".to_owned(),
             _ => String::new(),
         };
         let mut err = std::io::stderr().lock();

@@ -81,9 +81,6 @@ pub enum ConfigError {
     Zero(&'static str),
 }
 
-/// Smallest fragment the Windows client sends after shrinking on 413.
-pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
-
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) prefix: String,
@@ -165,7 +162,7 @@ impl Config {
         if !self.prefix.starts_with('/') || self.prefix.contains(['?', '#']) {
             return Err(ConfigError::InvalidPrefix(self.prefix.clone()));
         }
-        if self.max_fragment_size < MIN_FRAGMENT_SIZE {
+        if self.max_fragment_size < crate::protocol::MIN_FRAGMENT_SIZE {
             return Err(ConfigError::FragmentLimitTooSmall(self.max_fragment_size));
         }
         for (name, zero) in [

@@ -25,7 +25,8 @@ use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::routing::get;
 use axum_bits::client::{
-    BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadBuilder, UploadSource, Uploaded,
+    BitsClient, BitsClientBuilder, Error, Progress, UploadBuilder, UploadPhase, UploadSource,
+    Uploaded,
 };
 use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
 use axum_bits::protocol::Hresult;
@@ -423,13 +424,13 @@ async fn progress_only_moves_forward_and_ends_finished() {
         );
         let last = all.last().unwrap();
         assert_eq!(last.acknowledged, total);
-        assert_eq!(last.phase, Phase::Finished);
+        assert_eq!(last.phase, UploadPhase::Finished);
         assert_eq!(
             last.session_id.as_deref(),
             Some(uploaded.session_id.as_str())
         );
-        assert!(all.iter().any(|p| p.phase == Phase::Closing));
-        assert!(all.iter().any(|p| p.phase == Phase::Uploading));
+        assert!(all.iter().any(|p| p.phase == UploadPhase::Closing));
+        assert!(all.iter().any(|p| p.phase == UploadPhase::Uploading));
     })
     .await;
 }
@@ -1646,7 +1647,7 @@ async fn iis_busy_and_proxy_errors_are_retried() {
             .all()
             .into_iter()
             .filter_map(|p| match p.phase {
-                Phase::Retrying { error, .. } => Some(error),
+                UploadPhase::Retrying { error, .. } => Some(error),
                 _ => None,
             })
             .collect();

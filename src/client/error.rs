@@ -48,9 +48,9 @@ pub enum Error {
     Transport {
         /// The packet that was being sent.
         packet: &'static str,
-        /// The HTTP client's error.
+        /// What went wrong below HTTP.
         #[source]
-        source: reqwest::Error,
+        source: TransportError,
     },
     /// Transient failures went on for longer than the no-progress timeout.
     #[error("no progress for {:.0?}; giving up. The last error: {last}", elapsed)]
@@ -126,8 +126,54 @@ pub enum Error {
     #[error("the upload was cancelled")]
     Cancelled,
     /// The HTTP client could not be built (TLS setup, an invalid certificate, ...).
-    #[error("building the HTTP client: {0}")]
-    Build(#[source] reqwest::Error),
+    #[error("building the HTTP client: {}", with_causes(.0))]
+    Build(#[source] TransportError),
+}
+
+/// A failure of the HTTP transport underneath the protocol: connecting (refused, unreachable,
+/// a name that does not resolve), TLS, a timeout, a connection cut off, or setting up the HTTP
+/// client.
+///
+/// It is opaque so that the HTTP library the client is built on can change without changing
+/// this API. Its message is the top-level one; [`source`](std::error::Error::source) leads
+/// to the causes, the innermost of which is usually the most telling ("Connection refused").
+#[derive(Debug)]
+pub struct TransportError(reqwest::Error);
+
+impl TransportError {
+    pub(crate) fn new(error: reqwest::Error) -> Self {
+        Self(error)
+    }
+
+    /// Whether the request (or connecting) took longer than its timeout.
+    pub fn is_timeout(&self) -> bool {
+        self.0.is_timeout()
+    }
+
+    /// Whether the failure happened while connecting: refused, unreachable, a name that did
+    /// not resolve, a failed TLS handshake.
+    pub fn is_connect(&self) -> bool {
+        self.0.is_connect()
+    }
+
+    /// Whether the server's certificate was refused (unknown issuer, expired, wrong name,
+    /// none at all). Retrying meets the same certificate.
+    pub fn is_certificate(&self) -> bool {
+        super::is_certificate_error(&self.0)
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The wrapped error is an implementation detail: its causes are what tell.
+        self.0.source()
+    }
 }
 
 /// An error and its causes, `: `-separated (reqwest's own message hides the cause, such as

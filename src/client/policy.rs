@@ -6,10 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use super::error::{Error, ServerError};
-use crate::protocol::{AckParseError, Hresult, PacketType, ParsedAck};
-
-/// The smallest fragment a BITS client sends; a 413 never pushes it lower.
-pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
+use crate::protocol::{AckParseError, Hresult, MIN_FRAGMENT_SIZE, PacketType, ParsedAck};
 
 /// What to do next.
 #[derive(Debug)]
@@ -132,16 +129,18 @@ fn by_status(
     }
 }
 
-/// Exponential backoff with jitter: `initial`, doubling, capped at `max`, each delay drawn
-/// from the upper half of its step so that many clients do not retry in lockstep.
+/// The client's delays between retries: exponential backoff with jitter, `initial`,
+/// doubling, capped at `max`, each delay drawn from the upper half of its step so that many
+/// clients do not retry in lockstep. (The server's schedule for deferred commits is
+/// [`crate::completion::Backoff`], which has no jitter and a bounded number of attempts.)
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub(crate) struct RetryDelay {
     initial: Duration,
     max: Duration,
     attempt: u32,
 }
 
-impl Backoff {
+impl RetryDelay {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
@@ -375,13 +374,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = RetryDelay::new(Duration::from_millis(100), Duration::from_secs(1));
         let lows: Vec<_> = (0..6).map(|_| b.next_delay(0)).collect();
         assert_eq!(
             lows,
             [50, 100, 200, 400, 500, 500].map(Duration::from_millis)
         );
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = RetryDelay::new(Duration::from_millis(100), Duration::from_secs(1));
         let highs: Vec<_> = (0..5).map(|_| b.next_delay(u64::MAX - 1)).collect();
         for (high, step) in highs.iter().zip([100, 200, 400, 800, 1000]) {
             assert!(*high <= Duration::from_millis(step), "{high:?} > {step}");
@@ -389,7 +388,7 @@ mod tests {
         }
         b.reset();
         assert_eq!(b.next_delay(0), Duration::from_millis(50));
-        let mut huge = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut huge = RetryDelay::new(Duration::from_secs(1), Duration::from_secs(60));
         for _ in 0..100 {
             assert!(huge.next_delay(random()) <= Duration::from_secs(60));
         }

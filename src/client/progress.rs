@@ -20,7 +20,7 @@ pub struct Progress {
     /// The session id, once the server has given one.
     pub session_id: Option<String>,
     /// What the client is doing.
-    pub phase: Phase,
+    pub phase: UploadPhase,
     /// Transient failures retried so far.
     pub retries: u32,
     /// Times the server lost the session and the upload started over.
@@ -38,10 +38,11 @@ impl Progress {
     }
 }
 
-/// What an upload is doing.
+/// What an upload is doing, as the client sees it (the server's record of a session has its
+/// own [`session::Phase`](crate::session::Phase)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Phase {
+pub enum UploadPhase {
     /// Ping and Create-Session.
     Connecting,
     /// Sending fragments.
@@ -85,7 +86,7 @@ impl Tracker {
                 in_flight: 0,
                 fragment_size: 0,
                 session_id: None,
-                phase: Phase::Connecting,
+                phase: UploadPhase::Connecting,
                 retries: 0,
                 restarts: 0,
                 elapsed: Duration::ZERO,

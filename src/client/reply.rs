@@ -8,18 +8,19 @@ use http::{HeaderValue, StatusCode, header};
 use reqwest::Url;
 use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
 
-use super::policy::{self, Backoff};
-use super::progress::{Phase, Tracker};
-use super::{BitsClient, Error, ServerError, is_certificate_error};
+use super::policy::{self, RetryDelay};
+use super::progress::{Tracker, UploadPhase};
+use super::{BitsClient, Error, ServerError, TransportError, is_certificate_error};
 
 const PACKET: &str = "reply download";
 /// Redirects followed per attempt (a BITS download job follows them silently).
 const MAX_REDIRECTS: usize = 10;
 
-/// The reply of an upload-reply job.
+/// The reply of an upload-reply job, as downloaded from `BITS-Reply-URL` (what the server's
+/// application answered with a [`completion::Reply`](crate::completion::Reply)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Reply {
+pub struct DownloadedReply {
     /// Where it was downloaded from (the `BITS-Reply-URL`, resolved).
     pub url: Url,
     /// Its size.
@@ -189,7 +190,7 @@ pub(crate) async fn download(
     trusted: &[reqwest::Url],
     tracker: &Tracker,
     retries: &mut u32,
-) -> Result<Reply, Error> {
+) -> Result<DownloadedReply, Error> {
     let config = &client.inner.config;
     let mut partial = Partial {
         sink: Sink::open(target).await?,
@@ -197,10 +198,10 @@ pub(crate) async fn download(
         total: None,
         validator: None,
     };
-    let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
+    let mut backoff = RetryDelay::new(config.retry_initial, config.retry_max);
     let mut last_progress = Instant::now();
     tracker.update(|p| {
-        p.phase = Phase::DownloadingReply {
+        p.phase = UploadPhase::DownloadingReply {
             received: 0,
             total: None,
         }
@@ -228,7 +229,7 @@ pub(crate) async fn download(
         let count = *retries;
         tracker.update(|p| {
             p.retries = count;
-            p.phase = Phase::Retrying {
+            p.phase = UploadPhase::Retrying {
                 delay,
                 error: error.to_string(),
             };
@@ -236,7 +237,7 @@ pub(crate) async fn download(
         tokio::time::sleep(delay).await;
     }
     let (body, path) = partial.sink.finish().await?;
-    Ok(Reply {
+    Ok(DownloadedReply {
         url,
         len: partial.have,
         body,
@@ -299,13 +300,13 @@ async fn fetch(
             Err(e) if is_certificate_error(&e) => {
                 return Err(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 });
             }
             Err(e) => {
                 return Ok(Attempt::Retry(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 }));
             }
         };
@@ -402,13 +403,13 @@ async fn fetch(
                 partial.sink.write(&chunk).await?;
                 partial.have += chunk.len() as u64;
                 let (received, total) = (partial.have, partial.total);
-                tracker.update(|p| p.phase = Phase::DownloadingReply { received, total });
+                tracker.update(|p| p.phase = UploadPhase::DownloadingReply { received, total });
             }
             Ok(None) => break,
             Err(e) => {
                 return Ok(Attempt::Retry(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 }));
             }
         }
