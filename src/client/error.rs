@@ -218,6 +218,8 @@ pub struct ServerError {
     pub(crate) context: Option<u32>,
     pub(crate) is_ack: bool,
     pub(crate) transient: bool,
+    /// Whether the request carried credentials (Basic or an `Authorization` header).
+    pub(crate) credentials: bool,
 }
 
 impl ServerError {
@@ -252,6 +254,12 @@ impl ServerError {
         self.transient
     }
 
+    /// Whether the refused request carried credentials (Basic, or an `Authorization`
+    /// header): a 401 then means they were wrong rather than missing.
+    pub fn credentials_sent(&self) -> bool {
+        self.credentials
+    }
+
     /// What the error most likely means and what to do about it.
     pub fn hint(&self) -> String {
         if let Some(text) = self.code.and_then(Hresult::description) {
@@ -272,8 +280,12 @@ impl ServerError {
             };
         }
         match self.status.as_u16() {
-            401 => "the server wants credentials: pass a user name and password (Basic) or an \
-                    Authorization header"
+            401 if self.credentials => "the server refused the credentials sent: check the user \
+                                        name and password (or the token), and that the account \
+                                        may upload here"
+                .into(),
+            401 => "the server wants credentials and none were sent: give a user name and \
+                    password (Basic) or an Authorization header"
                 .into(),
             407 => "the proxy wants credentials".into(),
             404 if !self.is_ack => {
@@ -333,6 +345,7 @@ mod tests {
             context,
             is_ack,
             transient: false,
+            credentials: false,
         }
     }
 
@@ -363,6 +376,14 @@ mod tests {
 
         let auth = server(401, None, None, false).to_string();
         assert!(auth.contains("credentials"), "{auth}");
+        assert!(auth.contains("none were sent"), "{auth}");
+        let refused = ServerError {
+            credentials: true,
+            ..server(401, None, None, false)
+        }
+        .to_string();
+        assert!(refused.contains("refused the credentials"), "{refused}");
+        assert!(!refused.contains("none were sent"), "{refused}");
 
         let method = server(405, None, None, false).hint();
         assert!(method.contains("BITS_POST"), "{method}");

@@ -85,6 +85,13 @@ struct Config {
     basic_auth: Option<(String, String)>,
 }
 
+impl Config {
+    /// Whether packets carry credentials: Basic, or an `Authorization` header.
+    fn sends_credentials(&self) -> bool {
+        self.basic_auth.is_some() || self.headers.contains_key(header::AUTHORIZATION)
+    }
+}
+
 impl BitsClient {
     /// A client with the defaults of [`BitsClientBuilder`].
     pub fn new() -> Result<Self, Error> {
@@ -106,11 +113,17 @@ impl BitsClient {
     /// done.
     pub async fn ping(&self, url: &str) -> Result<(), Error> {
         let url = parse_url(url)?;
+        let config = &self.inner.config;
         let answer = self
             .exchange(&url, PacketType::Ping, None, None)
             .await
             .map_err(|e| transport(PacketType::Ping, e))?;
-        match judge(PacketType::Ping, answer.status, answer.ack) {
+        match judge(
+            PacketType::Ping,
+            answer.status,
+            answer.ack,
+            config.sends_credentials(),
+        ) {
             Verdict::Done(_) => Ok(()),
             Verdict::Transient(e) => Err(Error::Server(e)),
             Verdict::Fatal(e) => Err(e),
@@ -134,7 +147,12 @@ impl BitsClient {
                 .await
             {
                 Err(e) => transport(PacketType::CancelSession, e),
-                Ok(answer) => match judge(PacketType::CancelSession, answer.status, answer.ack) {
+                Ok(answer) => match judge(
+                    PacketType::CancelSession,
+                    answer.status,
+                    answer.ack,
+                    config.sends_credentials(),
+                ) {
                     Verdict::Done(_) | Verdict::SessionLost => return Ok(()),
                     Verdict::Transient(e) => Error::Server(e),
                     Verdict::Fatal(e) => return Err(e),

@@ -25,11 +25,13 @@ pub(crate) enum Verdict {
     Fatal(Error),
 }
 
-/// Judges the answer to `packet`.
+/// Judges the answer to `packet`; `credentials` is whether the request carried any (an
+/// `Authorization` header), which tells a refused password from a missing one.
 pub(crate) fn judge(
     packet: PacketType,
     status: StatusCode,
     parsed: Result<ParsedAck, AckParseError>,
+    credentials: bool,
 ) -> Verdict {
     let name = packet.as_str();
     let ack = match parsed {
@@ -38,7 +40,7 @@ pub(crate) fn judge(
             return if is_answer(packet, status) {
                 Verdict::Fatal(invalid(name, status, e.to_string()))
             } else {
-                by_status(name, status, None, None, false)
+                by_status(name, status, None, None, false, credentials)
             };
         }
     };
@@ -74,6 +76,7 @@ pub(crate) fn judge(
         ack.error_code(),
         ack.error_context(),
         ack.is_ack(),
+        credentials,
     )
 }
 
@@ -101,6 +104,7 @@ fn by_status(
     code: Option<Hresult>,
     context: Option<u32>,
     is_ack: bool,
+    credentials: bool,
 ) -> Verdict {
     let fatal_code = matches!(
         code,
@@ -121,6 +125,7 @@ fn by_status(
         context,
         is_ack,
         transient,
+        credentials,
     };
     if transient {
         Verdict::Transient(error)
@@ -205,7 +210,7 @@ mod tests {
             );
         }
         let status = StatusCode::from_u16(status).unwrap();
-        judge(packet, status, ParsedAck::parse(status, &headers))
+        judge(packet, status, ParsedAck::parse(status, &headers), false)
     }
 
     fn ack(packet: PacketType, status: u16, pairs: &[(&str, &str)]) -> Verdict {

@@ -277,6 +277,7 @@ async fn fetch(
     let config = &client.inner.config;
     let mut at = url.clone();
     let mut hops = 0;
+    let trusts = |url: &Url| trusted.iter().any(|t| t.origin() == url.origin());
     let mut response = loop {
         let mut request = client
             .inner
@@ -289,7 +290,7 @@ async fn fetch(
                 request = request.header(header::IF_RANGE, v.clone());
             }
         }
-        if trusted.iter().any(|t| t.origin() == at.origin()) {
+        if trusts(&at) {
             request = request.headers(config.headers.clone());
             if let Some((user, password)) = &config.basic_auth {
                 request = request.basic_auth(user, Some(password));
@@ -326,6 +327,9 @@ async fn fetch(
             _ => break response,
         }
     };
+    // Whether the answered request carried the client's credentials (only the upload's hosts
+    // get them).
+    let credentials = trusts(&at) && config.sends_credentials();
     let status = response.status();
     let range = response
         .headers()
@@ -389,6 +393,7 @@ async fn fetch(
                 context: None,
                 is_ack: false,
                 transient,
+                credentials,
             };
             return if transient {
                 Ok(Attempt::Retry(Error::Server(error)))

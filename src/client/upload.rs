@@ -566,6 +566,7 @@ impl Driver {
             return;
         };
         let (client, target) = (self.client.clone(), self.target.clone());
+        let credentials = client.inner.config.sends_credentials();
         let attempt = async move {
             let mut backoff = RetryDelay::new(Duration::from_millis(250), Duration::from_secs(2));
             loop {
@@ -573,8 +574,12 @@ impl Driver {
                     .exchange(&target, PacketType::CancelSession, Some(&id), None)
                     .await
                 {
-                    Ok(answer) => match judge(PacketType::CancelSession, answer.status, answer.ack)
-                    {
+                    Ok(answer) => match judge(
+                        PacketType::CancelSession,
+                        answer.status,
+                        answer.ack,
+                        credentials,
+                    ) {
                         Verdict::Transient(e) => tracing::debug!(%e, "Cancel-Session failed"),
                         Verdict::Fatal(e) => {
                             tracing::warn!(%e, "Cancel-Session refused");
@@ -627,7 +632,8 @@ impl Driver {
         match answer {
             Ok(answer) => {
                 self.unreachable_since = None;
-                Ok(Some(judge(packet, answer.status, answer.ack)))
+                let credentials = self.client.inner.config.sends_credentials();
+                Ok(Some(judge(packet, answer.status, answer.ack, credentials)))
             }
             // The original host's certificate is refused: no retry can help.
             Err(e) if is_certificate_error(&e) && self.target == self.original => {
