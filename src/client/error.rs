@@ -206,6 +206,25 @@ impl Error {
     pub fn code(&self) -> Option<Hresult> {
         self.server_error().and_then(ServerError::code)
     }
+
+    /// The failure in a few words, for a status line: the innermost cause of a transport
+    /// failure ("Connection refused (os error 111)"), the status and code of a server's
+    /// answer, what is wrong with an invalid one.
+    pub(crate) fn brief(&self) -> String {
+        match self {
+            Self::Transport { source, .. } | Self::Build(source) => {
+                let mut innermost: &dyn std::error::Error = source;
+                while let Some(cause) = innermost.source() {
+                    innermost = cause;
+                }
+                innermost.to_string()
+            }
+            Self::Server(e) => e.brief(),
+            Self::InvalidResponse { reason, .. } => reason.clone(),
+            Self::NoProgress { last, .. } => last.brief(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// An error answer from the server (or from something in front of it, when
@@ -258,6 +277,19 @@ impl ServerError {
     /// header): a 401 then means they were wrong rather than missing.
     pub fn credentials_sent(&self) -> bool {
         self.credentials
+    }
+
+    /// The status and the code's name (or number), or that the answer was not an Ack.
+    fn brief(&self) -> String {
+        let status = self.status;
+        match self.code {
+            Some(code) => match code.name() {
+                Some(name) => format!("{status}, {name}"),
+                None => format!("{status}, BITS-Error-Code {code}"),
+            },
+            None if !self.is_ack => format!("{status}, not a BITS Ack"),
+            None => status.to_string(),
+        }
     }
 
     /// What the error most likely means and what to do about it.
@@ -391,6 +423,31 @@ mod tests {
         let unknown = server(500, Some(0x1234_5678), Some(0x9), true).to_string();
         assert!(unknown.contains("0x12345678"), "{unknown}");
         assert!(unknown.contains("context 0x9"), "{unknown}");
+    }
+
+    #[test]
+    fn briefs_are_short() {
+        let busy = Error::NoProgress {
+            elapsed: Duration::from_secs(1),
+            last: Box::new(Error::Server(server(503, Some(0x8007_0070), Some(5), true))),
+        };
+        assert_eq!(busy.brief(), "503 Service Unavailable, ERROR_DISK_FULL");
+        let unknown = Error::Server(server(500, Some(0x1234_5678), None, true));
+        assert_eq!(
+            unknown.brief(),
+            "500 Internal Server Error, BITS-Error-Code 0x12345678"
+        );
+        assert_eq!(
+            Error::Server(server(502, None, None, false)).brief(),
+            "502 Bad Gateway, not a BITS Ack"
+        );
+        let invalid = Error::InvalidResponse {
+            packet: "Fragment",
+            status: StatusCode::OK,
+            reason: "no BITS-Session-Id".into(),
+        };
+        assert_eq!(invalid.brief(), "no BITS-Session-Id");
+        assert_eq!(Error::Cancelled.brief(), "the upload was cancelled");
     }
 
     #[test]

@@ -47,12 +47,18 @@ pub enum UploadPhase {
     Connecting,
     /// Sending fragments.
     Uploading,
-    /// Waiting before a retry; the message says why.
+    /// Waiting before a retry, after a transient failure. Reported once per retry, as the
+    /// wait begins; the next report comes when the wait is over, so a status line that
+    /// counts down needs a timer of its own.
     Retrying {
         /// How long until the next attempt.
         delay: Duration,
-        /// The failure being retried.
+        /// The failure being retried, in full (the packet, the causes, what to do).
         error: String,
+        /// The failure in a few words, for a status line: the innermost cause of a transport
+        /// failure (`Connection refused (os error 111)`), or the status and `BITS-Error-Code`
+        /// of a server's answer (`503 Service Unavailable, ERROR_DISK_FULL`).
+        reason: String,
     },
     /// Downloading the reply of an upload-reply job.
     DownloadingReply {

@@ -232,6 +232,7 @@ pub(crate) async fn download(
             p.phase = UploadPhase::Retrying {
                 delay,
                 error: error.to_string(),
+                reason: error.brief(),
             };
         });
         tokio::time::sleep(delay).await;

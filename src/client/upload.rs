@@ -704,6 +704,7 @@ impl Driver {
             p.phase = UploadPhase::Retrying {
                 delay,
                 error: error.to_string(),
+                reason: error.brief(),
             };
         });
         tokio::time::sleep(delay).await;
