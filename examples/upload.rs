@@ -151,7 +151,9 @@ async fn run(args: Args) -> Result<(), Error> {
         upload = upload.resume(id);
     }
     let done = upload.await;
+    // Stopped before anything else is printed, so that no redraw lands on a later line.
     ticker.abort();
+    let _ = ticker.await;
     let done = done?;
 
     let secs = done.elapsed.as_secs_f64().max(1e-9);
@@ -219,9 +221,15 @@ impl Bar {
     fn report(&mut self, p: &Progress, now: Instant) {
         if p.session_id.is_some() && p.session_id != self.session {
             self.session = p.session_id.clone();
-            if let Some(id) = &self.session {
-                eprintln!("\r{}\x1b[K", session_line(id));
+            match (&self.session, self.quiet) {
+                (Some(id), true) => eprintln!("{}", session_line(id)),
+                // Over the bar, which is drawn again below it.
+                (Some(id), false) => eprintln!("\r{}\x1b[K", session_line(id)),
+                (None, _) => {}
             }
+        }
+        if self.quiet {
+            return;
         }
         let new_phase = is_new_phase(self.latest.as_ref().map(|l| &l.phase), &p.phase);
         if new_phase {
@@ -237,16 +245,13 @@ impl Bar {
 
     /// The timer: redraws what is there.
     fn tick(&mut self, now: Instant) {
-        if self.latest.is_some() {
+        if !self.quiet && self.latest.is_some() {
             self.draw(now);
         }
     }
 
     fn draw(&mut self, now: Instant) {
         self.last_draw = Some(now);
-        if self.quiet {
-            return;
-        }
         let Some(view) = self.view(now) else {
             return;
         };
