@@ -7,6 +7,7 @@
 //! Then upload from Windows with
 //! `bitsadmin /transfer demo /upload http://HOST:8080/upload/demo.bin C:\demo.bin`
 //! (the example accepts everyone as user "demo" unless an `X-User` header says otherwise).
+//! `examples/basic_auth.rs` shows real authentication, with the challenge Windows needs.
 
 use std::time::Duration;
 

@@ -91,9 +91,6 @@ impl From<crate::completion::UrlError> for ConfigError {
     }
 }
 
-/// Smallest fragment the Windows client sends after shrinking on 413.
-pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
-
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) prefix: String,
@@ -175,7 +172,7 @@ impl Config {
         if !self.prefix.starts_with('/') || self.prefix.contains(['?', '#']) {
             return Err(ConfigError::InvalidPrefix(self.prefix.clone()));
         }
-        if self.max_fragment_size < MIN_FRAGMENT_SIZE {
+        if self.max_fragment_size < crate::protocol::MIN_FRAGMENT_SIZE {
             return Err(ConfigError::FragmentLimitTooSmall(self.max_fragment_size));
         }
         for (name, zero) in [

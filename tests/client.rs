@@ -25,7 +25,8 @@ use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::routing::get;
 use axum_bits::client::{
-    BitsClient, BitsClientBuilder, Error, Phase, Progress, UploadBuilder, UploadSource, Uploaded,
+    BitsClient, BitsClientBuilder, Error, Progress, UploadBuilder, UploadPhase, UploadSource,
+    Uploaded,
 };
 use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
 use axum_bits::protocol::Hresult;
@@ -423,13 +424,96 @@ async fn progress_only_moves_forward_and_ends_finished() {
         );
         let last = all.last().unwrap();
         assert_eq!(last.acknowledged, total);
-        assert_eq!(last.phase, Phase::Finished);
+        assert_eq!(last.phase, UploadPhase::Finished);
         assert_eq!(
             last.session_id.as_deref(),
             Some(uploaded.session_id.as_str())
         );
-        assert!(all.iter().any(|p| p.phase == Phase::Closing));
-        assert!(all.iter().any(|p| p.phase == Phase::Uploading));
+        assert!(all.iter().any(|p| p.phase == UploadPhase::Closing));
+        assert!(all.iter().any(|p| p.phase == UploadPhase::Uploading));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_that_appears_late_is_waited_for_with_retrying_reports() {
+    within(async {
+        // A port nobody listens on (yet): connections are refused until the server starts.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layer = BitsLayer::builder(tmp.path()).build().expect("layer");
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let listener = TcpListener::bind(addr).await.expect("bind again");
+            axum::serve(listener, Router::new().layer(layer)).await
+        });
+        let bytes = random_bytes(40_000, 77);
+        let reports = Reports::default();
+        let started = Instant::now();
+        let uploaded = builder()
+            .retry_backoff(Duration::from_millis(200), Duration::from_millis(800))
+            .no_progress_timeout(Duration::from_secs(15))
+            .build()
+            .unwrap()
+            .upload(
+                format!("http://{addr}/late.bin"),
+                UploadSource::bytes(bytes.clone()),
+            )
+            .fragment_size(16 * 1024)
+            .on_progress(reports.callback())
+            .await
+            .expect("upload once the server is up");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        assert!(uploaded.retries >= 1, "{uploaded:?}");
+        assert_eq!(std::fs::read(tmp.path().join("late.bin")).unwrap(), bytes);
+        let all = reports.all();
+        // Retrying follows every refused attempt, before the wait, with the delay and why.
+        let first = all
+            .iter()
+            .position(|p| matches!(p.phase, UploadPhase::Retrying { .. }))
+            .unwrap_or_else(|| panic!("no Retrying report: {all:?}"));
+        assert_eq!(all[0].phase, UploadPhase::Connecting, "{all:?}");
+        assert!(
+            all[..first]
+                .iter()
+                .all(|p| p.phase == UploadPhase::Connecting)
+        );
+        for p in &all {
+            if let UploadPhase::Retrying {
+                delay,
+                error,
+                reason,
+                ..
+            } = &p.phase
+            {
+                // The reason is the innermost cause alone.
+                assert!(
+                    reason.to_lowercase().starts_with("connection refused"),
+                    "{reason}"
+                );
+                assert!(
+                    !delay.is_zero() && *delay <= Duration::from_millis(800),
+                    "{p:?}"
+                );
+                assert!(error.starts_with("Ping"), "{error}");
+                assert!(
+                    error.to_lowercase().contains("connection refused"),
+                    "{error}"
+                );
+                assert!(p.retries >= 1, "{p:?}");
+            }
+        }
+        let retrying = all
+            .iter()
+            .filter(|p| matches!(p.phase, UploadPhase::Retrying { .. }))
+            .count();
+        assert_eq!(retrying as u32, uploaded.retries, "one report per retry");
+        assert_eq!(all.last().map(|p| &p.phase), Some(&UploadPhase::Finished));
+        late.abort();
     })
     .await;
 }
@@ -1646,7 +1730,7 @@ async fn iis_busy_and_proxy_errors_are_retried() {
             .all()
             .into_iter()
             .filter_map(|p| match p.phase {
-                Phase::Retrying { error, .. } => Some(error),
+                UploadPhase::Retrying { error, .. } => Some(error),
                 _ => None,
             })
             .collect();

@@ -48,9 +48,9 @@ pub enum Error {
     Transport {
         /// The packet that was being sent.
         packet: &'static str,
-        /// The HTTP client's error.
+        /// What went wrong below HTTP.
         #[source]
-        source: reqwest::Error,
+        source: TransportError,
     },
     /// Transient failures went on for longer than the no-progress timeout.
     #[error("no progress for {:.0?}; giving up. The last error: {last}", elapsed)]
@@ -126,8 +126,54 @@ pub enum Error {
     #[error("the upload was cancelled")]
     Cancelled,
     /// The HTTP client could not be built (TLS setup, an invalid certificate, ...).
-    #[error("building the HTTP client: {0}")]
-    Build(#[source] reqwest::Error),
+    #[error("building the HTTP client: {}", with_causes(.0))]
+    Build(#[source] TransportError),
+}
+
+/// A failure of the HTTP transport underneath the protocol: connecting (refused, unreachable,
+/// a name that does not resolve), TLS, a timeout, a connection cut off, or setting up the HTTP
+/// client.
+///
+/// It is opaque so that the HTTP library the client is built on can change without changing
+/// this API. Its message is the top-level one; [`source`](std::error::Error::source) leads
+/// to the causes, the innermost of which is usually the most telling ("Connection refused").
+#[derive(Debug)]
+pub struct TransportError(reqwest::Error);
+
+impl TransportError {
+    pub(crate) fn new(error: reqwest::Error) -> Self {
+        Self(error)
+    }
+
+    /// Whether the request (or connecting) took longer than its timeout.
+    pub fn is_timeout(&self) -> bool {
+        self.0.is_timeout()
+    }
+
+    /// Whether the failure happened while connecting: refused, unreachable, a name that did
+    /// not resolve, a failed TLS handshake.
+    pub fn is_connect(&self) -> bool {
+        self.0.is_connect()
+    }
+
+    /// Whether the server's certificate was refused (unknown issuer, expired, wrong name,
+    /// none at all). Retrying meets the same certificate.
+    pub fn is_certificate(&self) -> bool {
+        super::is_certificate_error(&self.0)
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The wrapped error is an implementation detail: its causes are what tell.
+        self.0.source()
+    }
 }
 
 /// An error and its causes, `: `-separated (reqwest's own message hides the cause, such as
@@ -160,6 +206,25 @@ impl Error {
     pub fn code(&self) -> Option<Hresult> {
         self.server_error().and_then(ServerError::code)
     }
+
+    /// The failure in a few words, for a status line: the innermost cause of a transport
+    /// failure ("Connection refused (os error 111)"), the status and code of a server's
+    /// answer, what is wrong with an invalid one.
+    pub(crate) fn brief(&self) -> String {
+        match self {
+            Self::Transport { source, .. } | Self::Build(source) => {
+                let mut innermost: &dyn std::error::Error = source;
+                while let Some(cause) = innermost.source() {
+                    innermost = cause;
+                }
+                innermost.to_string()
+            }
+            Self::Server(e) => e.brief(),
+            Self::InvalidResponse { reason, .. } => reason.clone(),
+            Self::NoProgress { last, .. } => last.brief(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// An error answer from the server (or from something in front of it, when
@@ -172,6 +237,8 @@ pub struct ServerError {
     pub(crate) context: Option<u32>,
     pub(crate) is_ack: bool,
     pub(crate) transient: bool,
+    /// Whether the request carried credentials (Basic or an `Authorization` header).
+    pub(crate) credentials: bool,
 }
 
 impl ServerError {
@@ -206,6 +273,25 @@ impl ServerError {
         self.transient
     }
 
+    /// Whether the refused request carried credentials (Basic, or an `Authorization`
+    /// header): a 401 then means they were wrong rather than missing.
+    pub fn credentials_sent(&self) -> bool {
+        self.credentials
+    }
+
+    /// The status and the code's name (or number), or that the answer was not an Ack.
+    fn brief(&self) -> String {
+        let status = self.status;
+        match self.code {
+            Some(code) => match code.name() {
+                Some(name) => format!("{status}, {name}"),
+                None => format!("{status}, BITS-Error-Code {code}"),
+            },
+            None if !self.is_ack => format!("{status}, not a BITS Ack"),
+            None => status.to_string(),
+        }
+    }
+
     /// What the error most likely means and what to do about it.
     pub fn hint(&self) -> String {
         if let Some(text) = self.code.and_then(Hresult::description) {
@@ -226,8 +312,12 @@ impl ServerError {
             };
         }
         match self.status.as_u16() {
-            401 => "the server wants credentials: pass a user name and password (Basic) or an \
-                    Authorization header"
+            401 if self.credentials => "the server refused the credentials sent: check the user \
+                                        name and password (or the token), and that the account \
+                                        may upload here"
+                .into(),
+            401 => "the server wants credentials and none were sent: give a user name and \
+                    password (Basic) or an Authorization header"
                 .into(),
             407 => "the proxy wants credentials".into(),
             404 if !self.is_ack => {
@@ -287,6 +377,7 @@ mod tests {
             context,
             is_ack,
             transient: false,
+            credentials: false,
         }
     }
 
@@ -317,6 +408,14 @@ mod tests {
 
         let auth = server(401, None, None, false).to_string();
         assert!(auth.contains("credentials"), "{auth}");
+        assert!(auth.contains("none were sent"), "{auth}");
+        let refused = ServerError {
+            credentials: true,
+            ..server(401, None, None, false)
+        }
+        .to_string();
+        assert!(refused.contains("refused the credentials"), "{refused}");
+        assert!(!refused.contains("none were sent"), "{refused}");
 
         let method = server(405, None, None, false).hint();
         assert!(method.contains("BITS_POST"), "{method}");
@@ -324,6 +423,31 @@ mod tests {
         let unknown = server(500, Some(0x1234_5678), Some(0x9), true).to_string();
         assert!(unknown.contains("0x12345678"), "{unknown}");
         assert!(unknown.contains("context 0x9"), "{unknown}");
+    }
+
+    #[test]
+    fn briefs_are_short() {
+        let busy = Error::NoProgress {
+            elapsed: Duration::from_secs(1),
+            last: Box::new(Error::Server(server(503, Some(0x8007_0070), Some(5), true))),
+        };
+        assert_eq!(busy.brief(), "503 Service Unavailable, ERROR_DISK_FULL");
+        let unknown = Error::Server(server(500, Some(0x1234_5678), None, true));
+        assert_eq!(
+            unknown.brief(),
+            "500 Internal Server Error, BITS-Error-Code 0x12345678"
+        );
+        assert_eq!(
+            Error::Server(server(502, None, None, false)).brief(),
+            "502 Bad Gateway, not a BITS Ack"
+        );
+        let invalid = Error::InvalidResponse {
+            packet: "Fragment",
+            status: StatusCode::OK,
+            reason: "no BITS-Session-Id".into(),
+        };
+        assert_eq!(invalid.brief(), "no BITS-Session-Id");
+        assert_eq!(Error::Cancelled.brief(), "the upload was cancelled");
     }
 
     #[test]

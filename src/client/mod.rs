@@ -45,15 +45,17 @@ use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::Url;
 
-pub use error::{Error, ServerError};
-pub use progress::{Phase, Progress};
-pub use reply::Reply;
+pub use error::{Error, ServerError, TransportError};
+pub use progress::{Progress, UploadPhase};
+pub use reply::DownloadedReply;
 pub use source::UploadSource;
 pub use upload::{UploadBuilder, Uploaded};
 
 use crate::protocol::headers as h;
-use crate::protocol::{AckParseError, PacketType, ParsedAck, UPLOAD_PROTOCOL, bits_post};
-use policy::{Backoff, Verdict, judge};
+use crate::protocol::{
+    AckParseError, MIN_FRAGMENT_SIZE, PacketType, ParsedAck, UPLOAD_PROTOCOL, bits_post,
+};
+use policy::{RetryDelay, Verdict, judge};
 
 /// A BITS upload client. Cheap to clone; clones share connections.
 #[derive(Clone, Debug)]
@@ -83,6 +85,13 @@ struct Config {
     basic_auth: Option<(String, String)>,
 }
 
+impl Config {
+    /// Whether packets carry credentials: Basic, or an `Authorization` header.
+    fn sends_credentials(&self) -> bool {
+        self.basic_auth.is_some() || self.headers.contains_key(header::AUTHORIZATION)
+    }
+}
+
 impl BitsClient {
     /// A client with the defaults of [`BitsClientBuilder`].
     pub fn new() -> Result<Self, Error> {
@@ -104,11 +113,17 @@ impl BitsClient {
     /// done.
     pub async fn ping(&self, url: &str) -> Result<(), Error> {
         let url = parse_url(url)?;
+        let config = &self.inner.config;
         let answer = self
             .exchange(&url, PacketType::Ping, None, None)
             .await
             .map_err(|e| transport(PacketType::Ping, e))?;
-        match judge(PacketType::Ping, answer.status, answer.ack) {
+        match judge(
+            PacketType::Ping,
+            answer.status,
+            answer.ack,
+            config.sends_credentials(),
+        ) {
             Verdict::Done(_) => Ok(()),
             Verdict::Transient(e) => Err(Error::Server(e)),
             Verdict::Fatal(e) => Err(e),
@@ -124,7 +139,7 @@ impl BitsClient {
         let id = HeaderValue::from_str(session_id)
             .map_err(|_| Error::InvalidSessionId(session_id.to_owned()))?;
         let config = &self.inner.config;
-        let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
+        let mut backoff = RetryDelay::new(config.retry_initial, config.retry_max);
         let started = std::time::Instant::now();
         loop {
             let error = match self
@@ -132,7 +147,12 @@ impl BitsClient {
                 .await
             {
                 Err(e) => transport(PacketType::CancelSession, e),
-                Ok(answer) => match judge(PacketType::CancelSession, answer.status, answer.ack) {
+                Ok(answer) => match judge(
+                    PacketType::CancelSession,
+                    answer.status,
+                    answer.ack,
+                    config.sends_credentials(),
+                ) {
                     Verdict::Done(_) | Verdict::SessionLost => return Ok(()),
                     Verdict::Transient(e) => Error::Server(e),
                     Verdict::Fatal(e) => return Err(e),
@@ -269,8 +289,12 @@ pub(crate) fn is_certificate_error(error: &reqwest::Error) -> bool {
 fn transport(packet: PacketType, source: reqwest::Error) -> Error {
     Error::Transport {
         packet: packet.as_str(),
-        source,
+        source: TransportError::new(source),
     }
+}
+
+fn build_error(source: reqwest::Error) -> Error {
+    Error::Build(TransportError::new(source))
 }
 
 /// A verdict that cannot follow this packet (a Fragment-only answer to another packet).
@@ -340,7 +364,7 @@ impl BitsClientBuilder {
     /// Bytes per fragment (default 8 MiB; at least 5 KiB). Windows sends 5 KB to 13 MB; a
     /// server that wants less answers 413 and the client halves it for the rest of the upload.
     pub fn fragment_size(mut self, bytes: u64) -> Self {
-        self.config.fragment_size = bytes.max(policy::MIN_FRAGMENT_SIZE);
+        self.config.fragment_size = bytes.max(MIN_FRAGMENT_SIZE);
         self
     }
 
@@ -472,10 +496,10 @@ impl BitsClientBuilder {
                     builder = builder.no_proxy();
                 }
                 for pem in &self.root_certificates {
-                    let cert = reqwest::Certificate::from_pem(pem).map_err(Error::Build)?;
+                    let cert = reqwest::Certificate::from_pem(pem).map_err(build_error)?;
                     builder = builder.add_root_certificate(cert);
                 }
-                builder.build().map_err(Error::Build)?
+                builder.build().map_err(build_error)?
             }
         };
         Ok(BitsClient {
@@ -518,7 +542,7 @@ mod tests {
                 .is_err()
         );
         let client = BitsClient::builder().fragment_size(1).build().unwrap();
-        assert_eq!(client.inner.config.fragment_size, policy::MIN_FRAGMENT_SIZE);
+        assert_eq!(client.inner.config.fragment_size, MIN_FRAGMENT_SIZE);
         let bearer = BitsClient::builder()
             .header("authorization", "Bearer t")
             .build()

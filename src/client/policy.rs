@@ -6,10 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use super::error::{Error, ServerError};
-use crate::protocol::{AckParseError, Hresult, PacketType, ParsedAck};
-
-/// The smallest fragment a BITS client sends; a 413 never pushes it lower.
-pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
+use crate::protocol::{AckParseError, Hresult, MIN_FRAGMENT_SIZE, PacketType, ParsedAck};
 
 /// What to do next.
 #[derive(Debug)]
@@ -28,11 +25,13 @@ pub(crate) enum Verdict {
     Fatal(Error),
 }
 
-/// Judges the answer to `packet`.
+/// Judges the answer to `packet`; `credentials` is whether the request carried any (an
+/// `Authorization` header), which tells a refused password from a missing one.
 pub(crate) fn judge(
     packet: PacketType,
     status: StatusCode,
     parsed: Result<ParsedAck, AckParseError>,
+    credentials: bool,
 ) -> Verdict {
     let name = packet.as_str();
     let ack = match parsed {
@@ -41,7 +40,7 @@ pub(crate) fn judge(
             return if is_answer(packet, status) {
                 Verdict::Fatal(invalid(name, status, e.to_string()))
             } else {
-                by_status(name, status, None, None, false)
+                by_status(name, status, None, None, false, credentials)
             };
         }
     };
@@ -77,6 +76,7 @@ pub(crate) fn judge(
         ack.error_code(),
         ack.error_context(),
         ack.is_ack(),
+        credentials,
     )
 }
 
@@ -104,6 +104,7 @@ fn by_status(
     code: Option<Hresult>,
     context: Option<u32>,
     is_ack: bool,
+    credentials: bool,
 ) -> Verdict {
     let fatal_code = matches!(
         code,
@@ -124,6 +125,7 @@ fn by_status(
         context,
         is_ack,
         transient,
+        credentials,
     };
     if transient {
         Verdict::Transient(error)
@@ -132,16 +134,18 @@ fn by_status(
     }
 }
 
-/// Exponential backoff with jitter: `initial`, doubling, capped at `max`, each delay drawn
-/// from the upper half of its step so that many clients do not retry in lockstep.
+/// The client's delays between retries: exponential backoff with jitter, `initial`,
+/// doubling, capped at `max`, each delay drawn from the upper half of its step so that many
+/// clients do not retry in lockstep. (The server's schedule for deferred commits is
+/// [`crate::completion::Backoff`], which has no jitter and a bounded number of attempts.)
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub(crate) struct RetryDelay {
     initial: Duration,
     max: Duration,
     attempt: u32,
 }
 
-impl Backoff {
+impl RetryDelay {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
@@ -206,7 +210,7 @@ mod tests {
             );
         }
         let status = StatusCode::from_u16(status).unwrap();
-        judge(packet, status, ParsedAck::parse(status, &headers))
+        judge(packet, status, ParsedAck::parse(status, &headers), false)
     }
 
     fn ack(packet: PacketType, status: u16, pairs: &[(&str, &str)]) -> Verdict {
@@ -375,13 +379,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = RetryDelay::new(Duration::from_millis(100), Duration::from_secs(1));
         let lows: Vec<_> = (0..6).map(|_| b.next_delay(0)).collect();
         assert_eq!(
             lows,
             [50, 100, 200, 400, 500, 500].map(Duration::from_millis)
         );
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = RetryDelay::new(Duration::from_millis(100), Duration::from_secs(1));
         let highs: Vec<_> = (0..5).map(|_| b.next_delay(u64::MAX - 1)).collect();
         for (high, step) in highs.iter().zip([100, 200, 400, 800, 1000]) {
             assert!(*high <= Duration::from_millis(step), "{high:?} > {step}");
@@ -389,7 +393,7 @@ mod tests {
         }
         b.reset();
         assert_eq!(b.next_delay(0), Duration::from_millis(50));
-        let mut huge = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut huge = RetryDelay::new(Duration::from_secs(1), Duration::from_secs(60));
         for _ in 0..100 {
             assert!(huge.next_delay(random()) <= Duration::from_secs(60));
         }

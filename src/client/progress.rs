@@ -20,7 +20,7 @@ pub struct Progress {
     /// The session id, once the server has given one.
     pub session_id: Option<String>,
     /// What the client is doing.
-    pub phase: Phase,
+    pub phase: UploadPhase,
     /// Transient failures retried so far.
     pub retries: u32,
     /// Times the server lost the session and the upload started over.
@@ -38,20 +38,27 @@ impl Progress {
     }
 }
 
-/// What an upload is doing.
+/// What an upload is doing, as the client sees it (the server's record of a session has its
+/// own [`session::Phase`](crate::session::Phase)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Phase {
+pub enum UploadPhase {
     /// Ping and Create-Session.
     Connecting,
     /// Sending fragments.
     Uploading,
-    /// Waiting before a retry; the message says why.
+    /// Waiting before a retry, after a transient failure. Reported once per retry, as the
+    /// wait begins; the next report comes when the wait is over, so a status line that
+    /// counts down needs a timer of its own.
     Retrying {
         /// How long until the next attempt.
         delay: Duration,
-        /// The failure being retried.
+        /// The failure being retried, in full (the packet, the causes, what to do).
         error: String,
+        /// The failure in a few words, for a status line: the innermost cause of a transport
+        /// failure (`Connection refused (os error 111)`), or the status and `BITS-Error-Code`
+        /// of a server's answer (`503 Service Unavailable, ERROR_DISK_FULL`).
+        reason: String,
     },
     /// Downloading the reply of an upload-reply job.
     DownloadingReply {
@@ -85,7 +92,7 @@ impl Tracker {
                 in_flight: 0,
                 fragment_size: 0,
                 session_id: None,
-                phase: Phase::Connecting,
+                phase: UploadPhase::Connecting,
                 retries: 0,
                 restarts: 0,
                 elapsed: Duration::ZERO,

@@ -8,18 +8,19 @@ use http::{HeaderValue, StatusCode, header};
 use reqwest::Url;
 use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
 
-use super::policy::{self, Backoff};
-use super::progress::{Phase, Tracker};
-use super::{BitsClient, Error, ServerError, is_certificate_error};
+use super::policy::{self, RetryDelay};
+use super::progress::{Tracker, UploadPhase};
+use super::{BitsClient, Error, ServerError, TransportError, is_certificate_error};
 
 const PACKET: &str = "reply download";
 /// Redirects followed per attempt (a BITS download job follows them silently).
 const MAX_REDIRECTS: usize = 10;
 
-/// The reply of an upload-reply job.
+/// The reply of an upload-reply job, as downloaded from `BITS-Reply-URL` (what the server's
+/// application answered with a [`completion::Reply`](crate::completion::Reply)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Reply {
+pub struct DownloadedReply {
     /// Where it was downloaded from (the `BITS-Reply-URL`, resolved).
     pub url: Url,
     /// Its size.
@@ -189,7 +190,7 @@ pub(crate) async fn download(
     trusted: &[reqwest::Url],
     tracker: &Tracker,
     retries: &mut u32,
-) -> Result<Reply, Error> {
+) -> Result<DownloadedReply, Error> {
     let config = &client.inner.config;
     let mut partial = Partial {
         sink: Sink::open(target).await?,
@@ -197,10 +198,10 @@ pub(crate) async fn download(
         total: None,
         validator: None,
     };
-    let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
+    let mut backoff = RetryDelay::new(config.retry_initial, config.retry_max);
     let mut last_progress = Instant::now();
     tracker.update(|p| {
-        p.phase = Phase::DownloadingReply {
+        p.phase = UploadPhase::DownloadingReply {
             received: 0,
             total: None,
         }
@@ -228,15 +229,16 @@ pub(crate) async fn download(
         let count = *retries;
         tracker.update(|p| {
             p.retries = count;
-            p.phase = Phase::Retrying {
+            p.phase = UploadPhase::Retrying {
                 delay,
                 error: error.to_string(),
+                reason: error.brief(),
             };
         });
         tokio::time::sleep(delay).await;
     }
     let (body, path) = partial.sink.finish().await?;
-    Ok(Reply {
+    Ok(DownloadedReply {
         url,
         len: partial.have,
         body,
@@ -276,6 +278,7 @@ async fn fetch(
     let config = &client.inner.config;
     let mut at = url.clone();
     let mut hops = 0;
+    let trusts = |url: &Url| trusted.iter().any(|t| t.origin() == url.origin());
     let mut response = loop {
         let mut request = client
             .inner
@@ -288,7 +291,7 @@ async fn fetch(
                 request = request.header(header::IF_RANGE, v.clone());
             }
         }
-        if trusted.iter().any(|t| t.origin() == at.origin()) {
+        if trusts(&at) {
             request = request.headers(config.headers.clone());
             if let Some((user, password)) = &config.basic_auth {
                 request = request.basic_auth(user, Some(password));
@@ -299,13 +302,13 @@ async fn fetch(
             Err(e) if is_certificate_error(&e) => {
                 return Err(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 });
             }
             Err(e) => {
                 return Ok(Attempt::Retry(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 }));
             }
         };
@@ -325,6 +328,9 @@ async fn fetch(
             _ => break response,
         }
     };
+    // Whether the answered request carried the client's credentials (only the upload's hosts
+    // get them).
+    let credentials = trusts(&at) && config.sends_credentials();
     let status = response.status();
     let range = response
         .headers()
@@ -388,6 +394,7 @@ async fn fetch(
                 context: None,
                 is_ack: false,
                 transient,
+                credentials,
             };
             return if transient {
                 Ok(Attempt::Retry(Error::Server(error)))
@@ -402,13 +409,13 @@ async fn fetch(
                 partial.sink.write(&chunk).await?;
                 partial.have += chunk.len() as u64;
                 let (received, total) = (partial.have, partial.total);
-                tracker.update(|p| p.phase = Phase::DownloadingReply { received, total });
+                tracker.update(|p| p.phase = UploadPhase::DownloadingReply { received, total });
             }
             Ok(None) => break,
             Err(e) => {
                 return Ok(Attempt::Retry(Error::Transport {
                     packet: PACKET,
-                    source: e,
+                    source: TransportError::new(e),
                 }));
             }
         }

@@ -10,14 +10,14 @@ use http::{HeaderValue, StatusCode};
 use reqwest::Url;
 use tracing::Instrument as _;
 
-use super::policy::{self, Backoff, Verdict, judge};
-use super::progress::{Callback, Phase, Progress, Tracker};
-use super::reply::{self, Reply, ReplyTarget};
+use super::policy::{self, RetryDelay, Verdict, judge};
+use super::progress::{Callback, Progress, Tracker, UploadPhase};
+use super::reply::{self, DownloadedReply, ReplyTarget};
 use super::source::{FragmentData, UploadSource};
 use super::{
     Answer, BitsClient, Error, FragmentRequest, is_certificate_error, transport, unexpected,
 };
-use crate::protocol::{FragmentRange, PacketType, UPLOAD_PROTOCOL};
+use crate::protocol::{FragmentRange, MIN_FRAGMENT_SIZE, PacketType, UPLOAD_PROTOCOL};
 
 /// How long a cancelled upload spends telling the server.
 const CANCEL_BUDGET: Duration = Duration::from_secs(10);
@@ -58,7 +58,7 @@ pub struct Uploaded {
     /// The `BITS-Reply-URL` of the final Ack, resolved, if the server sent one.
     pub reply_url: Option<Url>,
     /// The reply, if one was asked for.
-    pub reply: Option<Reply>,
+    pub reply: Option<DownloadedReply>,
     /// Transient failures retried.
     pub retries: u32,
     /// Times the server lost the session and the upload started over.
@@ -83,7 +83,7 @@ impl UploadBuilder {
 
     /// Bytes per fragment for this upload (default: the client's).
     pub fn fragment_size(mut self, bytes: u64) -> Self {
-        self.fragment_size = Some(bytes.max(policy::MIN_FRAGMENT_SIZE));
+        self.fragment_size = Some(bytes.max(MIN_FRAGMENT_SIZE));
         self
     }
 
@@ -138,7 +138,7 @@ impl UploadBuilder {
             session = tracing::field::Empty,
         );
         let mut driver = Driver {
-            backoff: Backoff::new(config.retry_initial, config.retry_max),
+            backoff: RetryDelay::new(config.retry_initial, config.retry_max),
             fragment_size: self.fragment_size.unwrap_or(config.fragment_size),
             client: self.client.clone(),
             target: original.clone(),
@@ -215,7 +215,7 @@ struct Driver {
     /// The most the server has ever acknowledged in this session.
     high_water: u64,
     last_progress: Instant,
-    backoff: Backoff,
+    backoff: RetryDelay,
     retries: u32,
     restarts: u32,
     reply: Option<ReplyTarget>,
@@ -279,7 +279,7 @@ impl Driver {
                 Closed::Lost => self.restart().await?,
             }
         };
-        self.tracker.update(|p| p.phase = Phase::Finished);
+        self.tracker.update(|p| p.phase = UploadPhase::Finished);
         if self.reply.is_some() && reply_url.is_none() {
             return Err(Error::NoReplyUrl);
         }
@@ -303,7 +303,7 @@ impl Driver {
     /// Ping the current target until it answers.
     async fn ping(&mut self) -> Result<(), Error> {
         loop {
-            self.tracker.update(|p| p.phase = Phase::Connecting);
+            self.tracker.update(|p| p.phase = UploadPhase::Connecting);
             let answer = self
                 .client
                 .exchange(&self.target, PacketType::Ping, None, None)
@@ -324,7 +324,7 @@ impl Driver {
         self.fallback = None;
         self.unreachable_since = None;
         loop {
-            self.tracker.update(|p| p.phase = Phase::Connecting);
+            self.tracker.update(|p| p.phase = UploadPhase::Connecting);
             let answer = self
                 .client
                 .exchange(&self.original, PacketType::CreateSession, None, None)
@@ -410,7 +410,7 @@ impl Driver {
             })?;
             let data = self.source.fragment(offset, len).await?;
             self.tracker.update(|p| {
-                p.phase = Phase::Uploading;
+                p.phase = UploadPhase::Uploading;
                 p.in_flight = 0;
                 p.fragment_size = self.fragment_size;
             });
@@ -529,7 +529,7 @@ impl Driver {
         // Whether an earlier attempt may have reached the server.
         let mut maybe_closed = false;
         loop {
-            self.tracker.update(|p| p.phase = Phase::Closing);
+            self.tracker.update(|p| p.phase = UploadPhase::Closing);
             let answer = self
                 .client
                 .exchange(
@@ -566,15 +566,20 @@ impl Driver {
             return;
         };
         let (client, target) = (self.client.clone(), self.target.clone());
+        let credentials = client.inner.config.sends_credentials();
         let attempt = async move {
-            let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
+            let mut backoff = RetryDelay::new(Duration::from_millis(250), Duration::from_secs(2));
             loop {
                 match client
                     .exchange(&target, PacketType::CancelSession, Some(&id), None)
                     .await
                 {
-                    Ok(answer) => match judge(PacketType::CancelSession, answer.status, answer.ack)
-                    {
+                    Ok(answer) => match judge(
+                        PacketType::CancelSession,
+                        answer.status,
+                        answer.ack,
+                        credentials,
+                    ) {
                         Verdict::Transient(e) => tracing::debug!(%e, "Cancel-Session failed"),
                         Verdict::Fatal(e) => {
                             tracing::warn!(%e, "Cancel-Session refused");
@@ -627,7 +632,8 @@ impl Driver {
         match answer {
             Ok(answer) => {
                 self.unreachable_since = None;
-                Ok(Some(judge(packet, answer.status, answer.ack)))
+                let credentials = self.client.inner.config.sends_credentials();
+                Ok(Some(judge(packet, answer.status, answer.ack, credentials)))
             }
             // The original host's certificate is refused: no retry can help.
             Err(e) if is_certificate_error(&e) && self.target == self.original => {
@@ -695,9 +701,10 @@ impl Driver {
         let retries = self.retries;
         self.tracker.update(|p| {
             p.retries = retries;
-            p.phase = Phase::Retrying {
+            p.phase = UploadPhase::Retrying {
                 delay,
                 error: error.to_string(),
+                reason: error.brief(),
             };
         });
         tokio::time::sleep(delay).await;

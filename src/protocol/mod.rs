@@ -28,3 +28,7 @@ pub const UPLOAD_PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
 /// Header values longer than this are rejected with 400 + `E_INVALIDARG` (Windows servers'
 /// limit, [MC-BUP] note 2).
 pub const MAX_HEADER_VALUE_LEN: usize = 4096;
+
+/// The smallest fragment a BITS client sends: 5 KiB, the floor of the Windows client's halving
+/// after a 413. A server must take fragments this small, and a client never goes below it.
+pub(crate) const MIN_FRAGMENT_SIZE: u64 = 5 * 1024;
