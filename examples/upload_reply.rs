@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.root)?;
     let bits = BitsLayer::builder(&args.root)
-        .completion_handler(digest)
+        .upload_reply_handler(digest)
         .build()?;
     tokio::spawn(bits.sweeper().run());
     let app = Router::new().layer(bits);

@@ -35,12 +35,15 @@
 //! ```
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use http::StatusCode;
 
 use crate::BoxFuture;
 use crate::protocol::{Ack, Hresult};
 pub use crate::session::{CancelReason, Event, EventKind};
+use crate::session::{Owner, SessionId};
 
 /// A hook refuses a new session: the client gets this error Ack (context `0x5`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -113,5 +116,77 @@ impl<T: Hooks> DynHooks for T {
     }
     fn on_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), HookError>> {
         Box::pin(Hooks::on_event(self, event))
+    }
+}
+
+/// A plain upload that reached its destination, as
+/// [`on_upload_committed`](crate::BitsLayerBuilder::on_upload_committed) reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommittedUpload {
+    /// The session that uploaded it.
+    pub session_id: SessionId,
+    /// The destination under the upload root (`/` separated), as in [`Event::destination`].
+    pub destination: String,
+    /// The upload root joined with the destination: where the default
+    /// [`LocalStaging`](crate::staging::LocalStaging) put the file.
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub size: u64,
+    /// The owner, if an authentication layer supplied one.
+    pub owner: Option<Owner>,
+    /// The event's idempotency key: the same if the report is repeated.
+    pub key: String,
+}
+
+/// The callback of [`on_upload_committed`](crate::BitsLayerBuilder::on_upload_committed).
+pub(crate) type CommittedCallback =
+    Arc<dyn Fn(CommittedUpload) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Hooks that report committed files to a callback.
+pub(crate) struct OnCommitted {
+    pub(crate) root: PathBuf,
+    pub(crate) callback: CommittedCallback,
+}
+
+impl Hooks for OnCommitted {
+    async fn on_event(&self, event: &Event) -> Result<(), HookError> {
+        if let EventKind::Completed {
+            size,
+            committed: true,
+        } = event.kind
+        {
+            let upload = CommittedUpload {
+                session_id: event.session_id,
+                destination: event.destination.clone(),
+                path: self.root.join(&event.destination),
+                size,
+                owner: event.owner.clone(),
+                key: event.key.clone(),
+            };
+            (self.callback)(upload).await;
+        }
+        Ok(())
+    }
+}
+
+/// Several sets of hooks as one: a session is created if none vetoes it, and an event is
+/// delivered once every set took it (a set that took it sees it again if a later one failed:
+/// delivery is at least once, and the key tells repeats).
+pub(crate) struct HookChain(pub(crate) Vec<Box<dyn DynHooks>>);
+
+impl Hooks for HookChain {
+    async fn on_create(&self, event: &Event) -> Result<(), Veto> {
+        for hooks in &self.0 {
+            hooks.on_create(event).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_event(&self, event: &Event) -> Result<(), HookError> {
+        for hooks in &self.0 {
+            hooks.on_event(event).await?;
+        }
+        Ok(())
     }
 }

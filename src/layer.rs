@@ -10,7 +10,7 @@ use crate::completion::{CompletionHandler, CompletionPolicy, DynCompletion, Noti
 use crate::config::{CommitPoint, Config, ConfigError};
 use crate::deferred::DeferredCompletions;
 use crate::handle::BitsHandle;
-use crate::hooks::{DynHooks, Hooks};
+use crate::hooks::{CommittedCallback, CommittedUpload, DynHooks, HookChain, Hooks, OnCommitted};
 use crate::replies::Replies;
 use crate::service::BitsService;
 use crate::session::SessionId;
@@ -61,6 +61,7 @@ impl BitsLayer {
             completion: None,
             notification: None,
             hooks: None,
+            on_committed: None,
             replies_dir: None,
         }
     }
@@ -115,6 +116,7 @@ pub struct BitsLayerBuilder {
     completion: Option<Box<dyn DynCompletion>>,
     notification: Option<Notification>,
     hooks: Option<Box<dyn DynHooks>>,
+    on_committed: Option<CommittedCallback>,
     replies_dir: Option<PathBuf>,
 }
 
@@ -373,11 +375,20 @@ impl BitsLayerBuilder {
         self
     }
 
-    /// Makes this an upload-reply server with an in-process handler: when the last byte of an
-    /// upload arrives, `handler` gets the [`CompletedUpload`](crate::completion::CompletedUpload)
+    /// Makes this an **upload-reply** server with an in-process handler, for
+    /// `Start-BitsTransfer -TransferType UploadReply` jobs: when the last byte of an upload
+    /// arrives, `handler` gets the [`CompletedUpload`](crate::completion::CompletedUpload)
     /// before the final Fragment is acknowledged, and its reply is served at the
     /// `BITS-Reply-URL` of that Ack. Replaces a [`notification`](Self::notification).
-    pub fn completion_handler(mut self, handler: impl CompletionHandler) -> Self {
+    ///
+    /// **The file does not go to its destination** unless the handler's
+    /// [`Completion`](crate::completion::Completion) asks for it
+    /// ([`copy_to_destination`](crate::completion::Completion::copy_to_destination), IIS's
+    /// `BITS-Copy-File-To-Destination`); the staged file is deleted when the session ends. Every
+    /// upload to this mount is handed over, also those of plain upload jobs (the protocol does
+    /// not say which job type a client runs). To be told about finished plain uploads and keep
+    /// their files, use [`on_upload_committed`](Self::on_upload_committed) instead.
+    pub fn upload_reply_handler(mut self, handler: impl CompletionHandler) -> Self {
         self.completion = Some(Box::new(handler));
         self.notification = None;
         self
@@ -385,7 +396,7 @@ impl BitsLayerBuilder {
 
     /// Makes this an upload-reply server that notifies an HTTP application, as IIS does
     /// (`BITSServerNotificationType` 1 or 2 and `BITSServerNotificationURL`). Replaces a
-    /// [`completion_handler`](Self::completion_handler).
+    /// [`upload_reply_handler`](Self::upload_reply_handler).
     pub fn notification(mut self, notification: Notification) -> Self {
         self.notification = Some(notification);
         self.completion = None;
@@ -403,6 +414,40 @@ impl BitsLayerBuilder {
     /// cancellation and expiry (at least once).
     pub fn hooks(mut self, hooks: impl Hooks) -> Self {
         self.hooks = Some(Box::new(hooks));
+        self
+    }
+
+    /// Calls `callback` when a file has reached its destination: the way to be told about
+    /// finished plain uploads (and about upload-reply files the application asked to have
+    /// copied there). The file is committed, whole, before the callback runs, and the client
+    /// has its success Ack or gets it regardless of what the callback does.
+    ///
+    /// The report is an [`EventKind::Completed`](crate::hooks::EventKind::Completed) event
+    /// delivered through the hooks machinery, so it survives a crash and may be repeated: use
+    /// [`CommittedUpload::key`] to tell repeats. It works alongside [`hooks`](Self::hooks).
+    ///
+    /// ```
+    /// use axum_bits::BitsLayer;
+    /// use axum_bits::hooks::CommittedUpload;
+    ///
+    /// # fn main() -> Result<(), axum_bits::ConfigError> {
+    /// # let root = tempfile::tempdir().unwrap();
+    /// let bits = BitsLayer::builder(root.path())
+    ///     .on_upload_committed(|upload: CommittedUpload| async move {
+    ///         println!("{} arrived: {} bytes", upload.path.display(), upload.size);
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Not to be confused with [`upload_reply_handler`](Self::upload_reply_handler), which
+    /// takes finished uploads *instead of* their destination.
+    pub fn on_upload_committed<F, Fut>(mut self, callback: F) -> Self
+    where
+        F: Fn(CommittedUpload) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.on_committed = Some(Arc::new(move |upload| Box::pin(callback(upload))));
         self
     }
 
@@ -488,6 +533,18 @@ impl BitsLayerBuilder {
                     .with_fsync(config.sync_data),
             ),
         };
+        let committed = self.on_committed.map(|callback| {
+            Box::new(OnCommitted {
+                root: self.root.clone(),
+                callback,
+            }) as Box<dyn DynHooks>
+        });
+        let hooks = match (self.hooks, committed) {
+            (Some(hooks), Some(committed)) => {
+                Some(Box::new(HookChain(vec![hooks, committed])) as Box<dyn DynHooks>)
+            }
+            (hooks, committed) => hooks.or(committed),
+        };
         let locks = SessionLocks::new(
             store.clone(),
             config.config.host_id.as_deref(),
@@ -502,7 +559,7 @@ impl BitsLayerBuilder {
                 create_lock: Default::default(),
                 pending_creates: Default::default(),
                 reply,
-                hooks: self.hooks,
+                hooks,
                 wakeup: Default::default(),
                 deferred_changed: tokio::sync::watch::channel(0).0,
                 lifecycle: Default::default(),

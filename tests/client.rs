@@ -758,7 +758,7 @@ async fn reverse(upload: CompletedUpload) -> Result<Completion, CompletionError>
 #[tokio::test]
 async fn upload_reply_jobs_get_their_reply_in_memory_or_in_a_file() {
     within(async {
-        let server = Server::start(|b| b.completion_handler(reverse)).await;
+        let server = Server::start(|b| b.upload_reply_handler(reverse)).await;
         let bytes = random_bytes(300_000, 6);
         let mut reversed = bytes.clone();
         reversed.reverse();
@@ -996,7 +996,7 @@ async fn a_file_that_changes_or_a_short_stream_fails_the_upload() {
 #[tokio::test]
 async fn a_reply_over_the_memory_limit_is_reply_too_large() {
     within(async {
-        let server = Server::start(|b| b.completion_handler(reverse)).await;
+        let server = Server::start(|b| b.upload_reply_handler(reverse)).await;
         let error = client()
             .upload(
                 server.url("/big-reply.bin"),
@@ -1017,7 +1017,7 @@ async fn a_reply_over_the_memory_limit_is_reply_too_large() {
 #[tokio::test]
 async fn a_failed_reply_download_still_releases_the_session() {
     within(async {
-        let server = Server::start(|b| b.completion_handler(reverse)).await;
+        let server = Server::start(|b| b.upload_reply_handler(reverse)).await;
         let error = client()
             .upload(
                 server.url("/released.bin"),
@@ -1048,7 +1048,7 @@ async fn a_failed_reply_download_still_releases_the_session() {
 async fn an_empty_reply_and_parallel_uploads_on_one_client() {
     within(async {
         let server = Server::start(|b| {
-            b.completion_handler(|_: CompletedUpload| async {
+            b.upload_reply_handler(|_: CompletedUpload| async {
                 Ok::<_, CompletionError>(Completion::reply(AppReply::None))
             })
         })
@@ -2670,7 +2670,7 @@ async fn reply_length(upload: CompletedUpload) -> Result<Completion, CompletionE
 #[tokio::test]
 async fn an_upload_reply_job_fetches_its_reply_over_https() {
     within(async {
-        let server = TlsServer::start(|b| b.completion_handler(reply_length).https(true)).await;
+        let server = TlsServer::start(|b| b.upload_reply_handler(reply_length).https(true)).await;
         let client = builder()
             .add_root_certificate_pem(server.cert_pem.clone())
             .build()

@@ -405,7 +405,7 @@ async fn recovery_removes_orphan_replies() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let layer = BitsLayer::builder(root)
-        .completion_handler(|_upload: CompletedUpload| async move {
+        .upload_reply_handler(|_upload: CompletedUpload| async move {
             Ok::<_, CompletionError>(Completion::reply(Reply::Bytes("ok".into())))
         })
         .build()

@@ -709,7 +709,7 @@ async fn reply_download_ranges_and_owner() {
     let reply = data(100, 9);
     let body = reply.clone();
     let (server, _tmp) = owner_server(move |b| {
-        b.completion_handler(move |_upload: CompletedUpload| {
+        b.upload_reply_handler(move |_upload: CompletedUpload| {
             let body = body.clone();
             async move { Ok::<_, CompletionError>(Completion::reply(AppReply::Bytes(body.into()))) }
         })
@@ -763,7 +763,7 @@ async fn in_process_handler_hashes_the_upload() {
     let seen: Arc<Mutex<Vec<CompletedUpload>>> = Arc::default();
     let log = seen.clone();
     let (server, _tmp) = owner_server(move |b| {
-        b.completion_handler(move |upload: CompletedUpload| {
+        b.upload_reply_handler(move |upload: CompletedUpload| {
             let log = log.clone();
             async move {
                 let staged = tokio::fs::read(&upload.staged_path).await.unwrap();
@@ -1034,4 +1034,120 @@ async fn deferred_commit_finishes_in_the_background() {
     );
     assert_eq!(parts(&server.root), Vec::<PathBuf>::new());
     sweeper.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Being told about finished plain uploads (issue 15 B.1)
+
+/// Hooks that count the events they see.
+#[derive(Clone, Default)]
+struct Counting(Arc<Mutex<Vec<String>>>);
+
+impl Hooks for Counting {
+    async fn on_event(&self, event: &Event) -> Result<(), HookError> {
+        self.0.lock().unwrap().push(event.key.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn on_upload_committed_reports_a_plain_upload_with_its_file_in_place() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let hooks = Counting::default();
+    let server = TestServer::start({
+        let hooks = hooks.clone();
+        move |b| {
+            b.hooks(hooks).create_directories(true).on_upload_committed(
+                move |upload: axum_bits::hooks::CommittedUpload| {
+                    let tx = tx.clone();
+                    async move {
+                        // The file is at its destination, whole, when the callback runs.
+                        let on_disk = std::fs::read(&upload.path).ok();
+                        let _ = tx.send((upload, on_disk));
+                    }
+                },
+            )
+        }
+    })
+    .await;
+    let client = server.client();
+    let bytes = data(30_000, 9);
+    let (sid, last) = upload3(&client, "/inbox/plain.bin", &bytes).await;
+    last.assert_ok();
+    client.close("/inbox/plain.bin", &sid).await.assert_ok();
+
+    let (upload, on_disk) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the callback runs")
+        .expect("a report");
+    assert_eq!(upload.destination, "inbox/plain.bin");
+    assert_eq!(upload.path, server.root.join("inbox/plain.bin"));
+    assert_eq!(upload.size, bytes.len() as u64);
+    assert_eq!(upload.session_id.to_string(), sid);
+    assert_eq!(on_disk.as_deref(), Some(&bytes[..]));
+    assert_eq!(
+        std::fs::read(server.root.join("inbox/plain.bin")).unwrap(),
+        bytes
+    );
+    assert!(rx.try_recv().is_err(), "reported once");
+    // The application's own hooks still hear every event beside the callback.
+    let keys = hooks.0.lock().unwrap().clone();
+    assert!(keys.iter().any(|k| k.ends_with("/completed")), "{keys:?}");
+}
+
+/// A log writer the test can read back.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_upload_the_upload_reply_handler_neither_copies_nor_answers_is_a_warning() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    // The test runtime is single-threaded: the server's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = TestServer::start(|b| {
+        b.upload_reply_handler(|upload: CompletedUpload| async move {
+            if upload.destination.ends_with("answered.bin") {
+                Ok::<_, CompletionError>(Completion::reply(AppReply::Bytes("ok".into())))
+            } else {
+                Ok(Completion::reply(AppReply::None))
+            }
+        })
+    })
+    .await;
+    let client = server.client();
+    let bytes = data(9_000, 2);
+
+    let (_, last) = upload3(&client, "/drop/answered.bin", &bytes).await;
+    last.assert_ok();
+    let quiet = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(!quiet.contains("neither copied"), "{quiet}");
+
+    let (_, last) = upload3(&client, "/drop/silent.bin", &bytes).await;
+    last.assert_ok();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("neither copied"))
+        .unwrap_or_else(|| panic!("no warning in {text:?}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("drop/silent.bin"), "{line}");
+    assert!(!server.root.join("drop/silent.bin").exists());
 }

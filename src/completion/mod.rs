@@ -15,7 +15,7 @@
 //! # fn main() -> Result<(), axum_bits::ConfigError> {
 //! # let root = tempfile::tempdir().unwrap();
 //! let bits = BitsLayer::builder(root.path())
-//!     .completion_handler(|upload: CompletedUpload| async move {
+//!     .upload_reply_handler(|upload: CompletedUpload| async move {
 //!         let text = format!("received {} bytes for {}", upload.size, upload.url);
 //!         Ok::<_, CompletionError>(Completion::reply(Reply::Bytes(text.into())))
 //!     })

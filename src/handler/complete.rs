@@ -24,6 +24,16 @@ pub(super) async fn finish_upload(session: &mut LockedSession<'_>) -> Result<Ack
     if let (Some(mode), None) = (&shared.reply, &session.record.outcome) {
         let outcome = run_completion(shared, mode, &session.record).await?;
         let copy = outcome.copy_to_destination;
+        if !copy && outcome.stored_reply.is_some_and(|reply| reply.len == 0) {
+            // Neither a copy nor a reply: most likely a plain upload job sent to an upload-reply
+            // mount, whose client reports success while its file is discarded.
+            tracing::warn!(
+                destination = %session.record.destination,
+                "the upload-reply handler neither copied the upload to its destination nor \
+                 replied: the file will be deleted with the session (to keep plain uploads, \
+                 use on_upload_committed instead of an upload-reply handler)"
+            );
+        }
         session
             .save(|r| {
                 r.outcome = Some(outcome);
