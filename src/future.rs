@@ -1,4 +1,4 @@
-//! The response future and body of [`BitsService`](crate::BitsService).
+//! The response future of [`BitsService`](crate::BitsService).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -7,12 +7,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::{Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+
 use pin_project_lite::pin_project;
 
 use crate::BoxFuture;
+use crate::body::ResponseBody;
 use crate::download::Download;
-use crate::file_body::FileBody;
 use crate::protocol::{Ack, Hresult};
 
 /// What the layer answers a request it handles: an Ack for `BITS_POST`, or a reply download.
@@ -103,96 +103,6 @@ where
                     }),
                 }))
             }
-        }
-    }
-}
-
-pin_project! {
-    /// The inner service's body, the empty body of an Ack, or a reply being downloaded.
-    pub struct ResponseBody<B> {
-        #[pin]
-        kind: BodyKind<B>,
-    }
-}
-
-pin_project! {
-    #[project = BodyKindProj]
-    enum BodyKind<B> {
-        Inner {
-            #[pin]
-            body: B,
-        },
-        Empty,
-        File {
-            #[pin]
-            body: FileBody,
-        },
-    }
-}
-
-impl<B> ResponseBody<B> {
-    fn inner(body: B) -> Self {
-        Self {
-            kind: BodyKind::Inner { body },
-        }
-    }
-
-    fn file(body: FileBody) -> Self {
-        Self {
-            kind: BodyKind::File { body },
-        }
-    }
-}
-
-impl<B> Default for ResponseBody<B> {
-    fn default() -> Self {
-        Self {
-            kind: BodyKind::Empty,
-        }
-    }
-}
-
-impl<B> Body for ResponseBody<B>
-where
-    B: Body,
-    B::Data: From<bytes::Bytes>,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
-            BodyKindProj::Inner { body } => body.poll_frame(cx),
-            BodyKindProj::Empty => Poll::Ready(None),
-            BodyKindProj::File { body } => match ready!(body.poll_frame(cx)) {
-                Some(Ok(frame)) => Poll::Ready(Some(Ok(frame.map_data(B::Data::from)))),
-                // The reply file failed under us. Ending early breaks the declared length, so
-                // the connection is closed and the client resumes with a Range request.
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "reading a reply failed mid-download");
-                    Poll::Ready(None)
-                }
-                None => Poll::Ready(None),
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            BodyKind::Inner { body } => body.is_end_stream(),
-            BodyKind::Empty => true,
-            BodyKind::File { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            BodyKind::Inner { body } => body.size_hint(),
-            BodyKind::Empty => SizeHint::with_exact(0),
-            BodyKind::File { body } => body.size_hint(),
         }
     }
 }

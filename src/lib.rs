@@ -81,6 +81,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod body;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod completion;
@@ -88,7 +89,7 @@ mod config;
 mod deferred;
 pub mod destination;
 mod download;
-mod file_body;
+
 mod fs;
 mod future;
 mod handle;
@@ -114,10 +115,11 @@ pub mod staging;
 pub mod store;
 mod sweeper;
 
+pub use body::ResponseBody;
 pub use completion::{CompletionPolicy, Notification};
 pub use config::{CommitPoint, ConfigError};
 pub use deferred::{DeferredCompletion, DeferredCompletions};
-pub use future::{ResponseBody, ResponseFuture};
+pub use future::ResponseFuture;
 pub use handle::{BitsHandle, DisableReport};
 pub use layer::{BitsLayer, BitsLayerBuilder};
 pub use lifecycle::ShutdownReport;

@@ -8,9 +8,10 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::body::ResponseBody;
 use crate::destination::strip_prefix;
 use crate::download;
-use crate::future::{Answer, ResponseBody, ResponseFuture};
+use crate::future::{Answer, ResponseFuture};
 use crate::handler;
 use crate::protocol::is_bits_post;
 use crate::replies::parse_reply_path;

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
-use crate::file_body::FileBody;
+use crate::body::file::FileBody;
 use crate::session::{Owner, SessionId};
 use crate::shared::Shared;
 

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use crate::file_body::FileBody;
+use crate::body::file::FileBody;
 
 /// Request header carrying the URL the BITS client uploaded to.
 const ORIGINAL_REQUEST_URL: HeaderName = HeaderName::from_static("bits-original-request-url");
