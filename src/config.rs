@@ -206,7 +206,7 @@ impl Config {
             .transpose()?;
         Ok(ValidConfig {
             config: self.clone(),
-            host_id,
+            host_id_header: host_id,
         })
     }
 }
@@ -235,10 +235,12 @@ fn valid_origin(origin: &str) -> bool {
     })
 }
 
+/// A checked [`Config`] (it derefs to it), with what checking derived from it.
 #[derive(Debug, Clone)]
 pub(crate) struct ValidConfig {
     pub(crate) config: Config,
-    pub(crate) host_id: Option<HeaderValue>,
+    /// `host_id` as the `BITS-Host-Id` header value.
+    pub(crate) host_id_header: Option<HeaderValue>,
 }
 
 impl std::ops::Deref for ValidConfig {

@@ -545,11 +545,7 @@ impl BitsLayerBuilder {
             }
             (hooks, committed) => hooks.or(committed),
         };
-        let locks = SessionLocks::new(
-            store.clone(),
-            config.config.host_id.as_deref(),
-            config.lease_ttl,
-        );
+        let locks = SessionLocks::new(store.clone(), config.host_id.as_deref(), config.lease_ttl);
         Ok(BitsLayer {
             shared: Arc::new(Shared {
                 config,

@@ -128,7 +128,11 @@ async fn run_completion(
 /// the client uploaded to.
 fn reply_url_of(shared: &Shared, record: &SessionRecord) -> String {
     let config = &shared.config;
-    let origin = match (&config.public_origin, &config.host_id, &record.origin) {
+    let origin = match (
+        &config.public_origin,
+        &config.host_id_header,
+        &record.origin,
+    ) {
         (Some(origin), _, _) => origin.clone(),
         (None, Some(host), Some(origin)) => {
             let (scheme, authority) = origin.split_once("://").unwrap_or(("http", origin));

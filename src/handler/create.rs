@@ -104,7 +104,7 @@ pub(super) async fn create_session(
         let id = HeaderValue::from_str(&id.to_string())
             .expect("a braced GUID is a valid header value");
         let mut ack = Ack::ok().session_id(id).protocol();
-        if let Some(host) = &config.host_id {
+        if let Some(host) = &config.host_id_header {
             ack = ack.host_id(host.clone(), config.host_id_fallback_timeout);
         }
         Ok(ack)

@@ -1,4 +1,4 @@
-//! Conformance over real sockets: every packet type and every error row of the protocol
+//! The protocol over real sockets: every packet type and every error row of the protocol
 //! reference (sections 4, 5, 8, 12 and the checklist in section 19).
 
 mod common;
