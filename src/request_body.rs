@@ -5,12 +5,10 @@
 use std::pin::{Pin, pin};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Buf;
-use http_body::{Body, Frame};
-
 use http::StatusCode;
+use http_body::{Body, Frame};
+use tokio::time::Instant;
 
 use crate::BoxError;
 use crate::protocol::{Ack, Hresult};
