@@ -106,8 +106,8 @@ pub(crate) fn measure(
     let pid = server.pid();
     let idle_rss_kib = proc_status_kib(pid, "VmRSS")?;
     let cpu_before = proc_cpu_secs(Some(pid))?;
-    // A fresh runtime per measurement: dropping it closes the client's pooled connections, so
-    // the server's graceful shutdown does not wait for them.
+    // A fresh runtime per measurement: dropping it closes the client's pooled connections
+    // before the server's readings are taken and it is stopped.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -7,15 +7,18 @@
 //! stopped or dropped; the child exits by itself if its parent dies (its stdin closes).
 //!
 //! Of the harness's child side only [`node::exit_with_parent`] and [`node::announce`] are
-//! used, not `node::run_child`: that runs the server on a two-thread tokio runtime (and may
-//! install a tracing subscriber), while these servers run on a default multi-threaded runtime,
-//! one worker per core, as they always have, so that the numbers stay comparable across
-//! versions and machines. The harness passes libtest arguments (`<name> --exact ...`) to the
-//! child; this program does not read them, `AXUM_BITS_BENCH_SERVER` selects the server.
-//! The child is stopped only after every reading has been taken and every response has
-//! arrived, so SIGKILL (rather than the graceful shutdown on a closed stdin of earlier versions)
-//! changes nothing that is measured; `axum::serve` serves each connection the same way with or
-//! without a graceful-shutdown signal.
+//! used, not `node::run_child`: that runs the server on a two-thread tokio runtime (and, with
+//! `RUST_LOG` set, installs a tracing subscriber), while these servers run on a default
+//! multi-threaded runtime, one worker per core, without logging, as they always have, so that
+//! the numbers stay comparable across versions and machines. The harness passes libtest
+//! arguments (`<name> --exact ...`) to the child; this program ignores them, and
+//! `AXUM_BITS_BENCH_SERVER` selects the server.
+//!
+//! A child is stopped (SIGKILL, where earlier versions closed its stdin for a graceful
+//! shutdown) only after the clients have had every response and the readings have been taken,
+//! so that changes nothing measured: every file is complete before its last answer (the bits
+//! commit runs before the last Fragment's Ack, the baseline flushes before its 200), and
+//! `axum::serve` serves each connection the same way with or without a shutdown signal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
