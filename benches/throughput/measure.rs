@@ -1,0 +1,81 @@
+//! Readings of the machine: a process's RSS and CPU time from `/proc`, the open-file limit,
+//! and a filesystem's free space.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::Error;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on every Linux port).
+const USER_HZ: f64 = 100.0;
+
+/// Free bytes on the filesystem of `dir`, from `df -Pk` (std has no statvfs, and the crate
+/// allows no unsafe code).
+pub(crate) fn free_bytes(dir: &Path) -> Result<u64, Error> {
+    let output = Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run df to check free space: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "df -Pk {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| format!("cannot read the free space from df's output {text:?}").into())
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in KiB.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.trim().strip_suffix("kB")?.trim().parse().ok()
+        })
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status").into())
+}
+
+/// User plus system CPU time of a process (`None`: this one), in seconds.
+pub(crate) fn proc_cpu_secs(pid: Option<u32>) -> Result<f64, Error> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(&path)?;
+    // The command name (field 2) may hold spaces; fields from 3 on follow its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / USER_HZ),
+        _ => Err(format!("cannot read the CPU times in {path}").into()),
+    }
+}
+
+/// The soft limit on open files of this process (inherited by the servers).
+pub(crate) fn open_files_limit() -> Result<u64, Error> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .ok_or("no \"Max open files\" in /proc/self/limits")?;
+    match line.split_whitespace().nth(3) {
+        Some("unlimited") => Ok(u64::MAX),
+        Some(soft) => Ok(soft.parse()?),
+        None => Err(format!("cannot read {line:?}").into()),
+    }
+}

@@ -1,0 +1,140 @@
+//! The servers, each in a child process: this program re-executed with
+//! `AXUM_BITS_BENCH_SERVER=bits|baseline`.
+//!
+//! The process handling is the tests' child-server harness, `tests/common/node.rs`: the parent
+//! starts a child with [`NodeCommand`] and waits for its `LISTENING <addr>` line; the [`Node`]
+//! it gets back gives the child's pid (for the `/proc` readings) and SIGKILLs and reaps it when
+//! stopped or dropped; the child exits by itself if its parent dies (its stdin closes).
+//!
+//! Of the harness's child side only [`node::exit_with_parent`] and [`node::announce`] are
+//! used, not `node::run_child`: that runs the server on a two-thread tokio runtime (and, with
+//! `RUST_LOG` set, installs a tracing subscriber), while these servers run on a default
+//! multi-threaded runtime, one worker per core, without logging, as they always have, so that
+//! the numbers stay comparable across versions and machines. The harness passes libtest
+//! arguments (`<name> --exact ...`) to the child; this program ignores them, and
+//! `AXUM_BITS_BENCH_SERVER` selects the server.
+//!
+//! A child is stopped (SIGKILL, where earlier versions closed its stdin for a graceful
+//! shutdown) only after the clients have had every response and the readings have been taken,
+//! so that changes nothing measured: every file is complete before its last answer (the bits
+//! commit runs before the last Fragment's Ack, the baseline flushes before its 200), and
+//! `axum::serve` serves each connection the same way with or without a shutdown signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum_bits::BitsLayer;
+use http_body_util::BodyExt as _;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::Error;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/common/node.rs"]
+mod node;
+
+pub(crate) use node::Node;
+use node::NodeCommand;
+
+/// Selects the server role in a child process.
+pub(crate) const ROLE_ENV: &str = "AXUM_BITS_BENCH_SERVER";
+/// The upload root of a child server.
+const ROOT_ENV: &str = "AXUM_BITS_BENCH_ROOT";
+/// `1`: the bits server fsyncs every fragment and record before its Ack (`sync_data(true)`).
+const SYNC_DATA_ENV: &str = "AXUM_BITS_BENCH_SYNC_DATA";
+/// `1`: the bits server commits without fsyncs (`sync_on_commit(false)`).
+pub(crate) const NO_COMMIT_SYNC_ENV: &str = "AXUM_BITS_BENCH_NO_COMMIT_SYNC";
+/// Raises the bits server's `max_sessions` and `max_sessions_per_owner` to this.
+pub(crate) const MAX_SESSIONS_ENV: &str = "AXUM_BITS_BENCH_MAX_SESSIONS";
+/// Asks the baseline handler to fsync the file after writing the body.
+pub(crate) const FSYNC_HEADER: &str = "x-bench-fsync";
+
+// ------------------------------------------------------------------------------------------
+// Parent: starting a server.
+
+/// Starts the `role` server (`bits` or `baseline`) on `root` in a child process, with `env`
+/// added to its environment, and waits until it listens. [`Node::stop`] (or dropping it)
+/// SIGKILLs and reaps it.
+pub(crate) fn start(role: &str, root: &Path, env: &[(&str, &str)]) -> Result<Node, Error> {
+    NodeCommand::new(role)
+        .env(ROLE_ENV, role)
+        .env(ROOT_ENV, root)
+        .envs(env.iter().copied())
+        .try_spawn()
+        .map_err(|e| format!("{role} server: {e}").into())
+}
+
+// ------------------------------------------------------------------------------------------
+// Child: the servers.
+
+/// Runs the `role` server until the parent kills it (or dies).
+pub(crate) fn serve(role: &str) -> Result<(), Error> {
+    let root = PathBuf::from(std::env::var(ROOT_ENV)?);
+    node::exit_with_parent();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let app = match role {
+            "bits" => {
+                let sync_data = std::env::var_os(SYNC_DATA_ENV).is_some_and(|v| v == "1");
+                let no_commit_sync = std::env::var_os(NO_COMMIT_SYNC_ENV).is_some_and(|v| v == "1");
+                let mut builder = BitsLayer::builder(&root)
+                    .max_upload_size(1 << 40)
+                    .sync_data(sync_data)
+                    .sync_on_commit(!no_commit_sync);
+                if let Ok(limit) = std::env::var(MAX_SESSIONS_ENV) {
+                    let limit: usize = limit.parse()?;
+                    builder = builder.max_sessions(limit).max_sessions_per_owner(limit);
+                }
+                Router::new()
+                    .route("/", get(|| async { "axum-bits benchmark server" }))
+                    .layer(builder.build()?)
+            }
+            "baseline" => Router::new()
+                .route("/{name}", post(baseline_upload))
+                .with_state(Arc::new(root)),
+            other => return Err(format!("unknown role {other:?}").into()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        node::announce(listener.local_addr()?);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+/// The baseline: append the body to `root/name`, one frame at a time.
+async fn baseline_upload(
+    State(root): State<Arc<PathBuf>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, (StatusCode, String)> {
+    let internal = |e: std::io::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if name.starts_with('.') || name.contains(['/', '\\']) {
+        return Err((StatusCode::BAD_REQUEST, "bad name".into()));
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join(&name))
+        .await
+        .map_err(internal)?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data).await.map_err(internal)?;
+        }
+    }
+    file.flush().await.map_err(internal)?;
+    if headers.contains_key(FSYNC_HEADER) {
+        file.sync_all().await.map_err(internal)?;
+    }
+    Ok(StatusCode::OK)
+}
