@@ -189,7 +189,7 @@ impl std::fmt::Debug for BitsLayerBuilder {
 
 impl BitsLayerBuilder {
     /// Replaces the upload root given to [`BitsLayer::builder`], for a root that comes from
-    /// configuration read later (such as [`Settings::root`](crate::Settings::root)). The
+    /// configuration read later (such as `Settings::root`, feature `settings`). The
     /// default store, staging and reply folder are placed under the root when the layer is
     /// built, so they follow it.
     ///
