@@ -8,15 +8,27 @@
 //!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
 //! ```
 //!
-//! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin`. Sessions persist under
-//! `ROOT/.bits`, so a restarted server resumes them. Ctrl-C or SIGTERM stops it cleanly.
+//! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin` (the folder `a` must
+//! exist, as with IIS). It listens on 127.0.0.1:8080; use `--listen 0.0.0.0:8080` to accept
+//! other machines. Sessions persist under `ROOT/.bits/` (never reachable as an upload
+//! destination), so a restarted server resumes them. On Ctrl-C or SIGTERM it shuts down in
+//! order (new sessions get a transient 503, uploads in flight get 10 s, the session store is
+//! flushed); nothing is deleted, so clients resume after the next start. Logging follows
+//! `RUST_LOG`.
+//!
+//! `--notify-url` takes an absolute `http://` URL, or a relative one (`/notify`) together with
+//! `--public-origin`, the origin clients reach the server at, which the URL resolves against;
+//! a relative URL without it is refused at start-up. `--public-origin` also fixes the host of
+//! reply URLs (default: each request's `Host`).
 //!
 //! `--config FILE` reads a TOML file with a `[server]` table (`listen`, `store`) and a `[bits]`
-//! table ([`axum_bits::Settings`]: every builder option); see `examples/server.toml`. Flags
-//! given on the command line override the file.
+//! table ([`axum_bits::Settings`]: every builder option); `examples/server.toml` lists every
+//! key with its default. Flags given on the command line override the file
+//! (`--allow-overwrites=false` turns off what the file turned on).
 //!
 //! The SQLite, PostgreSQL and Redis stores need the crate feature of the same name, e.g.
-//! `cargo run --release --features postgres --example server -- --store postgres://..`.
+//! `cargo run --release --features postgres --example server -- --store postgres://..`; a farm
+//! of such servers is described in the crate docs (`axum_bits::store`, "Running a farm").
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -264,8 +276,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Applies `--store`. The shared stores need the crate feature of the same name; a farm of
-/// nodes shares a PostgreSQL or Redis store and the upload root (see the README's "Running a
-/// farm").
+/// nodes shares a PostgreSQL or Redis store and the upload root (see "Running a farm" in the
+/// `axum_bits::store` docs).
 async fn with_store(
     builder: BitsLayerBuilder,
     spec: &str,

@@ -20,7 +20,26 @@ const WIND_UP: Duration = Duration::from_secs(5);
 /// runtime, and start-up recovery. Get one from
 /// [`BitsLayer::handle`](crate::BitsLayer::handle); clones control the same layer.
 ///
-/// Shutdown composes with axum's graceful shutdown: start it when the signal arrives, and
+/// * [`shutdown(grace)`](Self::shutdown): new Create-Session packets get 503 `0x8007045B`
+///   (Windows retries later) at once, while open sessions' packets are still served; after
+///   `grace`, fragments still arriving stop at their next body frame with their bytes so far
+///   recorded; then the sweeper stops and the store and staging are flushed and closed.
+///   Nothing is deleted, so clients resume after the next start.
+/// * [`disable_uploads()`](Self::disable_uploads): IIS's "uploads disabled" for the layer's
+///   prefix. Every BITS packet gets 501 `0x80070005` (fatal for the client), and every session
+///   of the prefix is deleted with its staged data and reply.
+///   [`enable_uploads()`](Self::enable_uploads) turns it back on.
+/// * [`recover()`](Self::recover): the start-up scan [`Sweeper::run`](crate::Sweeper::run)
+///   does first (see the [guarantees](crate::guarantees#nothing-leaks)).
+///
+/// # Running it in production
+///
+/// Spawn the [`Sweeper`](crate::Sweeper) (a recovery scan, then expiry; it stops at
+/// shutdown), and serve with [`axum_bits::serve`](crate::serve) (feature `serve`, on by
+/// default): it is `axum::serve` plus a header read timeout (default 30 s), a cap on open
+/// connections (default 10,000) and a bounded graceful shutdown. Without a header timeout a
+/// client that sends its headers a byte at a time holds a connection forever. Shutdown
+/// composes with either loop's graceful shutdown: start it when the signal arrives, and
 /// await it again once the server has stopped, to wait for the store to be closed.
 ///
 /// ```no_run
@@ -31,10 +50,12 @@ const WIND_UP: Duration = Duration::from_secs(5);
 ///
 /// let bits = BitsLayer::builder("./uploads").build().expect("layer");
 /// let handle = bits.handle();
+/// tokio::spawn(bits.sweeper().run()); // first a recovery scan, then expiry
 /// let app = axum::Router::new().layer(bits);
 /// let stopping = handle.clone();
-/// axum::serve(listener, app)
-///     .with_graceful_shutdown(async move {
+/// axum_bits::serve(listener, app) // axum::serve works too, but has no header timeout
+///     .header_read_timeout(Duration::from_secs(20))
+///     .run(async move {
 ///         signal().await;
 ///         // New sessions get 503 from now on; fragments in flight get 30 s to finish.
 ///         tokio::spawn(stopping.shutdown(Duration::from_secs(30)));

@@ -8,6 +8,13 @@
 //! [`Sweeper`](crate::Sweeper). Each event carries an idempotency [`Event::key`] that is the
 //! same on every delivery, so a hook can drop duplicates.
 //!
+//! [`Hooks::on_create`] runs before a session exists and can veto it with any BITS error Ack
+//! ([`Veto::forbidden`]: 403 `0x80070005`); [`Hooks::on_event`] hears progress, completion,
+//! cancellation and expiry. With hooks, each fragment costs one more store update. To hear
+//! only about files that reached their destination, use
+//! [`BitsLayerBuilder::on_upload_committed`](crate::BitsLayerBuilder::on_upload_committed),
+//! which is delivered through the same machinery and works alongside hooks.
+//!
 //! ```
 //! use axum_bits::hooks::{Event, EventKind, HookError, Hooks, Veto};
 //!

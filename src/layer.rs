@@ -106,7 +106,63 @@ impl<S> Layer<S> for BitsLayer {
     }
 }
 
-/// Configures a [`BitsLayer`]. Each setter names the IIS setting it mirrors, if any.
+/// Configures a [`BitsLayer`]: every option is a setter of [`BitsLayer::builder`], and the
+/// defaults are safe. Each setter's docs say what it does; this table is the summary, with the
+/// IIS setting each one mirrors.
+///
+/// | Setter | IIS setting it mirrors | Default |
+/// |---|---|---|
+/// | mounting the layer, [`prefix`](Self::prefix) | `BITSUploadEnabled` | `/` where mounted |
+/// | [`max_upload_size`](Self::max_upload_size) | `BITSMaximumUploadSize` | unlimited: set it |
+/// | [`session_timeout`](Self::session_timeout) | `BITSSessionTimeout` | 14 days |
+/// | [`allow_overwrites`](Self::allow_overwrites) | `BITSAllowOverwrites` | `false` |
+/// | [`host_id`](Self::host_id) | `BITSHostId` | unset |
+/// | [`host_id_fallback_timeout`](Self::host_id_fallback_timeout) | `BITSHostIdFallbackTimeout` | unset (the client never falls back) |
+/// | [`sweep_interval`](Self::sweep_interval) | `BITSCleanupCount` / `BITSCleanupUnits` | 1 hour |
+/// | [`max_sessions`](Self::max_sessions) | — (the whole server) | 1024 open sessions |
+/// | [`max_sessions_per_owner`](Self::max_sessions_per_owner) | `BITSNumberOfSessionsLimit` (per user) | 50 per [`Owner`](crate::Owner) |
+/// | [`max_sessions_per_peer`](Self::max_sessions_per_peer) | — (anonymous sessions per client address) | 100 |
+/// | [`reclaim_empty_after`](Self::reclaim_empty_after) | — | 60 s |
+/// | [`tombstone_retention`](Self::tombstone_retention) | — | 24 hours |
+/// | [`max_tombstones`](Self::max_tombstones) / [`max_tombstones_per_owner`](Self::max_tombstones_per_owner) | — | 8,192 / 256 |
+/// | [`abandoned_after`](Self::abandoned_after) | — | 30 s |
+/// | [`lease_ttl`](Self::lease_ttl) | — (farms on a shared store) | 10 s |
+/// | [`sync_data`](Self::sync_data) | — | `false` |
+/// | [`sync_on_commit`](Self::sync_on_commit) | — | `true` |
+/// | [`max_fragment_size`](Self::max_fragment_size) | — | 16 MiB |
+/// | [`body_idle_timeout`](Self::body_idle_timeout) | — | 60 s |
+/// | [`min_body_rate`](Self::min_body_rate) / [`body_rate_grace`](Self::body_rate_grace) | — | 1 KiB/s / 30 s |
+/// | [`commit_point`](Self::commit_point) | — (IIS commits at the last fragment, \[MC-BUP\] at Close-Session) | [`CommitPoint::LastFragment`] |
+/// | [`create_directories`](Self::create_directories) | — (IIS answers 404 when the folder is missing) | `false` |
+/// | [`notification`](Self::notification) | `BITSServerNotificationType` / `BITSServerNotificationURL` | none (plain uploads) |
+/// | [`upload_reply_handler`](Self::upload_reply_handler) | — (in-process alternative to a notification) | none |
+/// | [`on_upload_committed`](Self::on_upload_committed) | — | none |
+/// | [`completion_policy`](Self::completion_policy) | — | [`CompletionPolicy::RetryLater`] |
+/// | [`hooks`](Self::hooks) | — | none |
+/// | [`public_origin`](Self::public_origin) | — | from each request |
+/// | [`https`](Self::https) | — | `false` |
+/// | [`store`](Self::store) | `BITSSessionDirectory` | [`FileStore`] in `ROOT/.bits/sessions` |
+/// | [`staging`](Self::staging) | — | [`LocalStaging`] in `ROOT/.bits/parts` |
+/// | [`replies_dir`](Self::replies_dir) | — | `ROOT/.bits/replies` |
+///
+/// With the `settings` feature, `axum_bits::Settings` reads every option but the code ones
+/// (store, staging, handlers, hooks) from a TOML file, one key per setter, named alike.
+///
+/// # What clients are told
+///
+/// Errors a client can cause are answered with the status, `BITS-Error-Code` (also sent as
+/// `BITS-Error`) and `BITS-Error-Context` of the protocol:
+///
+/// | Cause | Answer |
+/// |---|---|
+/// | unknown session | 500 `0x8020001F` (`BG_E_SESSION_NOT_FOUND`) |
+/// | malformed packet, conflicting repeats of a header it depends on included | 400 `0x80070057` (`E_INVALIDARG`) |
+/// | existing destination without overwrites | 403 `0x80070005` (`E_ACCESSDENIED`) |
+/// | file over [`max_upload_size`](Self::max_upload_size) | 500 `0x80200020` (`BG_E_TOO_LARGE`) |
+/// | fragment over [`max_fragment_size`](Self::max_fragment_size) | plain 413 (the client shrinks its fragments) |
+/// | destination being uploaded by another session | 409 (the client retries) |
+/// | session limit reached | 503 (the client retries) |
+/// | disk full | 500 `0x80070070` (the client retries and resumes) |
 #[must_use]
 pub struct BitsLayerBuilder {
     root: PathBuf,
@@ -133,7 +189,7 @@ impl std::fmt::Debug for BitsLayerBuilder {
 
 impl BitsLayerBuilder {
     /// Replaces the upload root given to [`BitsLayer::builder`], for a root that comes from
-    /// configuration read later (such as [`Settings::root`](crate::Settings::root)). The
+    /// configuration read later (such as `Settings::root`, feature `settings`). The
     /// default store, staging and reply folder are placed under the root when the layer is
     /// built, so they follow it.
     ///
@@ -224,7 +280,10 @@ impl BitsLayerBuilder {
     /// fsynced before its Ack ([`LocalStaging::sync_data`]) and every session record is
     /// fsynced when written ([`FileStore::with_fsync`]). Without it an acknowledged byte
     /// survives a crash of the process but not of the machine. Ignored for a staging or store
-    /// you supply. Costs throughput: see the README's "Safety and guarantees". Default: off.
+    /// you supply. Costs throughput: 15% with 8 MiB fragments, about 40% with 64 KiB ones, on
+    /// the development machine (`benches/README.md` in the repository; see also the
+    /// [guarantees](crate::guarantees#an-acknowledged-byte-survives-a-crash-of-the-process)).
+    /// Default: off.
     pub fn sync_data(mut self, on: bool) -> Self {
         self.config.sync_data = on;
         self
@@ -233,9 +292,9 @@ impl BitsLayerBuilder {
     /// Whether the default staging fsyncs a finished file and its folder when it commits it
     /// ([`LocalStaging::sync_on_commit`]), so that a committed file survives a power loss
     /// whole. Turning it off makes the final Ack of a large upload wait only for the page
-    /// cache, not the disk (see the README's "Performance"); a commit stays atomic against a
-    /// crash of the process. Ignored for a staging you supply, and `sync_data(true)` keeps it
-    /// on. Default: on.
+    /// cache, not the disk (`benches/README.md` in the repository measures both); a commit
+    /// stays atomic against a crash of the process. Ignored for a staging you supply, and
+    /// `sync_data(true)` keeps it on. Default: on.
     pub fn sync_on_commit(mut self, on: bool) -> Self {
         self.config.sync_on_commit = on;
         self
@@ -273,8 +332,8 @@ impl BitsLayerBuilder {
     /// [`Owner`](crate::Owner) (anonymous uploads). The peer address comes from
     /// [`PeerAddr`](crate::PeerAddr) or axum's `ConnectInfo<SocketAddr>` in the request
     /// extensions (`into_make_service_with_connect_info`; [`serve`](crate::serve) provides
-    /// both); without either, anonymous sessions are bounded only by
-    /// [`max_sessions`](Self::max_sessions). Beyond it Create-Session gets 503 `0x80070045`
+    /// both); an IPv6 address counts by its /64. Without either, anonymous sessions are
+    /// bounded only by [`max_sessions`](Self::max_sessions). Beyond it Create-Session gets 503 `0x80070045`
     /// (the client retries later). Behind a proxy every client has the proxy's address: insert
     /// a `PeerAddr` from the proxy's forwarding header yourself. Default: 100.
     pub fn max_sessions_per_peer(mut self, sessions: usize) -> Self {
@@ -419,8 +478,9 @@ impl BitsLayerBuilder {
 
     /// Calls `callback` when a file has reached its destination: the way to be told about
     /// finished plain uploads (and about upload-reply files the application asked to have
-    /// copied there). The file is committed, whole, before the callback runs, and the client
-    /// has its success Ack or gets it regardless of what the callback does.
+    /// copied there). The file is committed, whole, before the callback runs. The callback
+    /// runs before the packet that committed the file is acknowledged (its outcome does not
+    /// change the Ack): keep it short, or spawn longer work.
     ///
     /// The report is an [`EventKind::Completed`](crate::hooks::EventKind::Completed) event
     /// delivered through the hooks machinery, so it survives a crash and may be repeated: use

@@ -1,18 +1,11 @@
-//! A BITS upload client (feature `client`): upload to IIS or to this crate's server from
-//! Linux, macOS or a CI pipeline, without Windows.
-//!
-//! It speaks the protocol as the Windows client does: Ping, Create-Session, fragments that
-//! follow the server's `BITS-Received-Content-Range` on 200 and 416, smaller fragments on 413
-//! (never below 5 KiB), a new session from byte 0 on `BG_E_SESSION_NOT_FOUND`, retries with
-//! backoff on transient errors until no progress has been made for a while, `BITS-Host-Id`
-//! with its fallback timeout, Close-Session (re-sent on 5xx), Cancel-Session, and for
-//! upload-reply jobs a resumable, ranged download of the reply.
+//! A BITS upload client (feature `client`): upload to IIS's BITS Server Extension or to this
+//! crate's server from Linux, macOS or a CI pipeline, without Windows.
 //!
 //! ```no_run
-//! use axum_bits::client::{BitsClient, UploadSource};
+//! use axum_bits::client::{BitsClient, Error, UploadSource};
 //!
-//! # async fn run() -> Result<(), axum_bits::client::Error> {
-//! let client = BitsClient::builder().fragment_size(4 << 20).build()?;
+//! # async fn run() -> Result<(), Error> {
+//! let client = BitsClient::builder().basic_auth("uploader", "secret").build()?;
 //! let uploaded = client
 //!     .upload(
 //!         "https://files.example.com/inbox/report.bin",
@@ -25,11 +18,68 @@
 //! # }
 //! ```
 //!
+//! # What it does
+//!
+//! It speaks the protocol as the Windows client does:
+//!
+//! | Situation | What the client does |
+//! |---|---|
+//! | Start | Ping, then Create-Session offering `{7df0354d-...}`; follows `BITS-Host-Id` (Ping to it first), falling back to the original host after `BITS-Host-Id-Fallback-Timeout` of failed connections, or at once (and for the rest of the upload) if the host's certificate is refused |
+//! | Every Fragment Ack, 200 or 416 | continues at the server's `BITS-Received-Content-Range`, forwards or backwards |
+//! | 413 | sends the same bytes in fragments half the size, never below 5 KiB |
+//! | `BG_E_SESSION_NOT_FOUND` (`0x8020001F`) | creates a new session and starts over from byte 0 (at most [`max_restarts`](BitsClientBuilder::max_restarts) times) |
+//! | 5xx (but 501/505), 408, 409, 429, transport failures | retries with jittered exponential backoff (1 s doubling to 60 s) until nothing has moved for [`no_progress_timeout`](BitsClientBuilder::no_progress_timeout) (5 min) |
+//! | 4xx, 501, `E_INVALIDARG`, `E_ACCESSDENIED`, `BG_E_TOO_LARGE`, redirects, a refused server certificate | stops with an error that names the code and what to do about it |
+//! | Close-Session answered 5xx | re-sends it; `0x8020001F` after an uncertain attempt counts as closed |
+//! | [`cancel_on(signal)`](UploadBuilder::cancel_on) fires | sends Cancel-Session and returns [`Error::Cancelled`] |
+//! | Upload-reply ([`reply_to_file`](UploadBuilder::reply_to_file), [`reply_in_memory`](UploadBuilder::reply_in_memory)) | downloads `BITS-Reply-URL` (IIS's relative, backslashed form resolved against the upload URL) with `Range`, resumed with `If-Range` after interruptions, then closes |
+//!
 //! Errors say what went wrong in words: [`ServerError`]'s message names the
 //! `BITS-Error-Code` and what to do about it ([`ServerError::hint`]).
 //!
+//! # Sources, TLS and credentials
+//!
+//! An [`UploadSource`] is a file (re-readable from any offset; a change of its size or
+//! modification time during the upload is `BG_E_LOCAL_FILE_CHANGED`), bytes, or a stream of
+//! known length (which keeps only the current fragment, so it survives retries and 413s but
+//! not a server that asks for earlier bytes). File fragments are streamed from disk with
+//! positional reads a few chunks ahead of the socket; memory does not grow with the fragment
+//! size. [`resume(session_id)`](UploadBuilder::resume) continues an interrupted upload's
+//! session in a later run.
+//!
+//! HTTPS uses rustls with the system's and Mozilla's roots
+//! ([`add_root_certificate_pem`](BitsClientBuilder::add_root_certificate_pem) for an internal
+//! CA; part C of `tests/client.rs` runs the client against the server behind TLS). Basic
+//! credentials and any extra header go with every packet, and to the reply only if it is on
+//! the same host.
+//!
 //! Not supported: NTLM and Negotiate (Kerberos) authentication, which IIS sites often use
 //! (Basic, and any header such as a bearer token, are); HTTP/2 (BITS is HTTP/1.1).
+//!
+//! # The command-line uploader
+//!
+//! `examples/upload.rs` in the repository is a command-line uploader with a progress bar;
+//! while the server cannot be reached, or answers with a transient error, the bar says why and
+//! counts down to the next attempt (`retrying in 4 s (connection refused)`):
+//!
+//! ```text
+//! cargo run --example upload -- FILE URL [--fragment-size 8M] [--reply-out PATH]
+//!     [--resume SESSION-ID] [--user USER:PASSWORD] [--header 'NAME: VALUE'] [--no-progress-timeout SECS]
+//!     [--insecure] [--quiet]
+//! ```
+//!
+//! ```text
+//! uploading big.bin (28.6 MiB) to http://127.0.0.1:8080/big.bin
+//! session {BBE1231B-22CD-474E-82B2-4F0BF4634207} (continue an interrupted upload with --resume {BBE1231B-22CD-474E-82B2-4F0BF4634207})
+//! [##############################] 100% 28.6 MiB / 28.6 MiB  217.0 MiB/s
+//! done: 28.6 MiB in 0.1 s (216.9 MiB/s), session {BBE1231B-22CD-474E-82B2-4F0BF4634207}
+//! ```
+//!
+//! An error is printed with its BITS meaning, for instance
+//! `error: Create-Session: the server answered 403 Forbidden with BITS-Error-Code 0x80070005
+//! (E_ACCESSDENIED): access denied: ...; check the URL, your credentials, and whether the
+//! server allows overwriting`. Ctrl-C cancels the session on the server. The exit code is 1
+//! for a failed upload, 2 for bad arguments, 130 when cancelled.
 
 mod error;
 mod policy;

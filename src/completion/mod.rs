@@ -2,11 +2,23 @@
 //! in-process [`CompletionHandler`] or an HTTP [`Notification`] to a server application, as IIS
 //! does) and the [`CompletionPolicy`] for destinations and applications that are busy.
 //!
-//! Without a handler, a finished upload is committed to its destination (a plain upload job).
-//! With one, the finished upload is handed to it before the final Fragment is acknowledged; its
-//! [`Completion`] becomes the reply the client downloads from `BITS-Reply-URL`, and the file
-//! reaches its destination only if the completion asks for it (`BITS-Copy-File-To-Destination`
-//! in IIS terms).
+//! BITS has two job types. An *upload* job just delivers a file. An *upload-reply* job
+//! (`Start-BitsTransfer -TransferType UploadReply`, `bitsadmin /create /upload-reply`) delivers
+//! a file to a server application and downloads the application's answer. IIS does this by
+//! POSTing to a notification URL; axum-bits does that too
+//! ([`BitsLayerBuilder::notification`](crate::BitsLayerBuilder::notification)), and also
+//! offers an in-process handler
+//! ([`BitsLayerBuilder::upload_reply_handler`](crate::BitsLayerBuilder::upload_reply_handler))
+//! so that an axum app needs no HTTP hop.
+//!
+//! Without either, a finished upload is committed to its destination (a plain upload job); to
+//! be told about it, use
+//! [`BitsLayerBuilder::on_upload_committed`](crate::BitsLayerBuilder::on_upload_committed),
+//! which keeps the file where the client sent it. With a handler, the finished upload is
+//! handed to it *instead*, before the final Fragment is acknowledged; its [`Completion`]
+//! becomes the reply the client downloads from `BITS-Reply-URL`, and the file reaches its
+//! destination only if the completion asks for it (`BITS-Copy-File-To-Destination` in IIS
+//! terms).
 //!
 //! ```
 //! use axum_bits::BitsLayer;
@@ -16,12 +28,90 @@
 //! # let root = tempfile::tempdir().unwrap();
 //! let bits = BitsLayer::builder(root.path())
 //!     .upload_reply_handler(|upload: CompletedUpload| async move {
+//!         // upload.staged_path holds the bytes; .url, .size, .owner, .session_id describe it.
 //!         let text = format!("received {} bytes for {}", upload.size, upload.url);
-//!         Ok::<_, CompletionError>(Completion::reply(Reply::Bytes(text.into())))
+//!         Ok::<_, CompletionError>(
+//!             Completion::reply(Reply::Bytes(text.into())).copy_to_destination(false),
+//!         )
 //!     })
 //!     .build()?;
 //! # Ok(()) }
 //! ```
+//!
+//! `examples/upload_reply.rs` in the repository is a complete server that answers every
+//! upload with its SHA-256. For an IIS-style application, use
+//! [`Notification::by_value`] (the whole file is streamed as the POST body, the response body
+//! is the reply) or [`Notification::by_reference`] (the application gets
+//! `BITS-Request-DataFile-Name` and `BITS-Response-DataFile-Name` paths and writes its reply to
+//! the second); the example server takes `--notify-url URL --notify-type reference|value`.
+//! Notifications go only where the operator says: see
+//! [where notifications go](Notification#where-notifications-go).
+//!
+//! # What happens, in order
+//!
+//! 1. When the last byte arrives, the handler runs (or the application is POSTed to, with
+//!    `BITS-Original-Request-URL` and the upload URL's query appended to the notification
+//!    URL) before the final Fragment is acknowledged. It runs once per session: a re-sent
+//!    final fragment gets the stored answer, not a second notification. It can run again
+//!    after a crash or a failure, so make it idempotent (key it by `session_id`).
+//! 2. The final Fragment Ack carries `BITS-Reply-URL`: the application's
+//!    `BITS-Static-Response-URL` ([`Reply::StaticUrl`]) if it gave one (the server never
+//!    deletes that), or `<upload folder>/.bits/replies/{id}/reply.bin` on the host the client
+//!    used (the host id in a farm, or
+//!    [`public_origin`](crate::BitsLayerBuilder::public_origin)). That URL answers GET and
+//!    HEAD with single-range support (206, `Content-Range`, `Accept-Ranges`, stable `ETag` and
+//!    `Last-Modified`, `If-Range`) to the session's owner only, until Close-Session,
+//!    Cancel-Session or expiry delete it.
+//! 3. The upload reaches its destination only if the application asks for it
+//!    (`BITS-Copy-File-To-Destination`, or [`Completion::copy_to_destination`]`(true)`), at
+//!    the commit point; otherwise nothing is created there and the staged file is deleted with
+//!    the session. Upload-reply sessions do not claim their URL, so many clients can post to
+//!    one application URL at once.
+//!
+//! Reply URLs are built from the request's `Host` unless `public_origin` is set: the server
+//! only hands them to the client that asked. Behind a reverse proxy or TLS terminator, set
+//! `public_origin("https://files.example.com")` so that reply URLs are right whatever the
+//! proxy forwards; otherwise the proxy must pass the client's `Host` through and should accept
+//! only the host names it serves.
+//!
+//! # Errors from the application
+//!
+//! They reach the client with `BITS-Error-Context: 0x7`:
+//!
+//! | The application… | Final Fragment Ack | The Windows client… |
+//! |---|---|---|
+//! | answers status S (not 2xx, not 503) | S, `BITS-Error-Code: 0x8019xxxx` (`0x80190000 + S`) | retries 5xx (but 501, 505), 408, 409 and 3xx (but 300–305, 307); fails the job on the rest, notably 403 |
+//! | does not answer within the send/receive timeouts | 408, `0x800705B4` | retries |
+//! | is busy: 503, unreachable, [`CompletionError::Busy`] | per completion policy (below) | |
+//! | gives a reply URL over 2,200 characters or not absolute | 400 `0x80070057` (context `0x5`) | fails the job |
+//!
+//! A client retries after its `MinimumRetryDelay` (10 minutes by default) by re-sending the
+//! final fragment, which triggers a new attempt; the staged data is kept meanwhile.
+//!
+//! # When the destination or the application is busy
+//!
+//! [`CompletionPolicy`]
+//! ([`BitsLayerBuilder::completion_policy`](crate::BitsLayerBuilder::completion_policy))
+//! decides what happens when an upload is complete but cannot be finished now: the destination
+//! exists and may not be overwritten (someone created it during the upload), a custom
+//! `Staging` commit returns [`StagingError::Busy`](crate::staging::StagingError::Busy), or
+//! the application is busy.
+//!
+//! | Policy | Client sees | Server keeps |
+//! |---|---|---|
+//! | [`Reject`](CompletionPolicy::Reject) | 403 `0x80070005` (fatal: the job stops in the error state) | staged data until Cancel-Session or expiry |
+//! | [`RetryLater`](CompletionPolicy::RetryLater) (default) | 503: `0x80070050` for the destination, `0x801901F7` + context `0x7` for the application (transient: the client re-sends after its retry delay, for up to 14 days) | staged data |
+//! | [`Defer(Backoff)`](CompletionPolicy::Defer) | 200: the upload is acknowledged (and Close-Session too) | the staged file, and a *deferred commit* retried in the background with exponential backoff up to [`Backoff::attempts`] |
+//!
+//! `Defer` applies to commits (plain uploads, and copies the application asked for); a busy
+//! application is answered as `RetryLater`, because its reply must be in the Ack. Deferred
+//! commits live in the session store, so they survive a restart and are shared by a farm; the
+//! [`Sweeper`](crate::Sweeper) makes the attempts, so it must run.
+//! [`BitsLayer::deferred`](crate::BitsLayer::deferred) lists them,
+//! [`wait(id)`](crate::DeferredCompletions::wait) awaits one,
+//! [`cancel(id)`](crate::DeferredCompletions::cancel) cancels one and deletes its staged
+//! file. One that runs out of attempts is `Failed`; its staged file stays until the session
+//! expires.
 
 mod notification;
 

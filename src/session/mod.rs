@@ -357,8 +357,10 @@ impl SessionRecord {
         self.is_open() && self.counted_as().as_ref() == Some(owner)
     }
 
-    /// Whether the session still claims its destination: it is open and its file has not been
-    /// committed. Stores refuse to create a second session for a claimed destination.
+    /// Whether the session holds its destination: it [claims](Self::claims_destination) it,
+    /// its file has not been committed, and it is open or has a pending deferred commit. A
+    /// store refuses to create a second record that holds the same destination (the
+    /// [store contract](crate::store::SessionStore#contract)).
     pub fn holds_destination(&self) -> bool {
         self.claims_destination && !self.committed && (self.is_open() || self.is_deferred())
     }

@@ -1,5 +1,14 @@
 //! Where the bytes of open sessions wait, and how a finished file reaches its destination:
 //! the [`Staging`] trait and [`LocalStaging`].
+//!
+//! Session records live in the [`SessionStore`](crate::store::SessionStore); the bytes live
+//! here. [`LocalStaging`], the default, keeps a part file per session in `ROOT/.bits/parts`,
+//! on the destinations' filesystem, and commits with an fsync, an atomic no-clobber link (or a
+//! rename when overwrites are allowed) and an fsync of the folder. The part, not the record,
+//! is the truth about what arrived: a staging's [`open`](Staging::open) (or its first write)
+//! refuses to write past what the part holds with [`StagingError::PartShort`], and the
+//! session resumes from there. Give another staging to the layer with
+//! [`BitsLayerBuilder::staging`](crate::BitsLayerBuilder::staging).
 
 pub(crate) mod dir;
 mod local;

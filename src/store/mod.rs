@@ -1,16 +1,36 @@
-//! Where session records live: the [`SessionStore`] trait and its built-in backends.
+//! Where session records live: the [`SessionStore`] trait, its built-in backends, and how a
+//! farm of nodes shares them.
 //!
-//! A store keeps [`SessionRecord`]s and must make two operations atomic, because several
-//! requests (and, with shared backends, several processes) may touch one session:
+//! A store keeps [`SessionRecord`]s (id, destination, total, received offset, phase). Several
+//! requests (and, with a shared backend, several processes) may touch one session, so the
+//! layer needs two operations to be atomic: create-if-absent, which also keeps one open
+//! session per destination, and compare-and-set of a record's revision, because a plain
+//! get/put pair loses updates. The [contract](SessionStore#contract) is stated once, on the
+//! trait; the `conformance` suite (feature `conformance`) checks it.
 //!
-//! * **create-if-absent**: [`SessionStore::create`] fails if the id exists, or if another
-//!   session that [holds its destination](SessionRecord::holds_destination) already uses the
-//!   same destination;
-//! * **compare-and-set**: [`SessionStore::update`] replaces a record only if the stored
-//!   revision still equals the one the caller read. This is how the received offset advances
-//!   without lost updates; a plain get/put pair would lose them.
+//! The bytes of open sessions are not in the store: they are in the
+//! [`Staging`](crate::staging::Staging), whose part files are the truth about what arrived.
+//!
+//! # Built-in stores
+//!
+//! | Store | Feature | Survives a restart | Shared by several nodes |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | — | no | no |
+//! | [`FileStore`] (the default: one JSON file per session in `ROOT/.bits/sessions`, written atomically) | — | yes | no |
+//! | `SqliteStore::open(path)` | `sqlite` | yes | processes on one host |
+//! | `PostgresStore::connect(url)` | `postgres` | yes | yes |
+//! | `RedisStore::connect(url)` | `redis` | with Redis persistence (AOF) | yes |
+//!
+//! The drivers are re-exported (`axum_bits::sqlx`, `axum_bits::redis`) so that your versions
+//! agree; each backend's `migrate()` creates its tables (or loads its scripts) and is safe to
+//! run from every node at once. Give a store to the layer with
+//! [`BitsLayerBuilder::store`](crate::BitsLayerBuilder::store).
 //!
 //! # Implementing a store
+//!
+//! Implement the five required methods with `async fn`, keeping the
+//! [contract](SessionStore#contract); `examples/custom_store.rs` in the repository is a fuller
+//! example than this one:
 //!
 //! ```
 //! use std::collections::HashMap;
@@ -27,9 +47,13 @@
 //!         if map.contains_key(&record.id) {
 //!             return Err(StoreError::AlreadyExists);
 //!         }
-//!         if let Some(holder) = map.values().find(|r| {
-//!             r.holds_destination() && r.destination == record.destination
-//!         }) {
+//!         // Only a record that holds its destination can be refused for it.
+//!         let holder = map.values().find(|r| {
+//!             record.holds_destination()
+//!                 && r.holds_destination()
+//!                 && r.destination == record.destination
+//!         });
+//!         if let Some(holder) = holder {
 //!             return Err(StoreError::DestinationBusy { holder: holder.id });
 //!         }
 //!         map.insert(record.id, record.clone());
@@ -67,8 +91,90 @@
 //!     .unwrap();
 //! # drop(layer);
 //! ```
+//!
+//! Then prove it with the `store::conformance` suite (feature `conformance`), which every built-in
+//! store passes, including 16 tasks racing creates, compare-and-sets and leases:
+//! `axum_bits::store::conformance::run(Arc::new(MyStore::default())).await` in a test.
+//!
+//! # Running a farm
+//!
+//! When one machine is not enough, run several nodes behind a load balancer. Two topologies
+//! work.
+//!
+//! **Shared state: any node serves any packet.** Every node uses one shared store
+//! (`PostgresStore` or `RedisStore`; `SqliteStore` for several processes on one host) and the
+//! same upload root, on storage every node mounts. The load balancer needs no affinity. With
+//! the example server:
+//!
+//! ```text
+//! # on every node
+//! cargo run --release --features postgres --example server -- \
+//!     --listen 0.0.0.0:8080 --root /mnt/uploads --store postgres://bits@db.internal/bits
+//! ```
+//!
+//! Every packet takes a lease on its session in the store
+//! ([`SessionStore::acquire_lease`]) before it touches the session's data, and releases it
+//! before its Ack, so the client's next packet, on whichever node, finds the session free.
+//! While a packet runs, its node renews the lease every third of
+//! [`lease_ttl`](crate::BitsLayerBuilder::lease_ttl) (10 s). A packet for a session another
+//! node holds waits for it, up to twice `lease_ttl`, then gets 503 `0x800700AA` (busy; the
+//! client retries). The compare-and-set of the record's revision stays the last line of
+//! defence: a node that lost its lease cannot move the record over its successor's changes.
+//!
+//! What every node must share:
+//!
+//! | What | Where | Why |
+//! |---|---|---|
+//! | session records | the store | any node answers any packet |
+//! | parts and finished files | the upload root (parts in `ROOT/.bits/parts`, on the destinations' filesystem) | any node appends to a part; the commit is a link or rename within one filesystem |
+//! | replies (upload-reply) | `ROOT/.bits/replies`, or [`replies_dir`](crate::BitsLayerBuilder::replies_dir) | any node serves a reply URL |
+//! | configuration | the same builder options everywhere | prefix, limits, timeouts and commit point decide answers |
+//!
+//! **Affinity: no shared storage.** Each node has its own root and its own store, and
+//! [`host_id("node7.example.com")`](crate::BitsLayerBuilder::host_id) names it: the
+//! Create-Session Ack carries `BITS-Host-Id` and the client sends the rest of the session to
+//! that host. The header carries a host only (the client keeps the scheme and port), so every
+//! node must serve the same port, and with TLS the certificate must cover every node name.
+//! With [`host_id_fallback_timeout(..)`](crate::BitsLayerBuilder::host_id_fallback_timeout) a
+//! client that cannot reach its node for that long goes back to the original URL, gets
+//! `BG_E_SESSION_NOT_FOUND` from another node and starts the file again; without it, it never
+//! falls back.
+//!
+//! **What a store costs.** A packet on a shared store costs four round trips (load, take the
+//! lease, update, release). `cargo bench --bench farm --features sqlite,postgres,redis`
+//! measures fragments per second for every store on one node and two; `benches/README.md` in
+//! the repository has the last recorded numbers. On machines of their own, nodes add CPU, and
+//! the store is the shared bottleneck.
+//!
+//! **Failure modes.**
+//! * *A node dies mid-fragment.* Its lease lapses within `lease_ttl`; the client's retry, on
+//!   any node, waits for that and resumes from the last acknowledged byte. Bytes the dead node
+//!   wrote beyond its last record are overwritten by the resent fragment.
+//! * *A node loses the store but keeps running.* It cannot renew; once its lease lapses
+//!   another node may take the session, and the lost node's record update fails its
+//!   compare-and-set, so that node answers with an error and the record stays consistent. A
+//!   write it had in flight lands at the file offsets the client gave it, that is, the same
+//!   bytes the next holder writes.
+//! * *The store is down.* Every packet gets 500 `0x80004005`, which is transient: clients
+//!   retry and resume. What was acknowledged is in the store if the store is durable
+//!   (PostgreSQL commits; Redis only with AOF persistence).
+//! * *The shared filesystem is down or full.* 500, transient (`0x80070070` when full).
+//! * *Clocks.* PostgreSQL and Redis measure leases by their own clock. Session expiry compares
+//!   each node's clock with the time a packet was recorded, so keep nodes on NTP.
+//! * *Limits.* [`max_sessions`](crate::BitsLayerBuilder::max_sessions) and
+//!   [`max_sessions_per_owner`](crate::BitsLayerBuilder::max_sessions_per_owner) are counted,
+//!   then the session is created; with N nodes creating at the same moment a limit can be
+//!   overshot by up to N − 1.
+//! * *Background work.* Run the [`Sweeper`](crate::Sweeper) on every node, or on one: sweeps,
+//!   deferred commits and the start-up recovery take the same leases, so they never touch a
+//!   session a packet is using. Hook events are delivered at least once, and after a
+//!   fail-over possibly by two nodes.
+//! * *Disabling uploads.* [`disable_uploads()`](crate::BitsHandle::disable_uploads) on one
+//!   node answers 501 on that node and deletes the prefix's sessions from the shared store, so
+//!   other nodes then answer `BG_E_SESSION_NOT_FOUND`: disable every node.
 
 #[cfg(any(test, feature = "conformance"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 mod file;
 mod index;
@@ -89,26 +195,60 @@ use std::time::Duration;
 use http::StatusCode;
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 
 use crate::protocol::{Ack, Hresult};
 use crate::session::{Owner, SessionId, SessionRecord};
 
-/// Keeps session records. See the [module docs](self) for the atomicity contract.
+/// Keeps session records; the [module docs](self) list the built-in stores and show one
+/// implemented.
 ///
 /// Methods are written as `fn .. -> impl Future + Send`; implement them with `async fn`.
+///
+/// # Contract
+///
+/// This is the one statement of what a store must do; the `store::conformance` suite
+/// (feature `conformance`) checks every rule, and every built-in store passes it.
+///
+/// * **[`create`](Self::create) is create-if-absent, in one atomic step with the insert.** It
+///   fails with [`StoreError::AlreadyExists`] if a record with the id is stored. If the new
+///   record [holds its destination](SessionRecord::holds_destination), it fails with
+///   [`StoreError::DestinationBusy`] naming the holder when another stored record that holds
+///   its destination has the same `destination`. A record that does not hold its destination
+///   (an upload-reply session, [`claims_destination`](SessionRecord::claims_destination)
+///   `false`: its URL names an application, not a file) is never refused for its
+///   destination, whoever holds it, and never keeps another record from it.
+/// * **A record holds its destination** while it claims it, its file is not committed, and it
+///   is open or has a pending deferred commit. Committing, closing or cancelling the session
+///   (without a pending deferred commit), no longer claiming, or removing the record frees
+///   the destination for the next `create`.
+/// * **[`update`](Self::update)`(expected, record)` is a compare-and-set**: it replaces the
+///   record only if the stored `revision` equals `expected`, otherwise
+///   [`StoreError::Conflict`] ([`StoreError::NotFound`] if there is none). This is how the
+///   received offset advances without lost updates.
+/// * [`remove`](Self::remove), [`load`](Self::load) and [`list`](Self::list) are plain;
+///   [`count_open`](Self::count_open), [`count_open_for`](Self::count_open_for),
+///   [`list_idle`](Self::list_idle) and [`list_ended`](Self::list_ended) have defaults built
+///   on `list` (answer them from an index if you have one).
+/// * **A store that several processes share says so** ([`is_shared`](Self::is_shared)) and
+///   implements [`acquire_lease`](Self::acquire_lease) and
+///   [`release_lease`](Self::release_lease): a lease is exclusive, renewable by its holder,
+///   and lapses after its ttl. Creates, compare-and-sets and leases are then atomic across
+///   every process (`store::conformance::races_across` checks that with several instances).
 pub trait SessionStore: Send + Sync + 'static {
-    /// Stores a new record.
-    ///
-    /// Fails with [`StoreError::AlreadyExists`] if the id is taken and with
-    /// [`StoreError::DestinationBusy`] if another record that holds its destination has the
-    /// same `destination`. Both checks and the insert are one atomic step.
+    /// Stores a new record: create-if-absent, refusing a taken id
+    /// ([`StoreError::AlreadyExists`]) and, for a record that holds its destination, a
+    /// destination another record holds ([`StoreError::DestinationBusy`]); see the
+    /// [contract](Self#contract).
     fn create(&self, record: &SessionRecord)
     -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -120,7 +260,7 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Replaces the record with `record.id` if its stored revision equals `expected`
     /// (compare-and-set); otherwise [`StoreError::Conflict`], or [`StoreError::NotFound`] if
-    /// there is none. The caller bumps `record.revision`. The layer never makes a record claim
+    /// there is none. The caller bumps `record.revision`. The layer never makes a record hold
     /// a destination it did not hold before; a store may refuse such an update with
     /// [`StoreError::DestinationBusy`] if another session holds it.
     fn update(
@@ -305,7 +445,8 @@ pub enum StoreError {
     /// `create` with an id that exists.
     #[error("a session with this id already exists")]
     AlreadyExists,
-    /// `create` for a destination another open session is uploading.
+    /// `create` of a record that holds its destination, for a destination another record
+    /// holds.
     #[error("the destination is being uploaded by session {holder}")]
     DestinationBusy {
         /// The session holding the destination.

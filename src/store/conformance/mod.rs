@@ -1,4 +1,5 @@
-//! The conformance suite every [`SessionStore`] must pass (feature `conformance`).
+//! The conformance suite every [`SessionStore`] must pass (feature `conformance`): the checks
+//! of the [store contract](SessionStore#contract).
 //!
 //! The built-in backends run it in their tests; run it against your own store the same way.
 //! [`run`] runs every check; each check is also a function of its own, so that a failure
@@ -9,58 +10,60 @@
 //! the checks use fresh ids and destinations, but they also count open sessions.
 //!
 //! ```
-//! use std::collections::HashMap;
-//! use std::sync::{Arc, Mutex};
-//! use axum_bits::session::{SessionId, SessionRecord};
-//! use axum_bits::store::{conformance, SessionStore, StoreError};
+//! # use std::collections::HashMap;
+//! # use std::sync::Mutex;
+//! # use axum_bits::session::{SessionId, SessionRecord};
+//! # use axum_bits::store::{SessionStore, StoreError};
+//! use std::sync::Arc;
+//! use axum_bits::store::conformance;
 //!
-//! /// A third-party store: records in a map behind one mutex.
-//! #[derive(Default)]
-//! struct MapStore(Mutex<HashMap<SessionId, SessionRecord>>);
-//!
-//! impl SessionStore for MapStore {
-//!     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
-//!         let mut map = self.0.lock().unwrap();
-//!         if map.contains_key(&record.id) {
-//!             return Err(StoreError::AlreadyExists);
-//!         }
-//!         let busy = map.values().find(|r| {
-//!             record.holds_destination()
-//!                 && r.holds_destination()
-//!                 && r.destination == record.destination
-//!         });
-//!         if let Some(holder) = busy {
-//!             return Err(StoreError::DestinationBusy { holder: holder.id });
-//!         }
-//!         map.insert(record.id, record.clone());
-//!         Ok(())
-//!     }
-//!
-//!     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-//!         Ok(self.0.lock().unwrap().get(&id).cloned())
-//!     }
-//!
-//!     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
-//!         let mut map = self.0.lock().unwrap();
-//!         match map.get_mut(&record.id) {
-//!             None => Err(StoreError::NotFound),
-//!             Some(current) if current.revision != expected => Err(StoreError::Conflict),
-//!             Some(current) => {
-//!                 *current = record.clone();
-//!                 Ok(())
-//!             }
-//!         }
-//!     }
-//!
-//!     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
-//!         Ok(self.0.lock().unwrap().remove(&id).is_some())
-//!     }
-//!
-//!     async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
-//!         Ok(self.0.lock().unwrap().values().cloned().collect())
-//!     }
-//! }
-//!
+//! // `MapStore` is a store of your own, such as the one in the `store` module's docs.
+//! # #[derive(Default)]
+//! # struct MapStore(Mutex<HashMap<SessionId, SessionRecord>>);
+//! #
+//! # impl SessionStore for MapStore {
+//! #     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
+//! #         let mut map = self.0.lock().unwrap();
+//! #         if map.contains_key(&record.id) {
+//! #             return Err(StoreError::AlreadyExists);
+//! #         }
+//! #         let busy = map.values().find(|r| {
+//! #             record.holds_destination()
+//! #                 && r.holds_destination()
+//! #                 && r.destination == record.destination
+//! #         });
+//! #         if let Some(holder) = busy {
+//! #             return Err(StoreError::DestinationBusy { holder: holder.id });
+//! #         }
+//! #         map.insert(record.id, record.clone());
+//! #         Ok(())
+//! #     }
+//! #
+//! #     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
+//! #         Ok(self.0.lock().unwrap().get(&id).cloned())
+//! #     }
+//! #
+//! #     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
+//! #         let mut map = self.0.lock().unwrap();
+//! #         match map.get_mut(&record.id) {
+//! #             None => Err(StoreError::NotFound),
+//! #             Some(current) if current.revision != expected => Err(StoreError::Conflict),
+//! #             Some(current) => {
+//! #                 *current = record.clone();
+//! #                 Ok(())
+//! #             }
+//! #         }
+//! #     }
+//! #
+//! #     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {
+//! #         Ok(self.0.lock().unwrap().remove(&id).is_some())
+//! #     }
+//! #
+//! #     async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
+//! #         Ok(self.0.lock().unwrap().values().cloned().collect())
+//! #     }
+//! # }
+//! #
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! conformance::run(Arc::new(MapStore::default())).await;

@@ -88,8 +88,9 @@ pub async fn create_refuses_a_taken_id(store: &impl SessionStore) {
     store.remove(record.id).await.ok();
 }
 
-/// An open session claims its destination; committing, closing, cancelling or removing it
-/// releases the claim; sessions that do not claim (upload-reply) never conflict.
+/// An open session holds its destination; committing, closing, cancelling or removing it
+/// releases it; sessions that do not claim (upload-reply) never conflict, not even with a
+/// session that holds their destination.
 pub async fn destination_claims(store: &impl SessionStore) {
     let first = fresh_record("claimed.bin");
     assert_ok(store.create(&first).await, "create");
@@ -182,6 +183,15 @@ pub async fn destination_claims(store: &impl SessionStore) {
         store.create(&claiming).await,
         "sessions that do not claim leave the destination free",
     );
+    // Only a record that holds its destination is refused for it.
+    let mut reply = fresh_record("app");
+    reply.destination = claiming.destination.clone();
+    reply.claims_destination = false;
+    assert_ok(
+        store.create(&reply).await,
+        "create of a session that does not claim, while another holds its destination",
+    );
+    replies.push(reply.id);
     for id in replies.into_iter().chain([claiming.id]) {
         store.remove(id).await.ok();
     }
