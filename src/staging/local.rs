@@ -602,6 +602,18 @@ fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn passes_the_staging_conformance_suite() {
+        use crate::staging::conformance::{self, LocalDestinations};
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        conformance::run(
+            std::sync::Arc::new(staging),
+            &LocalDestinations::new(root.path()),
+        )
+        .await;
+    }
     use crate::destination::from_url_path;
 
     fn dest(path: &str) -> Destination {

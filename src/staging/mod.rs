@@ -10,6 +10,9 @@
 //! session resumes from there. Give another staging to the layer with
 //! [`BitsLayerBuilder::staging`](crate::BitsLayerBuilder::staging).
 
+#[cfg(any(test, feature = "conformance"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 pub(crate) mod dir;
 mod local;
 
