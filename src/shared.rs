@@ -3,7 +3,7 @@
 //! compare-and-set, deliver its events, let it go ([`LockedSession`]).
 //!
 //! The handler, the sweeper, deferred commits, recovery and the [`BitsHandle`](crate::BitsHandle)
-//! all work on sessions through this module; none of them imports another.
+//! all work on sessions through this module; none of the others imports the handler.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
