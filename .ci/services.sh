@@ -6,7 +6,13 @@
 #   AXUM_BITS_TEST_POSTGRES_URL  postgres://bits@127.0.0.1:$PG_PORT/bits
 #   AXUM_BITS_TEST_REDIS_URL     redis://127.0.0.1:$REDIS_PORT/
 #
-# PG_PORT and REDIS_PORT default to 55432 and 56379.
+#   AXUM_BITS_TEST_S3_URL        http://127.0.0.1:$S3_PORT (moto, S3's real 5 MiB minimum part)
+#   AXUM_BITS_TEST_S3_SMALL_URL  http://127.0.0.1:$((S3_PORT + 1)) (moto, 4 KiB minimum part)
+#
+# PG_PORT, REDIS_PORT and S3_PORT default to 55432, 56379 and 55900. moto (an S3 emulation, from
+# PyPI) is installed into a virtual environment under ~/.cache/axum-bits the first time, and run
+# by .ci/moto_server.py (which makes its conditional writes atomic). Source it from the
+# repository's root.
 
 services_install() {
   local missing=()
@@ -56,8 +62,36 @@ services_start() {
   done
   redis-cli -p "$redis_port" ping > /dev/null
   export AXUM_BITS_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/"
+
+  local s3_port="${S3_PORT:-55900}"
+  local venv="${AXUM_BITS_MOTO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/axum-bits/moto-5.2.5}"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "installing moto into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.2.5'
+  fi
+  mkdir -p "$SERVICES_DIR/s3"
+  local launcher=.ci/moto_server.py
+  "$venv/bin/python" "$launcher" 127.0.0.1 "$s3_port" > "$SERVICES_DIR/s3/real.log" 2>&1 &
+  echo $! > "$SERVICES_DIR/s3/real.pid"
+  S3_UPLOAD_PART_MIN_SIZE=4096 "$venv/bin/python" "$launcher" 127.0.0.1 "$((s3_port + 1))" \
+    > "$SERVICES_DIR/s3/small.log" 2>&1 &
+  echo $! > "$SERVICES_DIR/s3/small.pid"
+  local port
+  for port in "$s3_port" "$((s3_port + 1))"; do
+    for _ in $(seq 100); do
+      python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" \
+        > /dev/null 2>&1 && break
+      sleep 0.1
+    done
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" > /dev/null
+  done
+  export AXUM_BITS_TEST_S3_URL="http://127.0.0.1:$s3_port"
+  export AXUM_BITS_TEST_S3_SMALL_URL="http://127.0.0.1:$((s3_port + 1))"
+
   echo "PostgreSQL: $AXUM_BITS_TEST_POSTGRES_URL"
   echo "Redis:      $AXUM_BITS_TEST_REDIS_URL"
+  echo "S3 (moto):  $AXUM_BITS_TEST_S3_URL and $AXUM_BITS_TEST_S3_SMALL_URL"
 }
 
 services_stop() {
@@ -69,9 +103,12 @@ services_stop() {
     as=(runuser -u postgres --)
   fi
   "${as[@]}" "$pg_bin/pg_ctl" -D "$SERVICES_DIR/pg/data" -m immediate -w stop > /dev/null 2>&1 || true
-  if [ -f "$SERVICES_DIR/redis/redis.pid" ]; then
-    kill "$(cat "$SERVICES_DIR/redis/redis.pid")" 2> /dev/null || true
-  fi
+  local pid
+  for pid in "$SERVICES_DIR/redis/redis.pid" "$SERVICES_DIR/s3/real.pid" "$SERVICES_DIR/s3/small.pid"; do
+    if [ -f "$pid" ]; then
+      kill "$(cat "$pid")" 2> /dev/null || true
+    fi
+  done
   rm -rf "$SERVICES_DIR"
 }
 

@@ -15,6 +15,9 @@
 pub mod conformance;
 pub(crate) mod dir;
 mod local;
+#[cfg(feature = "s3")]
+#[cfg_attr(docsrs, doc(cfg(feature = "s3")))]
+mod s3;
 
 use std::future::Future;
 use std::io;
@@ -24,6 +27,9 @@ use bytes::Bytes;
 use http::StatusCode;
 
 pub use local::LocalStaging;
+#[cfg(feature = "s3")]
+#[cfg_attr(docsrs, doc(cfg(feature = "s3")))]
+pub use s3::{MIN_PART_SIZE, S3ConfigError, S3Part, S3Staging, S3StagingBuilder};
 
 use crate::BoxFuture;
 use crate::destination::Destination;

@@ -1,0 +1,759 @@
+//! [`S3Staging`]: parts staged in an S3-compatible bucket and files published there, so that
+//! the nodes of a farm share nothing but the session store and the bucket.
+
+mod layout;
+mod part;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::{Path, PathPart};
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+use tokio::sync::Semaphore;
+
+pub use part::S3Part;
+
+use self::layout::State;
+use super::{Staging, StagingError};
+use crate::destination::Destination;
+use crate::session::SessionId;
+
+/// The smallest part S3 accepts (every part but the last).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// The most parts one multipart upload may have.
+const MAX_PARTS: u64 = 10_000;
+/// Pieces a session's tail may have before the next write gathers them into one object, so
+/// that tiny fragments cannot leave millions of objects behind.
+const MAX_PIECES: usize = 256;
+/// Cached session states kept by one node (the cache only spares a listing per fragment).
+const MAX_CACHED: usize = 10_000;
+
+/// Stages the bytes of open sessions in an S3-compatible bucket and publishes finished files
+/// there, through [`object_store`].
+///
+/// A destination is a key under the prefix: `BITS_POST /a/b.bin` lands at `PREFIX/a/b.bin`,
+/// confined by the same path rules as files (no `..`, no reserved names). The staging keeps
+/// its own objects under `PREFIX/.bits/staging/<session>/`, a name no destination can take.
+///
+/// # How the bytes are kept
+///
+/// Every session has a multipart upload with parts of a fixed size `P` (default 8 MiB, at
+/// least S3's 5 MiB): part `n` holds bytes `[(n-1)P, nP)`, so a re-sent fragment re-sends
+/// bytes of the same part and every part but the last has the same size. The bytes of a
+/// fragment that do not complete a part are stored before the fragment is acknowledged as a
+/// small object of their own (a *tail*), written once and never changed, so an acknowledged
+/// byte survives the death of the node that received it, without any local disk. When a
+/// fragment completes a part, the part is uploaded from the stored tails and the new bytes; a
+/// marker object records it, and only then are the tails it replaces deleted. A fragment that
+/// spans whole parts streams into them, holding one part in memory at a time.
+///
+/// What a session holds is read back from a listing of its objects, by any node: there is no
+/// state on the node, and the session record carries none. (A node caches what it wrote last,
+/// to spare a listing per fragment; a fragment that starts anywhere else lists again.)
+///
+/// Bytes re-sent inside a part that is already uploaded are taken to be the bytes the part
+/// holds (a BITS client sends one file) and are not uploaded again.
+///
+/// # Commit
+///
+/// The multipart upload is completed onto the session's own staging key, then published to
+/// the destination by a server-side copy: without overwrites a copy that is refused when the
+/// key exists (a multipart copy whose completion carries `If-None-Match: *`), so a key that
+/// appeared during the upload is never replaced; a file that fits in one part is published by
+/// a single conditional PUT. S3's single copy is limited to 5 GiB: a larger file fails its
+/// commit (set [`max_upload_size`](crate::BitsLayerBuilder::max_upload_size) to 5 GiB or less).
+///
+/// # What a crash leaves behind
+///
+/// | crash during | left behind | cleaned by |
+/// |---|---|---|
+/// | Create-Session, before the record | a multipart upload and its marker | the orphan scan at start-up (the marker); the bucket's `AbortIncompleteMultipartUpload` rule |
+/// | a fragment | tails or a part not yet recorded | replaced by the resumed upload; deleted with the session |
+/// | the commit, before the copy | the completed object under `.bits/staging` | the next attempt publishes it |
+/// | the commit, after the copy | the file and the staging objects | the next attempt finds the file taken (the completion policy decides); deleted with the session |
+/// | Cancel-Session or expiry | some staging objects | the next discard of the session, the orphan scan |
+///
+/// Set a lifecycle rule on the bucket that aborts incomplete multipart uploads after a few
+/// days, for uploads that no marker names.
+///
+/// ```no_run
+/// use axum_bits::staging::S3Staging;
+///
+/// let staging = S3Staging::builder()
+///     .bucket("uploads")
+///     .prefix("inbox")
+///     .endpoint("http://127.0.0.1:9000")
+///     .path_style(true)
+///     .build()
+///     .unwrap();
+/// let bits = axum_bits::BitsLayer::builder("./uploads").staging(staging);
+/// ```
+#[derive(Debug, Clone)]
+pub struct S3Staging {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    s3: AmazonS3,
+    prefix: Path,
+    part_size: u64,
+    /// Node-wide bound on bytes held in memory by writers, in KiB.
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
+    /// Node-wide bound on parts being built and uploaded.
+    flights: Arc<Semaphore>,
+    cache: Mutex<HashMap<SessionId, State>>,
+}
+
+/// Builds an [`S3Staging`]. Starts from the `AWS_*` environment variables
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+/// `AWS_ENDPOINT`, `AWS_BUCKET`, ...); every setter overrides them.
+#[derive(Debug)]
+pub struct S3StagingBuilder {
+    s3: AmazonS3Builder,
+    prefix: String,
+    part_size: u64,
+    memory_budget: u64,
+    parts_in_flight: usize,
+    allow_small_parts: bool,
+}
+
+/// The configuration of an [`S3Staging`] is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum S3ConfigError {
+    /// The part size is below S3's minimum.
+    #[error("the part size must be at least 5 MiB (S3's minimum part)")]
+    PartTooSmall,
+    /// The memory budget cannot hold two parts.
+    #[error("the memory budget must hold at least two parts")]
+    BudgetTooSmall,
+    /// The prefix is not a plain `/`-separated key prefix.
+    #[error("invalid key prefix: {0}")]
+    Prefix(String),
+    /// `object_store` refused the S3 settings (no bucket, a bad endpoint, ...).
+    #[error("invalid S3 settings")]
+    S3(#[source] object_store::Error),
+}
+
+impl S3Staging {
+    /// A builder, from the `AWS_*` environment variables.
+    pub fn builder() -> S3StagingBuilder {
+        S3StagingBuilder {
+            s3: AmazonS3Builder::from_env(),
+            prefix: String::new(),
+            part_size: 8 << 20,
+            memory_budget: 256 << 20,
+            parts_in_flight: 8,
+            allow_small_parts: false,
+        }
+    }
+
+    /// The fixed part size.
+    pub fn part_size(&self) -> u64 {
+        self.inner.part_size
+    }
+
+    /// The largest file the part size allows (10,000 parts).
+    pub fn max_file_size(&self) -> u64 {
+        self.inner.part_size * MAX_PARTS
+    }
+}
+
+impl S3StagingBuilder {
+    /// The bucket.
+    pub fn bucket(mut self, bucket: impl Into<String>) -> Self {
+        self.s3 = self.s3.with_bucket_name(bucket);
+        self
+    }
+
+    /// The key prefix destinations and staging objects live under, e.g. `uploads/inbox`.
+    /// Default: none (the bucket's root).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The endpoint URL of an S3-compatible service, e.g. `http://127.0.0.1:9000`. An `http`
+    /// endpoint is allowed by this setter. Default: AWS.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        let http = url.starts_with("http://");
+        self.s3 = self.s3.with_endpoint(url).with_allow_http(http);
+        self
+    }
+
+    /// The region. Default: `AWS_REGION`, else `us-east-1`.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.s3 = self.s3.with_region(region);
+        self
+    }
+
+    /// Path-style URLs (`ENDPOINT/BUCKET/KEY`) rather than virtual-host style
+    /// (`BUCKET.ENDPOINT/KEY`). Most self-hosted services want path style. Default: virtual
+    /// host.
+    pub fn path_style(mut self, on: bool) -> Self {
+        self.s3 = self.s3.with_virtual_hosted_style_request(!on);
+        self
+    }
+
+    /// Static credentials.
+    pub fn credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        self.s3 = self
+            .s3
+            .with_access_key_id(access_key_id)
+            .with_secret_access_key(secret_access_key);
+        self
+    }
+
+    /// The part size `P` (at least 5 MiB; default 8 MiB). Files up to 10,000 × `P` fit.
+    pub fn part_size(mut self, bytes: u64) -> Self {
+        self.part_size = bytes;
+        self
+    }
+
+    /// Bytes all sessions of this node together hold in memory (the part being built, the
+    /// tail being stored); writers wait beyond it. At least two parts; default 256 MiB.
+    pub fn memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// Allows a part size below S3's 5 MiB minimum, for a service configured with a lower one
+    /// (a test server such as moto with `S3_UPLOAD_PART_MIN_SIZE`). Against S3 itself such
+    /// parts fail at the first commit of a file larger than one part. Default: off.
+    pub fn allow_small_parts(mut self, on: bool) -> Self {
+        self.allow_small_parts = on;
+        self
+    }
+
+    /// Parts this node builds and uploads at once (each holds up to a part in memory, on top
+    /// of the memory budget). Default: 8.
+    pub fn parts_in_flight(mut self, parts: usize) -> Self {
+        self.parts_in_flight = parts;
+        self
+    }
+
+    /// Any other `object_store` setting (retries, timeouts, TLS, a proxy, encryption). The
+    /// staging sets its retries to 3 over at most 15 s and the copy-if-absent mode it needs;
+    /// this runs after those, so it may change the retries.
+    pub fn amazon_s3(mut self, configure: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder) -> Self {
+        self.s3 = configure(self.s3);
+        self
+    }
+
+    /// Builds the staging. Makes no request.
+    pub fn build(self) -> Result<S3Staging, S3ConfigError> {
+        self.build_with(|b| b)
+    }
+
+    fn build_with(
+        self,
+        last: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder,
+    ) -> Result<S3Staging, S3ConfigError> {
+        if self.part_size < MIN_PART_SIZE && !self.allow_small_parts || self.part_size == 0 {
+            return Err(S3ConfigError::PartTooSmall);
+        }
+        if self.memory_budget < 2 * self.part_size {
+            return Err(S3ConfigError::BudgetTooSmall);
+        }
+        let mut prefix = Vec::new();
+        for part in self.prefix.split('/').filter(|p| !p.is_empty()) {
+            if part == "." || part == ".." || part.eq_ignore_ascii_case(".bits") {
+                return Err(S3ConfigError::Prefix(self.prefix));
+            }
+            prefix.push(PathPart::from(part));
+        }
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(15),
+        };
+        let s3 = last(
+            self.s3
+                .with_retry(retry)
+                .with_copy_if_not_exists(S3CopyIfNotExists::Multipart),
+        )
+        .build()
+        .map_err(S3ConfigError::S3)?;
+        let budget_kib = u32::try_from(self.memory_budget / 1024).unwrap_or(u32::MAX);
+        Ok(S3Staging {
+            inner: Arc::new(Inner {
+                s3,
+                prefix: Path::from_iter(prefix),
+                part_size: self.part_size,
+                budget: Arc::new(Semaphore::new(budget_kib as usize)),
+                budget_kib,
+                flights: Arc::new(Semaphore::new(self.parts_in_flight.max(1))),
+                cache: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn destination(&self, destination: &Destination) -> Path {
+        self.under(destination.as_str().split('/'))
+    }
+
+    fn under<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Path {
+        parts
+            .into_iter()
+            .fold(self.prefix.clone(), |path, part| path.join(part))
+    }
+
+    fn staging_root(&self) -> Path {
+        self.under([".bits", "staging"])
+    }
+
+    fn session(&self, id: SessionId) -> Path {
+        let id = id.to_string();
+        self.under([".bits", "staging", id.trim_matches(['{', '}'])])
+    }
+
+    /// A staged object of a session, by its name in the layout.
+    fn object(&self, id: SessionId, name: &str) -> Path {
+        name.split('/')
+            .fold(self.session(id), |path, part| path.join(part))
+    }
+
+    /// Every object of a session, as (name relative to the session, size).
+    async fn objects(&self, id: SessionId) -> Result<Vec<(String, u64)>, StagingError> {
+        let session = self.session(id);
+        let depth = session.parts().count();
+        self.s3
+            .list(Some(&session))
+            .map_err(io_error)
+            .map_ok(|meta| {
+                let name: Vec<_> = meta
+                    .location
+                    .parts()
+                    .skip(depth)
+                    .map(|p| p.as_ref().to_owned())
+                    .collect();
+                (name.join("/"), meta.size)
+            })
+            .try_collect()
+            .await
+    }
+
+    /// What a session holds, from a listing.
+    async fn list_state(&self, id: SessionId) -> Result<Option<State>, StagingError> {
+        let objects = self.objects(id).await?;
+        Ok(layout::resolve(
+            objects.iter().map(|(n, l)| (n.as_str(), *l)),
+        ))
+    }
+
+    fn cached(&self, id: SessionId, offset: u64) -> Option<State> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&id).filter(|s| s.held() == offset).cloned()
+    }
+
+    fn remember(&self, id: SessionId, state: State) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(id, state);
+    }
+
+    fn forget(&self, id: SessionId) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(&id);
+    }
+
+    /// Creates the session's multipart upload and its marker.
+    async fn create_upload(&self, id: SessionId) -> Result<State, StagingError> {
+        let upload_id = self
+            .s3
+            .create_multipart(&self.object(id, layout::OBJECT))
+            .await
+            .map_err(io_error)?;
+        let marker = layout::upload_name(self.part_size, &upload_id);
+        self.put_empty(id, &marker).await?;
+        Ok(State {
+            upload_id,
+            part_size: self.part_size,
+            parts: Vec::new(),
+            pieces: Vec::new(),
+            next_generation: 1,
+            stale: Vec::new(),
+            object: None,
+            done: false,
+        })
+    }
+
+    async fn put_empty(&self, id: SessionId, name: &str) -> Result<(), StagingError> {
+        self.s3
+            .put(&self.object(id, name), PutPayload::new())
+            .await
+            .map(drop)
+            .map_err(io_error)
+    }
+
+    /// The first `len` bytes of a session's object.
+    async fn read(&self, id: SessionId, name: &str, len: u64) -> Result<bytes::Bytes, Missing> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        match self.s3.get_range(&self.object(id, name), 0..len).await {
+            Ok(bytes) if bytes.len() as u64 == len => Ok(bytes),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Err(Missing::Gone),
+            Err(e) => Err(Missing::Failed(io_error(e))),
+        }
+    }
+
+    /// The bytes of the pieces, in order, as far as `upto` (an absolute offset). A piece that
+    /// is gone makes the session resume from its start.
+    async fn gather(
+        &self,
+        id: SessionId,
+        state: &State,
+        upto: u64,
+    ) -> Result<Vec<bytes::Bytes>, StagingError> {
+        let wanted: Vec<_> = state
+            .pieces
+            .iter()
+            .filter(|p| p.start < upto)
+            .map(|p| (p.name.clone(), p.start, p.len.min(upto - p.start)))
+            .collect();
+        let reads = futures_util::stream::iter(
+            wanted
+                .into_iter()
+                .map(|(name, start, len)| async move { (start, self.read(id, &name, len).await) }),
+        )
+        .buffered(8);
+        futures_util::pin_mut!(reads);
+        let mut out = Vec::new();
+        while let Some((start, read)) = reads.next().await {
+            match read {
+                Ok(bytes) => out.push(bytes),
+                Err(Missing::Gone) => {
+                    self.forget(id);
+                    return Err(StagingError::PartShort { held: start });
+                }
+                Err(Missing::Failed(e)) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads part `number` (1-based) and records it with its marker.
+    async fn upload_part(
+        &self,
+        id: SessionId,
+        state: &State,
+        number: usize,
+        payload: PutPayload,
+    ) -> Result<String, StagingError> {
+        let PartId { content_id } = self
+            .s3
+            .put_part(
+                &self.object(id, layout::OBJECT),
+                &state.upload_id,
+                number - 1,
+                payload,
+            )
+            .await
+            .map_err(upload_error)?;
+        let number32 = u32::try_from(number).map_err(|_| too_many_parts())?;
+        self.put_empty(id, &layout::part_name(number32, &content_id))
+            .await?;
+        Ok(content_id)
+    }
+
+    /// Deletes objects of a session that hold nothing it needs; failures are only logged (the
+    /// session's discard deletes whatever is left).
+    async fn delete_quietly(&self, id: SessionId, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let paths: Vec<_> = names
+            .iter()
+            .map(|n| Ok(self.object(id, n)))
+            .collect::<Vec<_>>();
+        let mut deleted = self
+            .s3
+            .delete_stream(futures_util::stream::iter(paths).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "could not delete a staged object; it goes with the session");
+                }
+            }
+        }
+    }
+
+    /// Deletes every object of a session, and aborts its multipart upload.
+    async fn delete_session(&self, id: SessionId, keep_done: bool) -> Result<(), StagingError> {
+        self.forget(id);
+        let objects = self.objects(id).await?;
+        let mut names = Vec::new();
+        for (name, len) in objects {
+            match layout::parse(&name, len) {
+                Some(layout::Entry::Upload { upload_id, .. }) => {
+                    let object = self.object(id, layout::OBJECT);
+                    match self.s3.abort_multipart(&object, &upload_id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        // moto answers an abort of a completed upload with 500 after retries;
+                        // a real failure leaves the marker, so a later discard tries again.
+                        Err(error) => {
+                            tracing::debug!(%error, "aborting the multipart upload failed");
+                            continue;
+                        }
+                    }
+                }
+                Some(layout::Entry::Done) if keep_done => continue,
+                _ => {}
+            }
+            names.push(name);
+        }
+        // The upload markers go last: while one is there, the session can be found again.
+        names.sort_by_key(|n| n.starts_with("upload-"));
+        for name in names {
+            match self.s3.delete(&self.object(id, &name)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the staged `source` (an object of the session, or bytes) at `destination`.
+    async fn publish_object(
+        &self,
+        id: SessionId,
+        destination: &Path,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        let source = self.object(id, layout::OBJECT);
+        let copied = if overwrite {
+            self.s3.copy(&source, destination).await
+        } else {
+            self.s3.copy_if_not_exists(&source, destination).await
+        };
+        copied.map_err(commit_error)
+    }
+}
+
+enum Missing {
+    Gone,
+    Failed(StagingError),
+}
+
+impl Staging for S3Staging {
+    type Part = S3Part;
+
+    async fn check_destination(
+        &self,
+        destination: &Destination,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        if overwrite {
+            return Ok(());
+        }
+        match self
+            .inner
+            .s3
+            .head(&self.inner.destination(destination))
+            .await
+        {
+            Ok(_) => Err(StagingError::DestinationExists),
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    async fn create(&self, id: SessionId) -> Result<(), StagingError> {
+        let state = self.inner.create_upload(id).await?;
+        self.inner.remember(id, state);
+        Ok(())
+    }
+
+    async fn len(&self, id: SessionId) -> Result<Option<u64>, StagingError> {
+        Ok(self
+            .inner
+            .list_state(id)
+            .await?
+            .filter(|s| !s.done)
+            .map(|s| s.held()))
+    }
+
+    async fn open(&self, id: SessionId, offset: u64) -> Result<S3Part, StagingError> {
+        let inner = &self.inner;
+        let state = match inner.cached(id, offset) {
+            Some(state) => state,
+            None => match inner.list_state(id).await? {
+                Some(state) if !state.done => state,
+                _ if offset == 0 => inner.create_upload(id).await?,
+                _ => return Err(StagingError::PartShort { held: 0 }),
+            },
+        };
+        let held = state.held();
+        if offset > held {
+            inner.remember(id, state);
+            return Err(StagingError::PartShort { held });
+        }
+        Ok(S3Part::new(self.inner.clone(), id, state, offset))
+    }
+
+    async fn commit(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        let inner = &self.inner;
+        inner.forget(id);
+        let target = inner.destination(destination);
+        let Some(state) = inner.list_state(id).await? else {
+            return Err(StagingError::PartMissing);
+        };
+        if state.done {
+            // Published by an earlier attempt whose answer was lost.
+            return match inner.s3.head(&target).await {
+                Ok(meta) if meta.size == total => Ok(()),
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => Err(StagingError::PartMissing),
+                Err(e) => Err(io_error(e)),
+            };
+        }
+        if state.object != Some(total) {
+            let held = state.held();
+            if held < total {
+                return Err(StagingError::Incomplete { len: held, total });
+            }
+            let covered = state.covered();
+            if total < covered {
+                return Err(StagingError::Io(io::Error::other(
+                    "cannot commit fewer bytes than the uploaded parts hold",
+                )));
+            }
+            let last = inner.gather(id, &state, total).await?;
+            if state.parts.is_empty() {
+                // One part's worth or less: a single conditional PUT.
+                let mode = if overwrite {
+                    PutMode::Overwrite
+                } else {
+                    PutMode::Create
+                };
+                let payload = PutPayload::from_iter(last);
+                inner
+                    .s3
+                    .put_opts(&target, payload, PutOptions::from(mode))
+                    .await
+                    .map_err(commit_error)?;
+                inner.put_empty(id, layout::DONE).await?;
+                return inner.delete_session(id, true).await;
+            }
+            let mut parts: Vec<PartId> = state
+                .parts
+                .iter()
+                .map(|etag| PartId {
+                    content_id: etag.clone(),
+                })
+                .collect();
+            if total > covered {
+                let number = parts.len() + 1;
+                let etag = inner
+                    .upload_part(id, &state, number, PutPayload::from_iter(last))
+                    .await?;
+                parts.push(PartId { content_id: etag });
+            }
+            inner
+                .s3
+                .complete_multipart(&inner.object(id, layout::OBJECT), &state.upload_id, parts)
+                .await
+                .map_err(io_error)?;
+        }
+        inner.publish_object(id, &target, overwrite).await?;
+        inner.put_empty(id, layout::DONE).await?;
+        inner.delete_session(id, true).await
+    }
+
+    async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
+        self.inner.delete_session(id, false).await
+    }
+
+    async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
+        let listed = self
+            .inner
+            .s3
+            .list_with_delimiter(Some(&self.inner.staging_root()))
+            .await
+            .map_err(io_error)?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(SessionId::parse))
+            .collect())
+    }
+
+    async fn committed(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+        total: u64,
+    ) -> Result<bool, StagingError> {
+        let inner = &self.inner;
+        let Some(state) = inner.list_state(id).await? else {
+            return Ok(false);
+        };
+        if !state.done {
+            return Ok(false);
+        }
+        match inner.s3.head(&inner.destination(destination)).await {
+            Ok(meta) if meta.size == total => {
+                inner.delete_session(id, true).await?;
+                Ok(true)
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+}
+
+/// Any failure of the object store: transient from the client's point of view (500
+/// `E_FAIL`), so it retries and the upload resumes when the store is back.
+fn io_error(e: object_store::Error) -> StagingError {
+    StagingError::Io(io::Error::other(e))
+}
+
+/// A failure to publish: an existing key is a busy destination.
+fn commit_error(e: object_store::Error) -> StagingError {
+    match e {
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            StagingError::DestinationExists
+        }
+        e => io_error(e),
+    }
+}
+
+/// A failed part upload; a multipart upload that is gone (aborted behind the server's back)
+/// means the part is gone.
+fn upload_error(e: object_store::Error) -> StagingError {
+    match e {
+        object_store::Error::NotFound { .. } => StagingError::PartMissing,
+        e => io_error(e),
+    }
+}
+
+fn too_many_parts() -> StagingError {
+    StagingError::Io(io::Error::other(
+        "the file needs more than 10,000 parts: raise the part size",
+    ))
+}

@@ -1,0 +1,422 @@
+//! `S3Staging` against a real S3-compatible server (moto, started by `.ci/services.sh`): the
+//! staging conformance suite, parts of S3's real 5 MiB and of 64 KiB, every fragment shape,
+//! a takeover by another node, a key that appears during the upload, cleanup after 1,000
+//! cancelled uploads, and whole uploads over real sockets through the layer.
+//!
+//! The servers' URLs come from `AXUM_BITS_TEST_S3_URL` (S3's real minimum part) and
+//! `AXUM_BITS_TEST_S3_SMALL_URL` (a 4 KiB minimum, for many parts in little time). Every
+//! test works in a bucket of its own.
+
+#![cfg(all(feature = "s3", feature = "conformance"))]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum_bits::destination::Destination;
+use axum_bits::session::SessionId;
+use axum_bits::staging::conformance::{self, Destinations, fresh_destination};
+use axum_bits::staging::{PartWriter, S3Staging, Staging, StagingError};
+use bytes::Bytes;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use common::data;
+
+/// The URL in `var`, or `None` (skip) outside CI when it is not set.
+fn server_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{var} is not set: .ci/run must start moto (.ci/services.sh)")
+        }
+        _ => {
+            eprintln!("{var} is not set; skipping this S3 test");
+            None
+        }
+    }
+}
+
+/// A fresh bucket on the server at `url`.
+struct Bucket {
+    url: String,
+    name: String,
+}
+
+impl Bucket {
+    async fn new(url: &str) -> Self {
+        let id = SessionId::new().to_string();
+        let name = format!("t-{}", id.trim_matches(['{', '}']).to_lowercase());
+        // moto takes unsigned requests; a real service would want them signed.
+        let created = reqwest::Client::new()
+            .put(format!("{url}/{name}"))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(created.status().is_success(), "{created:?}");
+        Self {
+            url: url.to_owned(),
+            name,
+        }
+    }
+
+    fn staging(&self, part_size: u64) -> S3Staging {
+        S3Staging::builder()
+            .bucket(&self.name)
+            .prefix("up")
+            .endpoint(&self.url)
+            .region("us-east-1")
+            .path_style(true)
+            .credentials("test", "test")
+            .part_size(part_size)
+            .memory_budget(64 << 20)
+            .build()
+            .expect("staging")
+    }
+
+    fn raw(&self) -> AmazonS3 {
+        AmazonS3Builder::new()
+            .with_bucket_name(&self.name)
+            .with_endpoint(&self.url)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .expect("raw client")
+    }
+
+    fn destinations(&self) -> S3Destinations {
+        S3Destinations { s3: self.raw() }
+    }
+
+    /// Every key in the bucket.
+    async fn keys(&self) -> Vec<String> {
+        use futures_util::TryStreamExt;
+        let s3 = self.raw();
+        let listed: Vec<_> = s3.list(None).try_collect().await.expect("list");
+        listed.into_iter().map(|m| m.location.to_string()).collect()
+    }
+
+    /// Multipart uploads still open in the bucket (ListMultipartUploads).
+    async fn open_uploads(&self) -> usize {
+        let body = reqwest::Client::new()
+            .get(format!("{}/{}?uploads", self.url, self.name))
+            .send()
+            .await
+            .expect("list uploads")
+            .text()
+            .await
+            .expect("body");
+        body.matches("<UploadId>").count()
+    }
+}
+
+/// Destinations are keys under the staging's prefix `up`.
+struct S3Destinations {
+    s3: AmazonS3,
+}
+
+fn key(destination: &Destination) -> Path {
+    destination
+        .as_str()
+        .split('/')
+        .fold(Path::from("up"), |p, part| p.join(part))
+}
+
+impl Destinations for S3Destinations {
+    async fn read(&self, destination: &Destination) -> Option<Vec<u8>> {
+        let got = self.s3.get(&key(destination)).await.ok()?;
+        Some(got.bytes().await.expect("read").to_vec())
+    }
+
+    async fn put(&self, destination: &Destination, bytes: &[u8]) {
+        self.s3
+            .put(&key(destination), PutPayload::from(bytes.to_vec()))
+            .await
+            .expect("put");
+    }
+}
+
+/// Opens at `offset`, writes `data` in chunks of `chunk` bytes, finishes.
+async fn write_at(
+    staging: &S3Staging,
+    id: SessionId,
+    offset: u64,
+    data: &[u8],
+    chunk: usize,
+) -> Result<(), StagingError> {
+    let mut part = staging.open(id, offset).await?;
+    for piece in data.chunks(chunk.max(1)) {
+        part.write(Bytes::copy_from_slice(piece)).await?;
+    }
+    part.finish().await
+}
+
+#[tokio::test]
+async fn conformance_with_s3s_real_part_size() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = Arc::new(bucket.staging(5 << 20));
+    conformance::run(staging, &bucket.destinations()).await;
+}
+
+#[tokio::test]
+async fn conformance_with_small_parts() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    // Parts of 8 KiB: the suite's files of 10 to 40 KB span several parts.
+    let staging = Arc::new(small(&bucket, 8 << 10));
+    conformance::run(staging, &bucket.destinations()).await;
+}
+
+/// A staging with parts below S3's minimum, for the small server (started with
+/// `S3_UPLOAD_PART_MIN_SIZE=4096`), so that files of a few dozen KB span several parts.
+fn small(bucket: &Bucket, part_size: u64) -> S3Staging {
+    S3Staging::builder()
+        .bucket(&bucket.name)
+        .prefix("up")
+        .endpoint(&bucket.url)
+        .region("us-east-1")
+        .path_style(true)
+        .credentials("test", "test")
+        .allow_small_parts(true)
+        .part_size(part_size)
+        .memory_budget(64 << 20)
+        .build()
+        .expect("staging")
+}
+
+/// A 12 MiB file with S3's real minimum part (5 MiB): fragments of every shape (1 byte,
+/// unaligned, crossing a part boundary, one spanning a whole part from its start), re-sent
+/// and overlapping fragments, then the commit: the object is byte-identical and nothing of
+/// the staging is left in the bucket.
+#[tokio::test]
+async fn real_part_size_every_fragment_shape() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = bucket.staging(5 << 20);
+    let file = data(12 << 20, 1);
+    let id = SessionId::new();
+    staging.create(id).await.expect("create");
+    const P: usize = 5 << 20;
+    // (start, end) of each fragment, as a client's retries might send them.
+    let fragments = [
+        (0, 1),
+        (1, 70_001),
+        (70_001, 70_002),
+        (30_000, 1_000_000), // overlaps what is held: only new bytes count
+        (1_000_000, P - 10),
+        (P - 10, P + 10), // crosses the first part boundary
+        (P + 10, 2 * P),
+        (2 * P, 12 << 20), // from a part boundary to the end
+    ];
+    let mut held = 0usize;
+    for (start, end) in fragments {
+        let new_from = held.max(start);
+        write_at(
+            &staging,
+            id,
+            new_from as u64,
+            &file[new_from..end],
+            64 << 10,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("fragment {start}..{end}: {e:?}"));
+        held = held.max(end);
+        assert_eq!(staging.len(id).await.expect("len"), Some(held as u64));
+    }
+    let destination = fresh_destination("big.bin");
+    staging
+        .commit(id, &destination, file.len() as u64, false)
+        .await
+        .expect("commit");
+    let got = bucket
+        .destinations()
+        .read(&destination)
+        .await
+        .expect("object");
+    assert!(got == file, "the object differs from the file");
+    staging.discard(id).await.expect("discard");
+    let keys = bucket.keys().await;
+    assert_eq!(
+        keys,
+        [key(&destination).to_string()],
+        "only the file is left"
+    );
+    assert_eq!(
+        bucket.open_uploads().await,
+        0,
+        "no multipart upload is left open"
+    );
+}
+
+/// Stages `file[from..to]` at `from` in chunks of 1,000 bytes.
+async fn stage(staging: &S3Staging, id: SessionId, file: &[u8], from: usize, to: usize) {
+    write_at(staging, id, from as u64, &file[from..to], 1_000)
+        .await
+        .unwrap_or_else(|e| panic!("writing {from}..{to}: {e:?}"));
+}
+
+async fn committed_bytes(
+    staging: &S3Staging,
+    bucket: &Bucket,
+    id: SessionId,
+    len: usize,
+) -> Vec<u8> {
+    let destination = fresh_destination("file.bin");
+    staging
+        .commit(id, &destination, len as u64, false)
+        .await
+        .expect("commit");
+    staging.discard(id).await.expect("discard");
+    bucket
+        .destinations()
+        .read(&destination)
+        .await
+        .expect("object")
+}
+
+/// A record behind the staged parts (a node died after storing a fragment, before its record
+/// said so): the fragment is sent again from the record's offset, inside a part already
+/// uploaded. Those bytes are not stored twice, and the file comes out whole.
+#[tokio::test]
+async fn a_fragment_resent_from_inside_an_uploaded_part() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    let file = data(40_000, 2);
+    let id = SessionId::new();
+    staging.create(id).await.expect("create");
+    stage(&staging, id, &file, 0, 20_000).await;
+    // The record says 5,000: parts 1 and 2 (0..16,384) and a tail are in the bucket.
+    stage(&staging, id, &file, 5_000, 30_000).await;
+    assert_eq!(staging.len(id).await.expect("len"), Some(30_000));
+    stage(&staging, id, &file, 30_000, 40_000).await;
+    assert!(committed_bytes(&staging, &bucket, id, 40_000).await == file);
+}
+
+/// Nodes with nothing in common but the bucket take turns on one upload, one of them dying in
+/// the middle of a fragment (its writer dropped unfinished): every node continues from what
+/// the bucket holds, and the file is byte-identical.
+#[tokio::test]
+async fn another_node_takes_over_in_the_middle_of_a_fragment() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let (a, b) = (small(&bucket, 8 << 10), small(&bucket, 8 << 10));
+    let file = data(100_000, 3);
+    let id = SessionId::new();
+    a.create(id).await.expect("create");
+    stage(&a, id, &file, 0, 12_345).await;
+    stage(&b, id, &file, 12_345, 30_000).await;
+    // Node A sends on from where it wrote last: its memory of the session is stale.
+    stage(&a, id, &file, 30_000, 41_000).await;
+    // Node B dies in the middle of a fragment that crossed a part boundary.
+    {
+        let mut part = b.open(id, 41_000).await.expect("open");
+        for chunk in file[41_000..60_000].chunks(1_000) {
+            part.write(Bytes::copy_from_slice(chunk))
+                .await
+                .expect("write");
+        }
+    }
+    // What survives is whole parts and finished fragments: at least the 41,000 acknowledged.
+    let held = a.len(id).await.expect("len").expect("part") as usize;
+    assert!((41_000..=60_000).contains(&held), "held {held}");
+    stage(&a, id, &file, held, 100_000).await;
+    assert!(committed_bytes(&b, &bucket, id, 100_000).await == file);
+}
+
+/// A key that appears at the destination during the upload (after Create-Session checked it)
+/// is never replaced without overwrites, for a file of one part (a conditional PUT) and of
+/// several (a conditional copy).
+#[tokio::test]
+async fn a_key_that_appears_during_the_upload_is_not_replaced() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    for len in [5_000, 50_000] {
+        let file = data(len, 4);
+        let id = SessionId::new();
+        let destination = fresh_destination("contested.bin");
+        staging
+            .check_destination(&destination, false)
+            .await
+            .expect("free at Create-Session");
+        staging.create(id).await.expect("create");
+        stage(&staging, id, &file, 0, len / 2).await;
+        bucket.destinations().put(&destination, b"theirs").await;
+        stage(&staging, id, &file, len / 2, len).await;
+        match staging.commit(id, &destination, len as u64, false).await {
+            Err(error) if error.is_busy() => {}
+            other => panic!("{len} bytes: the commit must be refused as busy: {other:?}"),
+        }
+        assert_eq!(
+            bucket.destinations().read(&destination).await.as_deref(),
+            Some(&b"theirs"[..]),
+            "{len} bytes: the other writer's object stays"
+        );
+        // Once it is gone, a later attempt (a deferred commit) publishes the file.
+        bucket
+            .raw()
+            .delete(&key(&destination))
+            .await
+            .expect("delete");
+        staging
+            .commit(id, &destination, len as u64, false)
+            .await
+            .expect("commit once the key is free");
+        assert!(
+            bucket
+                .destinations()
+                .read(&destination)
+                .await
+                .expect("object")
+                == file
+        );
+        staging.discard(id).await.expect("discard");
+    }
+}
+
+/// Fragments of one byte, and a file of one byte and of none, through parts of 8 KiB.
+#[tokio::test]
+async fn one_byte_fragments_and_tiny_files() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    let file = data(8_300, 5);
+    let id = SessionId::new();
+    staging.create(id).await.expect("create");
+    // 8,190 bytes in big pieces, then one byte at a time across the part boundary.
+    stage(&staging, id, &file, 0, 8_190).await;
+    for at in 8_190..8_200 {
+        stage(&staging, id, &file, at, at + 1).await;
+    }
+    stage(&staging, id, &file, 8_200, 8_300).await;
+    assert!(committed_bytes(&staging, &bucket, id, 8_300).await == file);
+
+    for len in [0, 1] {
+        let file = data(len, 6);
+        let id = SessionId::new();
+        staging.create(id).await.expect("create");
+        stage(&staging, id, &file, 0, len).await;
+        assert!(committed_bytes(&staging, &bucket, id, len).await == file);
+    }
+    assert_eq!(bucket.open_uploads().await, 0);
+}
