@@ -62,6 +62,9 @@ const STORE_PREFIX_ENV: &str = "AXUM_BITS_FARM_STORE_PREFIX";
 const HOST_ID_ENV: &str = "AXUM_BITS_FARM_HOST_ID";
 const FALLBACK_MS_ENV: &str = "AXUM_BITS_FARM_FALLBACK_MS";
 const LEASE_TTL_MS_ENV: &str = "AXUM_BITS_FARM_LEASE_TTL_MS";
+/// `ENDPOINT BUCKET PART_SIZE`: stage in this bucket (an `S3Staging` under the prefix `up`)
+/// rather than in the root.
+const S3_ENV: &str = "AXUM_BITS_FARM_S3";
 /// Exit status of a node that cannot bind its address (the parent may retry another port).
 const BIND_FAILED: i32 = 3;
 
@@ -86,6 +89,7 @@ fn farm_node() {
     let host_id = var(HOST_ID_ENV);
     let fallback = millis(FALLBACK_MS_ENV);
     let lease_ttl = millis(LEASE_TTL_MS_ENV);
+    let s3 = var(S3_ENV);
     node::run_child(async move {
         let mut builder = BitsLayer::builder(PathBuf::from(root));
         if let Some(host) = host_id {
@@ -98,6 +102,7 @@ fn farm_node() {
             builder = builder.lease_ttl(ttl);
         }
         let builder = with_store(builder, &store, store_url, store_prefix).await;
+        let builder = with_staging(builder, s3);
         let layer = builder.build().expect("layer");
         tokio::spawn(layer.sweeper().run());
         let app = Router::new()
@@ -153,6 +158,38 @@ async fn with_store(
     }
 }
 
+/// The node's staging: its root, or with `AXUM_BITS_FARM_S3` a bucket.
+fn with_staging(
+    builder: axum_bits::BitsLayerBuilder,
+    s3: Option<String>,
+) -> axum_bits::BitsLayerBuilder {
+    let Some(spec) = s3 else {
+        return builder;
+    };
+    #[cfg(feature = "s3")]
+    {
+        let fields: Vec<&str> = spec.split(' ').collect();
+        let [endpoint, bucket, part_size] = fields[..] else {
+            panic!("{S3_ENV}: expected ENDPOINT BUCKET PART_SIZE, got {spec:?}");
+        };
+        let staging = axum_bits::staging::S3Staging::builder()
+            .endpoint(endpoint)
+            .bucket(bucket)
+            .prefix("up")
+            .region("us-east-1")
+            .path_style(true)
+            .credentials("test", "test")
+            .allow_small_parts(true)
+            .part_size(part_size.parse().expect("part size"))
+            .memory_budget(64 << 20)
+            .build()
+            .expect("S3 staging");
+        builder.staging(staging)
+    }
+    #[cfg(not(feature = "s3"))]
+    panic!("farm node: {spec:?} needs the s3 feature")
+}
+
 /// Where a node keeps its session records.
 #[derive(Debug, Clone)]
 enum StoreSpec {
@@ -175,6 +212,8 @@ struct NodeSpec {
     /// `BITS-Host-Id` and its fallback timeout.
     host_id: Option<(String, Duration)>,
     lease_ttl: Option<Duration>,
+    /// `AXUM_BITS_FARM_S3`.
+    s3: Option<String>,
 }
 
 impl NodeSpec {
@@ -185,6 +224,7 @@ impl NodeSpec {
             store,
             host_id: None,
             lease_ttl: None,
+            s3: None,
         }
     }
 
@@ -206,6 +246,9 @@ impl NodeSpec {
         }
         if let Some(ttl) = self.lease_ttl {
             command = command.env(LEASE_TTL_MS_ENV, ttl.as_millis().to_string());
+        }
+        if let Some(s3) = &self.s3 {
+            command = command.env(S3_ENV, s3);
         }
         command
     }
@@ -1775,4 +1818,182 @@ async fn host_id_fallback_after_a_node_dies() {
         unreachable.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. No shared filesystem: one shared store, one bucket, a root of its own on every node.
+
+/// Two nodes with separate local folders, one shared store and one bucket (`S3Staging` on
+/// moto, 64 KiB parts). Every packet goes to the other node than the one before; node A is
+/// killed in the middle of a fragment that crossed part boundaries, and a new node with a new
+/// empty folder takes its place. The file comes out of the bucket byte-identical, nothing is
+/// staged in the bucket or in any folder, and no multipart upload is left open.
+#[cfg(all(feature = "s3", any(feature = "postgres", feature = "redis")))]
+async fn no_shared_filesystem(backend: Backend) {
+    use object_store::ObjectStoreExt;
+    use tokio::io::AsyncWriteExt;
+
+    let Some(store) = SharedStore::new(backend).await else {
+        return;
+    };
+    let endpoint = match std::env::var("AXUM_BITS_TEST_S3_SMALL_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("AXUM_BITS_TEST_S3_SMALL_URL is not set: .ci/run must start moto")
+        }
+        _ => return eprintln!("AXUM_BITS_TEST_S3_SMALL_URL is not set; skipping"),
+    };
+    let started = Instant::now();
+    let sid = axum_bits::session::SessionId::new().to_string();
+    let bucket = format!("farm-{}", sid.trim_matches(['{', '}']).to_lowercase());
+    let created = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("create the bucket");
+    assert!(created.status().is_success(), "{created:?}");
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&bucket)
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .expect("S3 client");
+
+    let roots: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("root")).collect();
+    let spawn = |root: &Path| {
+        let mut spec = NodeSpec::new(SocketAddr::from(([127, 0, 0, 1], 0)), root, store.spec());
+        spec.lease_ttl = Some(LEASE_TTL);
+        spec.s3 = Some(format!("{endpoint} {bucket} {}", 64 * KIB));
+        spec.spawn()
+    };
+    let mut a = Some(spawn(roots[0].path()).await);
+    let b = spawn(roots[1].path()).await;
+    let http = Http::pooled();
+
+    const LEN: usize = 2 * MIB + 333;
+    const FRAG: usize = 100 * KIB + 7;
+    let path = "/farm/no-shared-fs.bin";
+    let file = data(LEN, 5000);
+    let create = http
+        .post(&a.as_ref().expect("A").url(path), &Packet::create())
+        .await;
+    create.assert_ok();
+    let sid = create.session_id();
+    let mut offset = 0;
+    let mut on_b = true;
+    // A third of the file, alternating.
+    while offset < LEN / 3 {
+        let end = (offset + FRAG).min(LEN);
+        let node = if on_b { &b } else { a.as_ref().expect("A") };
+        let ack = http
+            .post(&node.url(path), &Packet::fragment(&sid, &file, offset, end))
+            .await;
+        ack.assert_ok();
+        assert_eq!(ack.received(), Some(end as u64), "{ack:?}");
+        offset = end;
+        on_b = !on_b;
+    }
+    // A gets a fragment of 300 KiB, receives 250 KiB of it (whole parts reach the bucket),
+    // and dies.
+    let a_addr = a.as_ref().expect("A").addr();
+    let mut stalled = raw_fragment_head(a_addr, path, &sid, offset, 300 * KIB, LEN).await;
+    stalled
+        .write_all(&file[offset..offset + 250 * KIB])
+        .await
+        .expect("part of the body");
+    store.wait_for_lease(&sid).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.take().expect("A").kill();
+    drop(stalled);
+    // A new node with a folder of its own takes A's place; B answers first, from where the
+    // record says.
+    let c = spawn(roots[2].path()).await;
+    let ack = http
+        .post(
+            &b.url(path),
+            &Packet::fragment(&sid, &file, offset, offset + FRAG),
+        )
+        .await;
+    ack.assert_ok();
+    assert_eq!(ack.received(), Some((offset + FRAG) as u64), "{ack:?}");
+    offset += FRAG;
+    on_b = false;
+    while offset < LEN {
+        let end = (offset + FRAG).min(LEN);
+        let node = if on_b { &b } else { &c };
+        let ack = http
+            .post(&node.url(path), &Packet::fragment(&sid, &file, offset, end))
+            .await;
+        ack.assert_ok();
+        assert_eq!(ack.received(), Some(end as u64), "{ack:?}");
+        offset = end;
+        on_b = !on_b;
+    }
+    let last = if on_b { &b } else { &c };
+    http.post(&last.url(path), &Packet::close(&sid))
+        .await
+        .assert_ok();
+
+    let got = s3
+        .get(&object_store::path::Path::from("up/farm/no-shared-fs.bin"))
+        .await
+        .expect("the object")
+        .bytes()
+        .await
+        .expect("its bytes");
+    assert!(got == file, "the object differs from the file");
+    let keys: Vec<String> = {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let listed: Vec<_> = s3.list(None).try_collect().await.expect("list");
+        listed.into_iter().map(|m| m.location.to_string()).collect()
+    };
+    assert_eq!(
+        keys,
+        ["up/farm/no-shared-fs.bin"],
+        "nothing staged in the bucket"
+    );
+    let uploads = reqwest::Client::new()
+        .get(format!("{endpoint}/{bucket}?uploads"))
+        .send()
+        .await
+        .expect("list uploads")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(uploads.matches("<UploadId>").count(), 0, "{uploads}");
+    for root in &roots {
+        assert!(
+            common::leftovers(root.path()).is_empty(),
+            "left in a node's folder: {:?}",
+            common::leftovers(root.path())
+        );
+        assert!(
+            !root.path().join("farm").exists(),
+            "no file in a node's folder"
+        );
+    }
+    assert_closed_tombstones(&store.records().await, &[(path.to_owned(), LEN)]);
+    println!(
+        "no shared filesystem on {backend:?}: {} MiB through 3 nodes, one killed, in {:.1} s",
+        LEN / MIB,
+        started.elapsed().as_secs_f64()
+    );
+    drop((b, c));
+}
+
+#[cfg(all(feature = "s3", feature = "postgres"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_shared_filesystem_postgres() {
+    no_shared_filesystem(Backend::Postgres).await;
+}
+
+#[cfg(all(feature = "s3", feature = "redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_shared_filesystem_redis() {
+    no_shared_filesystem(Backend::Redis).await;
 }

@@ -22,7 +22,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use common::data;
+use common::{TestServer, data};
 
 /// The URL in `var`, or `None` (skip) outside CI when it is not set.
 fn server_url(var: &str) -> Option<String> {
@@ -419,4 +419,152 @@ async fn one_byte_fragments_and_tiny_files() {
         assert!(committed_bytes(&staging, &bucket, id, len).await == file);
     }
     assert_eq!(bucket.open_uploads().await, 0);
+}
+
+/// A server whose bytes go to `staging`, with its records in its own temporary folder.
+async fn server(staging: S3Staging) -> TestServer {
+    TestServer::start(|b| b.staging(staging)).await
+}
+
+/// Whole uploads over real sockets, the way Windows sends them: a file of several parts in
+/// fragments that do not line up with the parts, re-sent fragments, a zero-length file; the
+/// objects are byte-identical and the staging leaves nothing behind.
+#[tokio::test]
+async fn uploads_through_the_layer() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let server = server(small(&bucket, 16 << 10)).await;
+    let client = server.client();
+    let file = data(200_000, 7);
+    let sid = client.create_ok("/inbox/a.bin").await;
+    let total = file.len() as u64;
+    // A fragment, then the same one again, then one overlapping both.
+    client
+        .fragment("/inbox/a.bin", &sid, 0, &file[..30_000], total)
+        .await
+        .assert_ok();
+    let again = client
+        .fragment("/inbox/a.bin", &sid, 0, &file[..30_000], total)
+        .await;
+    again.assert_ok();
+    assert_eq!(again.received(), Some(30_000));
+    let overlap = client
+        .fragment("/inbox/a.bin", &sid, 20_000, &file[20_000..50_000], total)
+        .await;
+    overlap.assert_ok();
+    assert_eq!(overlap.received(), Some(50_000));
+    // A gap is refused with where to resume.
+    let gap = client
+        .fragment("/inbox/a.bin", &sid, 60_000, &file[60_000..70_000], total)
+        .await;
+    assert_eq!((gap.status, gap.received()), (416, Some(50_000)));
+    client.send_all("/inbox/a.bin", &sid, &file, 7_777).await;
+    client.close("/inbox/a.bin", &sid).await.assert_ok();
+    let got = bucket
+        .destinations()
+        .read(&Destination::from_stored("inbox/a.bin", &[]).expect("destination"))
+        .await
+        .expect("the object");
+    assert!(got == file, "the object differs from the file");
+
+    let sid = client.create_ok("/inbox/empty.bin").await;
+    let headers = [
+        ("BITS-Packet-Type", "Fragment"),
+        ("BITS-Session-Id", sid.as_str()),
+        ("Content-Range", "bytes */0"),
+        ("Content-Length", "0"),
+    ];
+    client
+        .send("/inbox/empty.bin", &headers, Vec::new())
+        .await
+        .assert_ok();
+    client.close("/inbox/empty.bin", &sid).await.assert_ok();
+    let empty = Destination::from_stored("inbox/empty.bin", &[]).expect("destination");
+    assert_eq!(
+        bucket.destinations().read(&empty).await.as_deref(),
+        Some(&[][..])
+    );
+
+    let mut keys = bucket.keys().await;
+    keys.sort();
+    assert_eq!(keys, ["up/inbox/a.bin", "up/inbox/empty.bin"]);
+    assert_eq!(bucket.open_uploads().await, 0);
+    server.stop().await;
+}
+
+/// 1,000 uploads cancelled at various points (before any byte, after a tail, after whole
+/// parts) leave no object and no open multipart upload in the bucket.
+#[tokio::test]
+async fn a_thousand_cancelled_uploads_leave_nothing() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let server = server(small(&bucket, 8 << 10)).await;
+    let file = Arc::new(data(20_000, 8));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (client, file) = (server.client(), file.clone());
+        tasks.spawn(async move {
+            for i in 0..125 {
+                let path = format!("/c/{worker}-{i}.bin");
+                let sid = client.create_ok(&path).await;
+                let len = [0, 3_000, 20_000][i % 3];
+                if len > 0 {
+                    client
+                        .fragment(&path, &sid, 0, &file[..len - 1], file.len() as u64)
+                        .await
+                        .assert_ok();
+                }
+                client.cancel(&path, &sid).await.assert_ok();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("worker");
+    }
+    assert_eq!(
+        bucket.keys().await,
+        Vec::<String>::new(),
+        "no object is left"
+    );
+    assert_eq!(
+        bucket.open_uploads().await,
+        0,
+        "no multipart upload is left"
+    );
+    server.stop().await;
+}
+
+/// A node's memory of a session goes stale when another node uploads a part and dies before
+/// the record follows (the record's offset is then where the first node wrote last). The
+/// first node continues, with a fragment that completes a part and with one that does not,
+/// and the file comes out whole.
+#[tokio::test]
+async fn a_node_whose_memory_of_the_session_is_stale() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let (a, b) = (small(&bucket, 8 << 10), small(&bucket, 8 << 10));
+    for next in [20_000, 13_000] {
+        let file = data(40_000, 9);
+        let id = SessionId::new();
+        a.create(id).await.expect("create");
+        stage(&a, id, &file, 0, 10_000).await;
+        // B uploads part 2 (8,192..16,384), deleting A's tail, and dies before its record.
+        {
+            let mut part = b.open(id, 10_000).await.expect("open");
+            part.write(Bytes::copy_from_slice(&file[10_000..17_000]))
+                .await
+                .expect("write");
+        }
+        // A goes on from 10,000, as the record says.
+        stage(&a, id, &file, 10_000, next).await;
+        assert!(a.len(id).await.expect("len").expect("part") >= next as u64);
+        stage(&a, id, &file, next, 40_000).await;
+        assert!(committed_bytes(&a, &bucket, id, 40_000).await == file, "next {next}");
+    }
 }

@@ -92,11 +92,13 @@ pub(super) fn parse(name: &str, len: u64) -> Option<Entry> {
     }))
 }
 
-/// A piece of the bytes after the last part: the first `len` bytes of a tail object.
+/// A piece of the bytes after the last part: `len` bytes of a tail object from its byte
+/// `from`, which are the file's bytes from `start`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Piece {
     pub(super) name: String,
     pub(super) start: u64,
+    pub(super) from: u64,
     pub(super) len: u64,
 }
 
@@ -205,16 +207,22 @@ pub(super) fn resolve<'a>(objects: impl IntoIterator<Item = (&'a str, u64)>) -> 
     let covered = state.covered();
     for (name, tail) in tails {
         let end = state.held();
-        if tail.start < covered || tail.start > end || tail.len == 0 {
-            // In a part already, or past a gap (its writer's earlier bytes never arrived).
+        // A tail that began inside the parts (written by a node that did not know another
+        // one had uploaded them) still holds the file's bytes past them.
+        let start = tail.start.max(covered);
+        let from = start - tail.start;
+        if from >= tail.len || start > end {
+            // All in the parts already, or past a gap (its writer's earlier bytes never
+            // arrived).
             state.stale.push(name);
             continue;
         }
-        state.truncate(tail.start);
+        state.truncate(start);
         state.pieces.push(Piece {
             name,
-            start: tail.start,
-            len: tail.len,
+            start,
+            from,
+            len: tail.len - from,
         });
     }
     // A tail that crossed into the next part cannot be: parts are cut at their boundaries.
@@ -366,6 +374,20 @@ mod tests {
         .unwrap();
         assert_eq!(s.held(), 110);
         assert_eq!(s.stale, [tail(1, 40, 60).0, tail(2, 130, 5).0]);
+    }
+
+    #[test]
+    fn a_tail_reaching_past_the_parts_keeps_its_end() {
+        // Part 1 is 0..100; a tail written from 70 by a node that did not know of the part.
+        let s = state(&[upload(), (part_name(1, "a"), 0), tail(3, 70, 50)]).unwrap();
+        assert_eq!(s.held(), 120);
+        assert_eq!(
+            s.pieces
+                .iter()
+                .map(|p| (p.start, p.from, p.len))
+                .collect::<Vec<_>>(),
+            [(100, 30, 20)]
+        );
     }
 
     #[test]

@@ -404,12 +404,22 @@ impl Inner {
             .map_err(io_error)
     }
 
-    /// The first `len` bytes of a session's object.
-    async fn read(&self, id: SessionId, name: &str, len: u64) -> Result<bytes::Bytes, Missing> {
+    /// `len` bytes of a session's object, from its byte `from`.
+    async fn read(
+        &self,
+        id: SessionId,
+        name: &str,
+        from: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, Missing> {
         if len == 0 {
             return Ok(bytes::Bytes::new());
         }
-        match self.s3.get_range(&self.object(id, name), 0..len).await {
+        match self
+            .s3
+            .get_range(&self.object(id, name), from..from + len)
+            .await
+        {
             Ok(bytes) if bytes.len() as u64 == len => Ok(bytes),
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Err(Missing::Gone),
             Err(e) => Err(Missing::Failed(io_error(e))),
@@ -428,12 +438,14 @@ impl Inner {
             .pieces
             .iter()
             .filter(|p| p.start < upto)
-            .map(|p| (p.name.clone(), p.start, p.len.min(upto - p.start)))
+            .map(|p| (p.name.clone(), p.start, p.from, p.len.min(upto - p.start)))
             .collect();
         let reads = futures_util::stream::iter(
             wanted
                 .into_iter()
-                .map(|(name, start, len)| async move { (start, self.read(id, &name, len).await) }),
+                .map(|(name, start, from, len)| async move {
+                    (start, self.read(id, &name, from, len).await)
+                }),
         )
         .buffered(8);
         futures_util::pin_mut!(reads);
@@ -595,11 +607,11 @@ impl Staging for S3Staging {
 
     async fn open(&self, id: SessionId, offset: u64) -> Result<S3Part, StagingError> {
         let inner = &self.inner;
-        let state = match inner.cached(id, offset) {
-            Some(state) => state,
+        let (state, cached) = match inner.cached(id, offset) {
+            Some(state) => (state, true),
             None => match inner.list_state(id).await? {
-                Some(state) if !state.done => state,
-                _ if offset == 0 => inner.create_upload(id).await?,
+                Some(state) if !state.done => (state, false),
+                _ if offset == 0 => (inner.create_upload(id).await?, false),
                 _ => return Err(StagingError::PartShort { held: 0 }),
             },
         };
@@ -608,7 +620,7 @@ impl Staging for S3Staging {
             inner.remember(id, state);
             return Err(StagingError::PartShort { held });
         }
-        Ok(S3Part::new(self.inner.clone(), id, state, offset))
+        Ok(S3Part::new(self.inner.clone(), id, state, offset, cached))
     }
 
     async fn commit(

@@ -32,10 +32,21 @@ pub struct S3Part {
     generation: u64,
     nonce: u32,
     failed: bool,
+    /// The offset the writer was opened at.
+    offset: u64,
+    /// Whether `state` came from this node's cache and nothing has been stored since: another
+    /// node may have changed the session meanwhile (the first stored byte tells).
+    unverified: bool,
 }
 
 impl S3Part {
-    pub(super) fn new(inner: Arc<Inner>, id: SessionId, state: State, offset: u64) -> Self {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        id: SessionId,
+        state: State,
+        offset: u64,
+        cached: bool,
+    ) -> Self {
         let covered = state.covered();
         let generation = state.next_generation;
         Self {
@@ -51,6 +62,8 @@ impl S3Part {
             nonce: uuid::Uuid::new_v4().as_u128() as u32,
             state,
             failed: false,
+            offset,
+            unverified: cached,
         }
     }
 
@@ -115,6 +128,62 @@ impl S3Part {
     /// The pieces and the first buffered bytes make a whole part: uploads it, records it, and
     /// deletes the tails it replaces.
     async fn flush_part(&mut self) -> Result<(), StagingError> {
+        let flushed = self.flush_part_once().await;
+        if self.retry_after(&flushed).await? {
+            return Ok(());
+        }
+        self.unverified = false;
+        flushed
+    }
+
+    async fn store_tail(&mut self) -> Result<(), StagingError> {
+        let stored = self.store_tail_once().await;
+        if self.retry_after(&stored).await? {
+            return Ok(());
+        }
+        self.unverified = false;
+        stored
+    }
+
+    /// After a piece of a cached state was found gone (another node uploaded the part it
+    /// belonged to, and the record did not follow, as when that node died in the middle of a
+    /// fragment): reads the session again from the bucket and places the buffered bytes
+    /// there. `true` if so (the caller's loop goes on from the new state); the error if the
+    /// session really holds less than the writer was opened at.
+    async fn retry_after(
+        &mut self,
+        result: &Result<(), StagingError>,
+    ) -> Result<bool, StagingError> {
+        if !(self.unverified && matches!(result, Err(StagingError::PartShort { .. }))) {
+            return Ok(false);
+        }
+        self.unverified = false;
+        let fresh = match self.inner.list_state(self.id).await? {
+            Some(state) if !state.done => state,
+            _ => return Err(StagingError::PartShort { held: 0 }),
+        };
+        let held = fresh.held();
+        if self.offset > held {
+            return Err(StagingError::PartShort { held });
+        }
+        // Nothing was stored yet: the buffer holds the bytes from the offset on.
+        let covered = fresh.covered();
+        let skip = covered.saturating_sub(self.offset);
+        let dropped = skip.min(self.buffered);
+        self.take(dropped);
+        self.skip = skip - dropped;
+        self.start = self.offset.max(covered);
+        self.generation = fresh.next_generation;
+        self.state = fresh;
+        self.truncated = false;
+        if self.buffered > 0 {
+            self.state.truncate(self.start);
+            self.truncated = true;
+        }
+        Ok(true)
+    }
+
+    async fn flush_part_once(&mut self) -> Result<(), StagingError> {
         let inner = self.inner.clone();
         let need = self.state.part_size - self.pieces_len();
         let upto = self.state.covered() + self.state.part_size;
@@ -163,7 +232,7 @@ impl S3Part {
 
     /// Stores the buffered bytes as one tail object (gathering the pieces into it when there
     /// are too many of them).
-    async fn store_tail(&mut self) -> Result<(), StagingError> {
+    async fn store_tail_once(&mut self) -> Result<(), StagingError> {
         let inner = self.inner.clone();
         let gather = self.state.pieces.len() >= MAX_PIECES;
         let (start, mut payload) = if gather {
@@ -205,6 +274,7 @@ impl S3Part {
         self.state.pieces.push(Piece {
             name: tail.name(),
             start: tail.start,
+            from: 0,
             len: tail.len,
         });
         self.state.next_generation = self.generation + 1;
@@ -236,7 +306,7 @@ impl S3Part {
     }
 
     async fn finish_inner(&mut self) -> Result<(), StagingError> {
-        if self.pieces_len() + self.buffered >= self.state.part_size {
+        while self.pieces_len() + self.buffered >= self.state.part_size {
             self.flush_part().await?;
         }
         if self.buffered > 0 {
