@@ -565,6 +565,235 @@ async fn a_node_whose_memory_of_the_session_is_stale() {
         stage(&a, id, &file, 10_000, next).await;
         assert!(a.len(id).await.expect("len").expect("part") >= next as u64);
         stage(&a, id, &file, next, 40_000).await;
-        assert!(committed_bytes(&a, &bucket, id, 40_000).await == file, "next {next}");
+        assert!(
+            committed_bytes(&a, &bucket, id, 40_000).await == file,
+            "next {next}"
+        );
     }
+}
+
+/// What the stand-in network between the server and the object store does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Network {
+    /// Passes every byte.
+    Up,
+    /// Refuses connections (closes them at once).
+    Down,
+    /// Answers every request 503 Slow Down.
+    Busy,
+    /// Answers every request as a full MinIO does (507 `XMinioStorageFull`).
+    Full,
+    /// Passes every byte, but holds each request whose head mentions the slowed session for
+    /// three seconds first.
+    SlowFor(SessionId),
+}
+
+/// A TCP proxy in front of the object store whose behaviour the test switches; a switch
+/// drops the connections already open, so that pooled ones see it too.
+struct FaultyProxy {
+    addr: std::net::SocketAddr,
+    mode: tokio::sync::watch::Sender<Network>,
+}
+
+impl FaultyProxy {
+    async fn start(upstream: &str) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream: std::net::SocketAddr = upstream
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an ip:port upstream");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mode, watch) = tokio::sync::watch::channel(Network::Up);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let now = *watch.borrow_and_update();
+                    let serve = async {
+                        match now {
+                            Network::Down => {}
+                            Network::Busy | Network::Full => loop {
+                                let mut head = Vec::new();
+                                let mut byte = [0u8; 1];
+                                while !head.ends_with(b"\r\n\r\n") {
+                                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                                        return;
+                                    }
+                                    head.push(byte[0]);
+                                }
+                                let answer = if now == Network::Busy {
+                                    "HTTP/1.1 503 Slow Down\r\ncontent-length: 0\r\n\
+                                     connection: close\r\n\r\n"
+                                        .to_owned()
+                                } else {
+                                    let body = "<Error><Code>XMinioStorageFull</Code></Error>";
+                                    format!(
+                                        "HTTP/1.1 507 Insufficient Storage\r\ncontent-length: \
+                                         {}\r\nconnection: close\r\n\r\n{body}",
+                                        body.len()
+                                    )
+                                };
+                                let _ = client.write_all(answer.as_bytes()).await;
+                                return;
+                            },
+                            Network::Up | Network::SlowFor(_) => {
+                                if let Network::SlowFor(slowed) = now {
+                                    let key = slowed.to_string();
+                                    let key = key.trim_matches(['{', '}']);
+                                    let mut head = vec![0u8; 4096];
+                                    let n = client.peek(&mut head).await.unwrap_or(0);
+                                    if String::from_utf8_lossy(&head[..n])
+                                        .to_lowercase()
+                                        .contains(&key.to_lowercase())
+                                    {
+                                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                                    }
+                                }
+                                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
+                                else {
+                                    return;
+                                };
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        }
+                    };
+                    // A switch of mode ends the connection.
+                    tokio::select! {
+                        () = serve => {}
+                        _ = watch.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, mode }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn set(&self, network: Network) {
+        self.mode.send_replace(network);
+    }
+}
+
+/// The object store unreachable, then answering 503, in the middle of an upload: the client
+/// gets a transient error Ack (500 `E_FAIL`, never a bare 500 or a hang) that reports the
+/// offset the server holds; a full bucket answers as a full disk does (500
+/// `ERROR_DISK_FULL`); once the store is back the same fragment succeeds, and the file comes
+/// out whole.
+#[tokio::test]
+async fn an_unreachable_or_failing_object_store_is_a_transient_error() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let proxy = FaultyProxy::start(&url).await;
+    let staging = S3Staging::builder()
+        .bucket(&bucket.name)
+        .prefix("up")
+        .endpoint(proxy.url())
+        .region("us-east-1")
+        .path_style(true)
+        .credentials("test", "test")
+        .allow_small_parts(true)
+        .part_size(8 << 10)
+        .amazon_s3(|s3| {
+            s3.with_retry(object_store::RetryConfig {
+                backoff: Default::default(),
+                max_retries: 1,
+                retry_timeout: std::time::Duration::from_secs(2),
+            })
+        })
+        .build()
+        .expect("staging");
+    let server = server(staging).await;
+    let client = server.client();
+    let file = data(60_000, 10);
+    let total = file.len() as u64;
+    let path = "/faults/file.bin";
+    let sid = client.create_ok(path).await;
+    client
+        .fragment(path, &sid, 0, &file[..10_000], total)
+        .await
+        .assert_ok();
+    for fault in [Network::Down, Network::Busy] {
+        proxy.set(fault);
+        let started = std::time::Instant::now();
+        let failed = client
+            .fragment(path, &sid, 10_000, &file[10_000..30_000], total)
+            .await;
+        failed.assert_error(500, "0x80004005");
+        assert_eq!(failed.received(), Some(10_000), "{fault:?}: {failed:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{fault:?}: slow answer"
+        );
+    }
+    // A full bucket is the object store's disk full.
+    proxy.set(Network::Full);
+    let full = client
+        .fragment(path, &sid, 10_000, &file[10_000..30_000], total)
+        .await;
+    full.assert_error(500, "0x80070070");
+    assert_eq!(full.received(), Some(10_000));
+    proxy.set(Network::Up);
+    let resumed = client
+        .fragment(path, &sid, 10_000, &file[10_000..30_000], total)
+        .await;
+    resumed.assert_ok();
+    assert_eq!(resumed.received(), Some(30_000));
+    client.send_all(path, &sid, &file, 9_000).await;
+    client.close(path, &sid).await.assert_ok();
+    let destination = Destination::from_stored("faults/file.bin", &[]).expect("destination");
+    assert!(
+        bucket
+            .destinations()
+            .read(&destination)
+            .await
+            .expect("object")
+            == file
+    );
+
+    // One session's requests to the store are slow: another session goes on meanwhile.
+    let slow_sid = client.create_ok("/faults/slow.bin").await;
+    let quick_sid = client.create_ok("/faults/quick.bin").await;
+    proxy.set(Network::SlowFor(
+        SessionId::parse(&slow_sid).expect("a session id"),
+    ));
+    let slow = {
+        let (client, sid, body) = (server.client(), slow_sid.clone(), file[..20_000].to_vec());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let ack = client
+                .fragment("/faults/slow.bin", &sid, 0, &body, 60_000)
+                .await;
+            (ack, started.elapsed())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    client
+        .fragment("/faults/quick.bin", &quick_sid, 0, &file[..20_000], 60_000)
+        .await
+        .assert_ok();
+    let quick = started.elapsed();
+    let (slow_ack, slow_took) = slow.await.expect("the slow fragment");
+    slow_ack.assert_ok();
+    assert!(
+        slow_took >= std::time::Duration::from_secs(3),
+        "the slow session was not slowed"
+    );
+    assert!(
+        quick < std::time::Duration::from_secs(2),
+        "the other session waited {quick:?} for the slow one"
+    );
+    server.stop().await;
 }

@@ -147,8 +147,15 @@ pub enum S3ConfigError {
 impl S3Staging {
     /// A builder, from the `AWS_*` environment variables.
     pub fn builder() -> S3StagingBuilder {
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(15),
+        };
         S3StagingBuilder {
-            s3: AmazonS3Builder::from_env(),
+            s3: AmazonS3Builder::from_env()
+                .with_retry(retry)
+                .with_copy_if_not_exists(S3CopyIfNotExists::Multipart),
             prefix: String::new(),
             part_size: 8 << 20,
             memory_budget: 256 << 20,
@@ -247,8 +254,10 @@ impl S3StagingBuilder {
     }
 
     /// Any other `object_store` setting (retries, timeouts, TLS, a proxy, encryption). The
-    /// staging sets its retries to 3 over at most 15 s and the copy-if-absent mode it needs;
-    /// this runs after those, so it may change the retries.
+    /// staging starts with retries of 3 over at most 15 s (a client waits for each fragment's
+    /// Ack) and the copy-if-absent mode its commits need (a multipart copy whose completion
+    /// carries `If-None-Match: *`); change the retries here, keep the copy mode unless the
+    /// service offers another atomic one.
     pub fn amazon_s3(mut self, configure: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder) -> Self {
         self.s3 = configure(self.s3);
         self
@@ -256,13 +265,6 @@ impl S3StagingBuilder {
 
     /// Builds the staging. Makes no request.
     pub fn build(self) -> Result<S3Staging, S3ConfigError> {
-        self.build_with(|b| b)
-    }
-
-    fn build_with(
-        self,
-        last: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder,
-    ) -> Result<S3Staging, S3ConfigError> {
         if self.part_size < MIN_PART_SIZE && !self.allow_small_parts || self.part_size == 0 {
             return Err(S3ConfigError::PartTooSmall);
         }
@@ -276,18 +278,7 @@ impl S3StagingBuilder {
             }
             prefix.push(PathPart::from(part));
         }
-        let retry = RetryConfig {
-            backoff: BackoffConfig::default(),
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(15),
-        };
-        let s3 = last(
-            self.s3
-                .with_retry(retry)
-                .with_copy_if_not_exists(S3CopyIfNotExists::Multipart),
-        )
-        .build()
-        .map_err(S3ConfigError::S3)?;
+        let s3 = self.s3.build().map_err(S3ConfigError::S3)?;
         let budget_kib = u32::try_from(self.memory_budget / 1024).unwrap_or(u32::MAX);
         Ok(S3Staging {
             inner: Arc::new(Inner {
@@ -740,9 +731,30 @@ impl Staging for S3Staging {
 }
 
 /// Any failure of the object store: transient from the client's point of view (500
-/// `E_FAIL`), so it retries and the upload resumes when the store is back.
+/// `E_FAIL`), so it retries and the upload resumes when the store is back. A store that says
+/// it is out of space or over its quota is the disk-full answer (500 `ERROR_DISK_FULL`).
 fn io_error(e: object_store::Error) -> StagingError {
-    StagingError::Io(io::Error::other(e))
+    let kind = if is_out_of_space(&e) {
+        io::ErrorKind::QuotaExceeded
+    } else {
+        io::ErrorKind::Other
+    };
+    StagingError::Io(io::Error::new(kind, e))
+}
+
+/// The error codes S3-compatible services answer when a bucket is full: `QuotaExceeded`
+/// (Ceph, many S3 APIs), `XMinioStorageFull` (MinIO), or 507 Insufficient Storage.
+fn is_out_of_space(e: &object_store::Error) -> bool {
+    let mut text = String::new();
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = current {
+        text.push_str(&error.to_string());
+        text.push('\n');
+        current = error.source();
+    }
+    ["QuotaExceeded", "StorageFull", "Insufficient Storage"]
+        .iter()
+        .any(|code| text.contains(code))
 }
 
 /// A failure to publish: an existing key is a busy destination.
