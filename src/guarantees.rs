@@ -205,6 +205,28 @@
 //! rather than tested, by part (d) of `cargo bench --bench throughput` (about 10 MiB of peak
 //! RSS for 1 GiB and for 4 GiB).
 //!
+//! # On object storage
+//!
+//! With `S3Staging` (feature `s3`) the same lines hold, with the bucket in place of the
+//! disk. An acknowledged byte is stored in the bucket before its Ack (a whole part, or a tail
+//! object), so a node that dies in the middle of a fragment is taken over by another that
+//! shares only the session store and the bucket, and the file comes out byte-identical
+//! (`no_shared_filesystem_postgres`, `no_shared_filesystem_redis` in `tests/farm.rs`;
+//! `another_node_takes_over_in_the_middle_of_a_fragment`,
+//! `a_node_whose_memory_of_the_session_is_stale` in `tests/staging_s3.rs`). No step deletes a
+//! tail before the part that holds its bytes is stored and recorded
+//! (`a_fragment_resent_from_inside_an_uploaded_part`). A key that appears at the destination
+//! during the upload is never replaced without overwrites: the publish is a conditional PUT or
+//! a conditional multipart copy (`a_key_that_appears_during_the_upload_is_not_replaced`, and
+//! the racing commits of `staging::conformance`). Cancel and expiry abort the multipart upload
+//! and delete every staged object: 1,000 cancelled uploads leave no object and no open
+//! multipart upload (`a_thousand_cancelled_uploads_leave_nothing`). An unreachable store, a
+//! 503 and a full bucket are transient Acks with the held offset (500 `E_FAIL`, 500
+//! `ERROR_DISK_FULL`), and one session waiting on a slow store does not hold up another
+//! (`an_unreachable_or_failing_object_store_is_a_transient_error`). What a crash at each step
+//! leaves behind, and what cleans it, is the table in `S3Staging`'s docs; the bucket needs a
+//! lifecycle rule that aborts incomplete multipart uploads for the one case nothing records.
+//!
 //! # Not promised
 //!
 //! * Rate limiting per client, TLS, and authentication itself: put tower or proxy layers in
