@@ -618,7 +618,7 @@ impl FaultyProxy {
                     let serve = async {
                         match now {
                             Network::Down => {}
-                            Network::Busy | Network::Full => loop {
+                            Network::Busy | Network::Full => {
                                 let mut head = Vec::new();
                                 let mut byte = [0u8; 1];
                                 while !head.ends_with(b"\r\n\r\n") {
@@ -640,8 +640,7 @@ impl FaultyProxy {
                                     )
                                 };
                                 let _ = client.write_all(answer.as_bytes()).await;
-                                return;
-                            },
+                            }
                             Network::Up | Network::SlowFor(_) => {
                                 if let Network::SlowFor(slowed) = now {
                                     let key = slowed.to_string();
