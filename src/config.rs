@@ -63,10 +63,6 @@ pub enum ConfigError {
     /// `public_origin` is not `http(s)://host[:port]`.
     #[error("invalid public origin {0:?}: expected scheme://host[:port] with no path")]
     InvalidPublicOrigin(String),
-    /// Upload-reply needs the staged files as local paths, and the staging has none
-    /// ([`Staging::path`](crate::staging::Staging::path)).
-    #[error("upload-reply needs a staging whose parts have local paths")]
-    NoLocalPaths,
     /// The reply folder could not be created.
     #[error("cannot create the reply folder {}: {source}", dir.display())]
     Replies {

@@ -13,7 +13,6 @@ use crate::handle::BitsHandle;
 use crate::hooks::{CommittedCallback, CommittedUpload, DynHooks, HookChain, Hooks, OnCommitted};
 use crate::replies::Replies;
 use crate::service::BitsService;
-use crate::session::SessionId;
 use crate::session_lock::SessionLocks;
 use crate::shared::{ReplyMode, Shared};
 use crate::staging::{DynStaging, LocalStaging, Staging};
@@ -573,10 +572,8 @@ impl BitsLayerBuilder {
         };
         let reply = match completion {
             Some(handler) => {
-                // Handlers and by-reference notifications get the staged file by path.
-                if staging.path(SessionId::new()).is_none() {
-                    return Err(ConfigError::NoLocalPaths);
-                }
+                // Handlers and by-reference notifications get the staged file by path: a local
+                // copy when the staging has no local files (`Staging::read`).
                 let dir = self
                     .replies_dir
                     .unwrap_or_else(|| self.root.join(".bits").join("replies"));

@@ -81,18 +81,48 @@ impl Replies {
         })
     }
 
-    /// Sessions that have a reply file (for recovery).
+    /// Sessions that have a reply file or a local copy of their upload (for recovery).
     pub(crate) async fn list(&self) -> io::Result<Vec<SessionId>> {
-        self.blocking(|dir| session_files(dir, SUFFIX)).await
-    }
-
-    /// Deletes the session's reply file if there is one.
-    pub(crate) async fn remove(&self, id: SessionId) -> io::Result<()> {
-        self.blocking(move |dir| match dir.remove_file(&file_name(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        self.blocking(|dir| {
+            let mut ids = session_files(dir, SUFFIX)?;
+            ids.extend(session_files(dir, UPLOAD_SUFFIX)?);
+            ids.sort();
+            ids.dedup();
+            Ok(ids)
         })
         .await
+    }
+
+    /// Deletes the session's reply file and the local copy of its upload, if there are any.
+    pub(crate) async fn remove(&self, id: SessionId) -> io::Result<()> {
+        self.blocking(move |dir| {
+            for name in [file_name(id), upload_name(id)] {
+                match dir.remove_file(&name) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Copies a session's upload from `reader` into a private local file beside its reply, for
+    /// an application that needs a path when the staging has none (object storage); deleted
+    /// with the reply. Returns its path.
+    pub(crate) async fn store_upload(
+        &self,
+        id: SessionId,
+        mut reader: crate::staging::PartReader,
+    ) -> io::Result<PathBuf> {
+        use tokio::io::AsyncWriteExt;
+        let file = self
+            .blocking(move |dir| dir.open_file(&upload_name(id), Open::Truncate))
+            .await?;
+        let mut file = tokio::fs::File::from_std(file);
+        tokio::io::copy(&mut reader, &mut file).await?;
+        file.flush().await?;
+        Ok(self.dir.join(upload_name(id)))
     }
 
     /// Opens the session's reply file for reading from `offset`.
@@ -107,6 +137,11 @@ impl Replies {
 }
 
 const SUFFIX: &str = ".reply";
+const UPLOAD_SUFFIX: &str = ".upload";
+
+fn upload_name(id: SessionId) -> String {
+    format!("{id}{UPLOAD_SUFFIX}")
+}
 
 fn file_name(id: SessionId) -> String {
     format!("{id}{SUFFIX}")

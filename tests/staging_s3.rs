@@ -796,3 +796,67 @@ async fn an_unreachable_or_failing_object_store_is_a_transient_error() {
     );
     server.stop().await;
 }
+
+/// Upload-reply on object storage: the application gets the upload as a local copy (here it
+/// hashes it), for a file of one part and of several; with `copy_to_destination` the file is
+/// also published in the bucket. The copy is deleted with the session, and the bucket keeps
+/// only the published file.
+#[tokio::test]
+async fn upload_reply_gets_a_local_copy_of_an_object_staged_upload() {
+    use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
+    use sha2::{Digest, Sha256};
+
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    let server = TestServer::start(|b| {
+        b.staging(staging)
+            .upload_reply_handler(|upload: CompletedUpload| async move {
+                let bytes = tokio::fs::read(&upload.staged_path)
+                    .await
+                    .map_err(CompletionError::failed)?;
+                let digest = format!("{:x}", Sha256::digest(&bytes));
+                let copy = upload.destination.ends_with("keep.bin");
+                Ok::<_, CompletionError>(
+                    Completion::reply(AppReply::Bytes(digest.into())).copy_to_destination(copy),
+                )
+            })
+    })
+    .await;
+    let client = server.client();
+    for (path, len) in [("/r/small.bin", 5_000), ("/r/keep.bin", 50_000)] {
+        let file = data(len, 11);
+        let sid = client.create_ok(path).await;
+        client.send_all(path, &sid, &file, 7_000).await;
+        // The final fragment again: the same reply URL, without asking the application twice.
+        let last = len - len % 7_000;
+        let again = client
+            .fragment(path, &sid, last as u64, &file[last..], len as u64)
+            .await;
+        again.assert_ok();
+        let reply_url = again
+            .header("BITS-Reply-URL")
+            .expect("a reply URL")
+            .to_owned();
+        let reply = reqwest::get(&reply_url).await.expect("the reply");
+        assert_eq!(reply.status(), 200);
+        let want = format!("{:x}", Sha256::digest(&file));
+        assert_eq!(reply.text().await.expect("its body"), want, "{path}");
+        client.close(path, &sid).await.assert_ok();
+    }
+    let copies: Vec<_> = std::fs::read_dir(server.root.join(".bits").join("replies"))
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(copies.is_empty(), "left in the reply folder: {copies:?}");
+    let keep = Destination::from_stored("r/keep.bin", &[]).expect("destination");
+    assert!(bucket.destinations().read(&keep).await.expect("published") == data(50_000, 11));
+    assert_eq!(
+        bucket.keys().await,
+        [key(&keep).to_string()],
+        "only the copied file is left"
+    );
+    assert_eq!(bucket.open_uploads().await, 0);
+    server.stop().await;
+}

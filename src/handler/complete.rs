@@ -70,8 +70,18 @@ async fn run_completion(
     record: &SessionRecord,
 ) -> Result<Outcome, Failure> {
     let ReplyMode { handler, replies } = mode;
-    // Checked when the layer was built; a custom staging could still change its mind.
-    let staged_path = shared.staging.path(record.id).ok_or(Failure::NoLocalPath)?;
+    // A staging without local files (object storage) gives the bytes, and the application
+    // gets a local copy, deleted with the session's reply.
+    let staged_path = match shared.staging.path(record.id) {
+        Some(path) => path,
+        None => {
+            let bytes = shared.staging.read(record.id, record.received).await?;
+            replies
+                .store_upload(record.id, bytes)
+                .await
+                .map_err(StagingError::Io)?
+        }
+    };
     let origin = record.origin.as_deref().unwrap_or("");
     let upload = CompletedUpload {
         session_id: record.id,

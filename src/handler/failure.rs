@@ -43,8 +43,6 @@ pub(crate) enum Failure {
     /// The destination is busy: the completion policy decides the answer.
     #[error("the destination is busy: {0}")]
     DestinationBusy(StagingError),
-    #[error("upload-reply needs a staging with local paths")]
-    NoLocalPath,
 }
 
 impl Failure {
@@ -70,7 +68,6 @@ impl Failure {
             Self::Vetoed(veto) => veto.ack(),
             Self::Application(error) => error.ack(policy),
             Self::DestinationBusy(_) => policy.busy_ack(Busy::Destination),
-            Self::NoLocalPath => Ack::error(StatusCode::INTERNAL_SERVER_ERROR, Hresult::E_FAIL),
         }
     }
 
@@ -78,7 +75,7 @@ impl Failure {
     pub(crate) fn log(&self) {
         let server_fault = match self {
             Self::Store(e) => e.is_server_fault(),
-            Self::Lock(LockError::Store(_)) | Self::NoLocalPath => true,
+            Self::Lock(LockError::Store(_)) => true,
             Self::Lock(LockError::Busy) => {
                 tracing::warn!("another node kept the session's lease for the whole wait");
                 return;
@@ -132,10 +129,6 @@ mod tests {
         assert_eq!(
             answer(Failure::invalid_answer("x"), retry),
             (400, Some(Hresult::E_INVALIDARG), 5)
-        );
-        assert_eq!(
-            answer(Failure::NoLocalPath, retry),
-            (500, Some(Hresult::E_FAIL), 5)
         );
     }
 

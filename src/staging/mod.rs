@@ -119,14 +119,35 @@ pub trait Staging: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// The part's path in the local filesystem, if it has one. Upload-reply needs it: the
-    /// completion handler and by-reference notifications get the staged file by path. The
-    /// default says there is none.
+    /// Reads the first `total` bytes of a complete part, for an upload-reply application
+    /// when the part has no [local path](Staging::path): the layer copies them into a local
+    /// file that the application gets, and deletes it with the session. The default reads the
+    /// file at [`Staging::path`], and fails with [`StagingError::PartMissing`] without one.
+    fn read(
+        &self,
+        id: SessionId,
+        total: u64,
+    ) -> impl Future<Output = Result<PartReader, StagingError>> + Send {
+        let path = self.path(id);
+        async move {
+            use tokio::io::AsyncReadExt;
+            let path = path.ok_or(StagingError::PartMissing)?;
+            let file = tokio::fs::File::open(path).await?;
+            Ok(Box::pin(file.take(total)) as PartReader)
+        }
+    }
+
+    /// The part's path in the local filesystem, if it has one. Upload-reply uses it: the
+    /// completion handler and by-reference notifications get the staged file by path (without
+    /// one, a local copy made by [`Staging::read`]). The default says there is none.
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         let _ = id;
         None
     }
 }
+
+/// The bytes of a part, as [`Staging::read`] gives them.
+pub type PartReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
 
 /// Writes consecutive bytes into a part, from the offset it was opened at.
 pub trait PartWriter: Send + 'static {
@@ -257,6 +278,7 @@ pub(crate) trait DynStaging: Send + Sync {
         total: u64,
     ) -> BoxFuture<'a, Result<bool, StagingError>>;
     fn close(&self) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn read(&self, id: SessionId, total: u64) -> BoxFuture<'_, Result<PartReader, StagingError>>;
     fn path(&self, id: SessionId) -> Option<PathBuf>;
 }
 
@@ -323,6 +345,9 @@ impl<T: Staging> DynStaging for T {
     }
     fn close(&self) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(Staging::close(self))
+    }
+    fn read(&self, id: SessionId, total: u64) -> BoxFuture<'_, Result<PartReader, StagingError>> {
+        Box::pin(Staging::read(self, id, total))
     }
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         Staging::path(self, id)

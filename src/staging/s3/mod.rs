@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 pub use part::S3Part;
 
 use self::layout::State;
-use super::{Staging, StagingError};
+use super::{PartReader, Staging, StagingError};
 use crate::destination::Destination;
 use crate::session::SessionId;
 
@@ -536,6 +536,55 @@ impl Inner {
         Ok(())
     }
 
+    /// The bytes after the parts up to `total`, checked against what the session holds.
+    async fn gathered(
+        &self,
+        id: SessionId,
+        state: &State,
+        total: u64,
+    ) -> Result<Vec<bytes::Bytes>, StagingError> {
+        let held = state.held();
+        if held < total {
+            return Err(StagingError::Incomplete { len: held, total });
+        }
+        if total < state.covered() {
+            return Err(StagingError::Io(io::Error::other(
+                "cannot commit fewer bytes than the uploaded parts hold",
+            )));
+        }
+        self.gather(id, state, total).await
+    }
+
+    /// Completes the multipart upload onto the session's `object`: the last part from the
+    /// tails, then the recorded parts in order.
+    async fn complete_object(
+        &self,
+        id: SessionId,
+        state: &State,
+        total: u64,
+    ) -> Result<(), StagingError> {
+        let last = self.gathered(id, state, total).await?;
+        let mut parts: Vec<PartId> = state
+            .parts
+            .iter()
+            .map(|etag| PartId {
+                content_id: etag.clone(),
+            })
+            .collect();
+        if total > state.covered() {
+            let number = parts.len() + 1;
+            let etag = self
+                .upload_part(id, state, number, PutPayload::from_iter(last))
+                .await?;
+            parts.push(PartId { content_id: etag });
+        }
+        self.s3
+            .complete_multipart(&self.object(id, layout::OBJECT), &state.upload_id, parts)
+            .await
+            .map_err(io_error)?;
+        Ok(())
+    }
+
     /// Publishes the staged `source` (an object of the session, or bytes) at `destination`.
     async fn publish_object(
         &self,
@@ -636,52 +685,23 @@ impl Staging for S3Staging {
             };
         }
         if state.object != Some(total) {
-            let held = state.held();
-            if held < total {
-                return Err(StagingError::Incomplete { len: held, total });
-            }
-            let covered = state.covered();
-            if total < covered {
-                return Err(StagingError::Io(io::Error::other(
-                    "cannot commit fewer bytes than the uploaded parts hold",
-                )));
-            }
-            let last = inner.gather(id, &state, total).await?;
             if state.parts.is_empty() {
+                let last = inner.gathered(id, &state, total).await?;
                 // One part's worth or less: a single conditional PUT.
                 let mode = if overwrite {
                     PutMode::Overwrite
                 } else {
                     PutMode::Create
                 };
-                let payload = PutPayload::from_iter(last);
                 inner
                     .s3
-                    .put_opts(&target, payload, PutOptions::from(mode))
+                    .put_opts(&target, PutPayload::from_iter(last), PutOptions::from(mode))
                     .await
                     .map_err(commit_error)?;
                 inner.put_empty(id, layout::DONE).await?;
                 return inner.delete_session(id, true).await;
             }
-            let mut parts: Vec<PartId> = state
-                .parts
-                .iter()
-                .map(|etag| PartId {
-                    content_id: etag.clone(),
-                })
-                .collect();
-            if total > covered {
-                let number = parts.len() + 1;
-                let etag = inner
-                    .upload_part(id, &state, number, PutPayload::from_iter(last))
-                    .await?;
-                parts.push(PartId { content_id: etag });
-            }
-            inner
-                .s3
-                .complete_multipart(&inner.object(id, layout::OBJECT), &state.upload_id, parts)
-                .await
-                .map_err(io_error)?;
+            inner.complete_object(id, &state, total).await?;
         }
         inner.publish_object(id, &target, overwrite).await?;
         inner.put_empty(id, layout::DONE).await?;
@@ -690,6 +710,36 @@ impl Staging for S3Staging {
 
     async fn discard(&self, id: SessionId) -> Result<(), StagingError> {
         self.inner.delete_session(id, false).await
+    }
+
+    /// Streams the complete part from the bucket: a file of several parts is completed onto
+    /// the session's staging object first (a later commit publishes that object), one of a
+    /// single part is read from its tails.
+    async fn read(&self, id: SessionId, total: u64) -> Result<PartReader, StagingError> {
+        let inner = &self.inner;
+        inner.forget(id);
+        let state = match inner.list_state(id).await? {
+            Some(state) if !state.done => state,
+            _ => return Err(StagingError::PartMissing),
+        };
+        if state.object != Some(total) {
+            if state.parts.is_empty() {
+                let bytes = inner.gathered(id, &state, total).await?;
+                let chunks = futures_util::stream::iter(bytes.into_iter().map(Ok::<_, io::Error>));
+                return Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)));
+            }
+            inner.complete_object(id, &state, total).await?;
+        }
+        let object = inner
+            .s3
+            .get(&inner.object(id, layout::OBJECT))
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => StagingError::PartMissing,
+                e => io_error(e),
+            })?;
+        let chunks = object.into_stream().map_err(io::Error::other);
+        Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)))
     }
 
     async fn list(&self) -> Result<Vec<SessionId>, StagingError> {
