@@ -107,6 +107,16 @@ impl Replies {
         .await
     }
 
+    /// Deletes the session's reply file only (an earlier attempt's answer), keeping the local
+    /// copy of its upload.
+    pub(crate) async fn remove_reply(&self, id: SessionId) -> io::Result<()> {
+        self.blocking(move |dir| match dir.remove_file(&file_name(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+    }
+
     /// Copies a session's upload from `reader` into a private local file beside its reply, for
     /// an application that needs a path when the staging has none (object storage); deleted
     /// with the reply. Returns its path.

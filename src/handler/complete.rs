@@ -93,7 +93,10 @@ async fn run_completion(
         owner: record.owner.clone(),
     };
     // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
-    replies.remove(record.id).await.map_err(StagingError::Io)?;
+    replies
+        .remove_reply(record.id)
+        .await
+        .map_err(StagingError::Io)?;
     let completion = handler
         .complete(upload)
         .await
@@ -105,7 +108,10 @@ async fn run_completion(
                     "the static reply URL is not an absolute http(s) URL",
                 ));
             }
-            replies.remove(record.id).await.map_err(StagingError::Io)?;
+            replies
+                .remove_reply(record.id)
+                .await
+                .map_err(StagingError::Io)?;
             (url, None)
         }
         reply => {

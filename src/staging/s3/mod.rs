@@ -70,6 +70,16 @@ const MAX_CACHED: usize = 10_000;
 /// a single conditional PUT. S3's single copy is limited to 5 GiB: a larger file fails its
 /// commit (set [`max_upload_size`](crate::BitsLayerBuilder::max_upload_size) to 5 GiB or less).
 ///
+/// # Upload-reply
+///
+/// An [upload-reply handler](crate::BitsLayerBuilder::upload_reply_handler) (and a
+/// notification, by value or by reference) gets the upload as a local file: the layer reads it
+/// from the bucket ([`Staging::read`]: a file of several parts is completed onto its staging
+/// object first) into the reply folder, and deletes the copy with the session. Replies stay in
+/// the reply folder of the node that asked the application, so in a farm the reply URL must
+/// lead to that node: set [`host_id`](crate::BitsLayerBuilder::host_id). (Replies kept in the
+/// bucket, served by any node, are not done yet.)
+///
 /// # What a crash leaves behind
 ///
 /// | crash during | left behind | cleaned by |
