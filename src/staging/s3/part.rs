@@ -26,7 +26,7 @@ pub struct S3Part {
     /// Where the next byte kept goes; the pieces from here on are replaced at the first one.
     start: u64,
     truncated: bool,
-    buffer: Vec<Bytes>,
+    buffer: std::collections::VecDeque<Bytes>,
     buffered: u64,
     permits: Vec<OwnedSemaphorePermit>,
     generation: u64,
@@ -55,7 +55,7 @@ impl S3Part {
             skip: covered.saturating_sub(offset),
             start: offset.max(covered),
             truncated: false,
-            buffer: Vec::new(),
+            buffer: std::collections::VecDeque::new(),
             buffered: 0,
             permits: Vec::new(),
             generation,
@@ -109,13 +109,13 @@ impl S3Part {
     fn take(&mut self, mut len: u64) -> Vec<Bytes> {
         let mut out = Vec::new();
         while len > 0 {
-            let Some(first) = self.buffer.first_mut() else {
+            let Some(first) = self.buffer.front_mut() else {
                 break;
             };
             let n = (first.len() as u64).min(len);
             let n_usize = usize::try_from(n).unwrap_or(usize::MAX);
             if n_usize == first.len() {
-                out.push(self.buffer.remove(0));
+                out.extend(self.buffer.pop_front());
             } else {
                 out.push(first.split_to(n_usize));
             }
@@ -138,11 +138,18 @@ impl S3Part {
 
     async fn store_tail(&mut self) -> Result<(), StagingError> {
         let stored = self.store_tail_once().await;
-        if self.retry_after(&stored).await? {
-            return Ok(());
+        if !self.retry_after(&stored).await? {
+            self.unverified = false;
+            return stored;
         }
-        self.unverified = false;
-        stored
+        // Placed anew where the bucket says: what is still buffered is stored from there.
+        while self.pieces_len() + self.buffered >= self.state.part_size {
+            self.flush_part_once().await?;
+        }
+        if self.buffered > 0 {
+            self.store_tail_once().await?;
+        }
+        Ok(())
     }
 
     /// After a piece of a cached state was found gone (another node uploaded the part it
@@ -201,6 +208,7 @@ impl S3Part {
             .upload_part(self.id, &self.state, number, PutPayload::from_iter(payload))
             .await?;
         self.state.parts.push(etag);
+        self.unverified = false;
         let mut replaced: Vec<String> = self.state.pieces.drain(..).map(|p| p.name).collect();
         replaced.append(&mut self.state.stale);
         inner.delete_quietly(self.id, replaced).await;
@@ -226,7 +234,8 @@ impl S3Part {
                 self.permits.push(permit);
                 Ok(())
             }
-            Err(_) => self.store_tail().await,
+            // The part just uploaded confirmed the state: no second look needed.
+            Err(_) => self.store_tail_once().await,
         }
     }
 
@@ -298,7 +307,7 @@ impl S3Part {
         }
         self.reserve(chunk.len() as u64).await?;
         self.buffered += chunk.len() as u64;
-        self.buffer.push(chunk);
+        self.buffer.push_back(chunk);
         while self.pieces_len() + self.buffered >= self.state.part_size {
             self.flush_part().await?;
         }
