@@ -8,6 +8,7 @@
 #
 #   AXUM_BITS_TEST_S3_URL        http://127.0.0.1:$S3_PORT (moto, S3's real 5 MiB minimum part)
 #   AXUM_BITS_TEST_S3_SMALL_URL  http://127.0.0.1:$((S3_PORT + 1)) (moto, 4 KiB minimum part)
+#   AXUM_BITS_TEST_S3_PID        the first moto's process (the S3 benchmark reads its CPU time)
 #
 # PG_PORT, REDIS_PORT and S3_PORT default to 55432, 56379 and 55900. moto (an S3 emulation, from
 # PyPI) is installed into a virtual environment under ~/.cache/axum-bits the first time, and run
@@ -88,6 +89,8 @@ services_start() {
   done
   export AXUM_BITS_TEST_S3_URL="http://127.0.0.1:$s3_port"
   export AXUM_BITS_TEST_S3_SMALL_URL="http://127.0.0.1:$((s3_port + 1))"
+  AXUM_BITS_TEST_S3_PID="$(cat "$SERVICES_DIR/s3/real.pid")"
+  export AXUM_BITS_TEST_S3_PID
 
   echo "PostgreSQL: $AXUM_BITS_TEST_POSTGRES_URL"
   echo "Redis:      $AXUM_BITS_TEST_REDIS_URL"

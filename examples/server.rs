@@ -6,6 +6,7 @@
 //!     [--notify-url URL --notify-type reference|value] [--public-origin http://HOST:PORT]
 //!     [--host-id ID --host-id-fallback-timeout SECS]
 //!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
+//!     [--staging local|s3://BUCKET[/PREFIX] [--s3-endpoint URL]]
 //! ```
 //!
 //! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin` (the folder `a` must
@@ -29,6 +30,20 @@
 //! The SQLite, PostgreSQL and Redis stores need the crate feature of the same name, e.g.
 //! `cargo run --release --features postgres --example server -- --store postgres://..`; a farm
 //! of such servers is described in the crate docs (`axum_bits::store`, "Running a farm").
+//!
+//! `--staging s3://BUCKET/PREFIX` (crate feature `s3`) stages the parts in an S3-compatible
+//! bucket and publishes finished files there: `BITS_POST /a/b.bin` lands at the key
+//! `PREFIX/a/b.bin`. Credentials and region come from `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`; `--s3-endpoint` names an S3-compatible service
+//! (path-style requests), without it the bucket is on AWS. The root folder then holds only
+//! the local session records (unless `--store` says otherwise) and upload-reply copies.
+//! With `--store postgres://..` or `redis://..`, servers on several machines that share only
+//! the store and the bucket form a farm:
+//!
+//! ```text
+//! cargo run --release --features s3,postgres --example server -- --listen 0.0.0.0:8080 \
+//!     --store postgres://bits@db/bits --staging s3://uploads/inbox --s3-endpoint http://s3:9000
+//! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -99,6 +114,14 @@ struct Args {
     /// postgres://.., redis://.. Default: file.
     #[arg(long)]
     store: Option<String>,
+    /// Where the parts of open uploads are staged and finished files land: local (under
+    /// ROOT), or s3://BUCKET[/PREFIX] (crate feature s3). Default: local.
+    #[arg(long, value_name = "local|s3://BUCKET[/PREFIX]")]
+    staging: Option<String>,
+    /// The endpoint of an S3-compatible service for --staging s3://.. (path-style requests).
+    /// Default: AWS.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
 }
 
 /// The `--config` file.
@@ -117,6 +140,8 @@ struct ConfigFile {
 struct ServerSection {
     listen: Option<SocketAddr>,
     store: Option<String>,
+    staging: Option<String>,
+    s3_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -166,6 +191,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .store
         .or(file.server.store)
         .unwrap_or_else(|| "file".into());
+    let staging = args
+        .staging
+        .or(file.server.staging)
+        .unwrap_or_else(|| "local".into());
+    let s3_endpoint = args.s3_endpoint.or(file.server.s3_endpoint);
     // The command line overrides the file; what neither sets keeps the builder's default.
     let mut settings = file.bits;
     if let Some(root) = args.root {
@@ -238,6 +268,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| PathBuf::from("./uploads"));
     let mut builder = settings.apply(BitsLayer::builder(&root));
     builder = with_store(builder, &store).await?;
+    builder = with_staging(builder, &staging, s3_endpoint)?;
     let bits = builder.build()?;
     let handle = bits.handle();
     // Recovers what a crash left behind, then expires idle sessions; stops at shutdown.
@@ -254,6 +285,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listen = %listener.local_addr()?,
         root = %root.display(),
         store = %store,
+        staging = %staging,
         notify = notify.as_deref().unwrap_or("none"),
         "BITS upload server ready"
     );
@@ -292,18 +324,18 @@ async fn with_store(
         #[cfg(not(feature = "sqlite"))]
         return {
             let _ = path;
-            Err(missing_feature(spec, "sqlite"))
+            Err(missing_feature("--store", spec, "sqlite"))
         };
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         #[cfg(feature = "postgres")]
         return Ok(builder.store(axum_bits::store::PostgresStore::connect(spec).await?));
         #[cfg(not(feature = "postgres"))]
-        return Err(missing_feature(spec, "postgres"));
+        return Err(missing_feature("--store", spec, "postgres"));
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         #[cfg(feature = "redis")]
         return Ok(builder.store(axum_bits::store::RedisStore::connect(spec).await?));
         #[cfg(not(feature = "redis"))]
-        return Err(missing_feature(spec, "redis"));
+        return Err(missing_feature("--store", spec, "redis"));
     } else {
         Err(format!(
             "--store {spec}: expected file, memory, sqlite:PATH, postgres://.. or redis://.."
@@ -312,11 +344,52 @@ async fn with_store(
     }
 }
 
-/// The error for a `--store` whose crate feature this build lacks.
-#[cfg(not(all(feature = "sqlite", feature = "postgres", feature = "redis")))]
-fn missing_feature(spec: &str, feature: &str) -> Box<dyn std::error::Error> {
+/// Applies `--staging` (and `--s3-endpoint`).
+fn with_staging(
+    builder: BitsLayerBuilder,
+    spec: &str,
+    endpoint: Option<String>,
+) -> Result<BitsLayerBuilder, Box<dyn std::error::Error>> {
+    if spec == "local" {
+        if endpoint.is_some() {
+            return Err("--s3-endpoint needs --staging s3://BUCKET[/PREFIX]".into());
+        }
+        return Ok(builder);
+    }
+    let Some(location) = spec.strip_prefix("s3://") else {
+        return Err(format!("--staging {spec}: expected local or s3://BUCKET[/PREFIX]").into());
+    };
+    let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+    if bucket.is_empty() {
+        return Err(format!("--staging {spec}: no bucket").into());
+    }
+    #[cfg(feature = "s3")]
+    {
+        let mut s3 = axum_bits::staging::S3Staging::builder()
+            .bucket(bucket)
+            .prefix(prefix);
+        if let Some(url) = endpoint {
+            s3 = s3.endpoint(url).path_style(true);
+        }
+        Ok(builder.staging(s3.build()?))
+    }
+    #[cfg(not(feature = "s3"))]
+    {
+        let _ = (builder, prefix, endpoint);
+        Err(missing_feature("--staging", spec, "s3"))
+    }
+}
+
+/// The error for a `--store` or `--staging` whose crate feature this build lacks.
+#[cfg(not(all(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "redis",
+    feature = "s3"
+)))]
+fn missing_feature(flag: &str, spec: &str, feature: &str) -> Box<dyn std::error::Error> {
     format!(
-        "--store {spec}: this build has no {feature} store; rebuild with `--features {feature}`"
+        "{flag} {spec}: this build has no {feature} support; rebuild with `--features {feature}`"
     )
     .into()
 }

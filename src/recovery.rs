@@ -174,7 +174,7 @@ async fn repair(
         }
         None => {
             tracing::warn!(session = %record.id, recorded = needed, "staged data is missing; the session restarts from byte 0");
-            shared.staging.create(record.id).await?;
+            shared.create_part(record).await?;
             session.amend(|r| r.rewind(0)).await?;
             report.parts_recreated += 1;
         }

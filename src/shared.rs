@@ -59,6 +59,20 @@ pub(crate) struct ReplyMode {
 }
 
 impl Shared {
+    /// Creates the staged part of a new (or restarted) session: for its destination when its
+    /// bytes will be committed there (every session but upload-reply ones), so that a staging
+    /// that writes in place can.
+    pub(crate) async fn create_part(&self, record: &SessionRecord) -> Result<(), StagingError> {
+        if record.claims_destination {
+            if let Ok(destination) =
+                Destination::from_stored(&record.destination, &self.config.reserved)
+            {
+                return self.staging.create_for(record.id, &destination).await;
+            }
+        }
+        self.staging.create(record.id).await
+    }
+
     /// Adds an event to the record's outbox, if anyone listens.
     pub(crate) fn queue(&self, record: &mut SessionRecord, kind: EventKind) {
         if self.hooks.is_some() {

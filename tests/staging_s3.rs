@@ -341,7 +341,9 @@ async fn another_node_takes_over_in_the_middle_of_a_fragment() {
 
 /// A key that appears at the destination during the upload (after Create-Session checked it)
 /// is never replaced without overwrites, for a file of one part (a conditional PUT) and of
-/// several (a conditional copy).
+/// several: completed in place with `If-None-Match: *` (an upload made for its destination,
+/// as the layer makes them) or at the session's own key and then copied (as for upload-reply
+/// sessions).
 #[tokio::test]
 async fn a_key_that_appears_during_the_upload_is_not_replaced() {
     let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
@@ -349,7 +351,12 @@ async fn a_key_that_appears_during_the_upload_is_not_replaced() {
     };
     let bucket = Bucket::new(&url).await;
     let staging = small(&bucket, 8 << 10);
-    for len in [5_000, 50_000] {
+    for (len, in_place) in [
+        (5_000, false),
+        (50_000, false),
+        (5_000, true),
+        (50_000, true),
+    ] {
         let file = data(len, 4);
         let id = SessionId::new();
         let destination = fresh_destination("contested.bin");
@@ -357,7 +364,14 @@ async fn a_key_that_appears_during_the_upload_is_not_replaced() {
             .check_destination(&destination, false)
             .await
             .expect("free at Create-Session");
-        staging.create(id).await.expect("create");
+        if in_place {
+            staging
+                .create_for(id, &destination)
+                .await
+                .expect("create_for");
+        } else {
+            staging.create(id).await.expect("create");
+        }
         stage(&staging, id, &file, 0, len / 2).await;
         bucket.destinations().put(&destination, b"theirs").await;
         stage(&staging, id, &file, len / 2, len).await;
@@ -586,13 +600,21 @@ enum Network {
     /// Passes every byte, but holds each request whose head mentions the slowed session for
     /// three seconds first.
     SlowFor(SessionId),
+    /// Passes every byte, but closes the connection of the next multipart completion (`POST
+    /// ...?uploadId=`) after the server got it, before its answer arrives; then
+    /// `RefuseCompletions`.
+    LoseCompletionAnswers,
+    /// Passes every byte, but answers every multipart completion itself with 412
+    /// `PreconditionFailed`, as a service may answer the retry of a conditional completion
+    /// that succeeded (the key exists now).
+    RefuseCompletions,
 }
 
 /// A TCP proxy in front of the object store whose behaviour the test switches; a switch
 /// drops the connections already open, so that pooled ones see it too.
 struct FaultyProxy {
     addr: std::net::SocketAddr,
-    mode: tokio::sync::watch::Sender<Network>,
+    mode: Arc<tokio::sync::watch::Sender<Network>>,
 }
 
 impl FaultyProxy {
@@ -607,12 +629,15 @@ impl FaultyProxy {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (mode, watch) = tokio::sync::watch::channel(Network::Up);
+        let mode = Arc::new(mode);
+        let switch = mode.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
                 let mut watch = watch.clone();
+                let switch = switch.clone();
                 tokio::spawn(async move {
                     let now = *watch.borrow_and_update();
                     let serve = async {
@@ -640,6 +665,16 @@ impl FaultyProxy {
                                     )
                                 };
                                 let _ = client.write_all(answer.as_bytes()).await;
+                            }
+                            Network::LoseCompletionAnswers | Network::RefuseCompletions => {
+                                let Ok(server) = tokio::net::TcpStream::connect(upstream).await
+                                else {
+                                    return;
+                                };
+                                let lose = now == Network::LoseCompletionAnswers;
+                                if relay_completions(client, server, lose).await {
+                                    switch.send_replace(Network::RefuseCompletions);
+                                }
                             }
                             Network::Up | Network::SlowFor(_) => {
                                 if let Network::SlowFor(slowed) = now {
@@ -681,6 +716,105 @@ impl FaultyProxy {
     fn set(&self, network: Network) {
         self.mode.send_replace(network);
     }
+}
+
+/// Relays one connection request by request. With `lose`, once a multipart completion
+/// (`POST ...?uploadId=`) has reached the server, the connection closes when the first byte
+/// of its answer comes back (the server carried it out, the client never hears of it), and
+/// this returns true. Without, every completion is answered 412 here and never forwarded.
+async fn relay_completions(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    lose: bool,
+) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, to_client) = client.into_split();
+    let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
+    let (mut from_server, mut to_server) = server.into_split();
+    let losing = Arc::new(AtomicBool::new(false));
+    let armed = losing.clone();
+    let lost = losing.clone();
+    let answering = to_client.clone();
+    let answers = async move {
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            let n = from_server.read(&mut buffer).await.unwrap_or(0);
+            if n == 0 || armed.load(Ordering::SeqCst) {
+                return;
+            }
+            if answering
+                .lock()
+                .await
+                .write_all(&buffer[..n])
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let requests = async move {
+        let mut buffer = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+                let mut chunk = vec![0u8; 64 << 10];
+                let n = from_client.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+            let body: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < head_end + body {
+                let mut chunk = vec![0u8; 64 << 10];
+                let n = from_client.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            let line = head.lines().next().unwrap_or("");
+            let request: Vec<u8> = buffer.drain(..head_end + body).collect();
+            if line.starts_with("post ") && line.contains("uploadid=") {
+                if !lose {
+                    let body = "<Error><Code>PreconditionFailed</Code></Error>";
+                    let answer = format!(
+                        "HTTP/1.1 412 Precondition Failed\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if to_client
+                        .lock()
+                        .await
+                        .write_all(answer.as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                losing.store(true, Ordering::SeqCst);
+            }
+            if to_server.write_all(&request).await.is_err() {
+                return;
+            }
+        }
+    };
+    // The answers end first once a completion is on its way (or either side closes).
+    tokio::select! {
+        () = answers => {}
+        () = requests => {}
+    }
+    lost.load(Ordering::SeqCst)
 }
 
 /// The object store unreachable, then answering 503, in the middle of an upload: the client
@@ -884,4 +1018,140 @@ async fn tails_gathered_by_another_node_behind_this_ones_back() {
     assert_eq!(a.len(id).await.expect("len"), Some(2_600));
     stage(&a, id, &file, 2_600, 4_000).await;
     assert!(committed_bytes(&a, &bucket, id, 4_000).await == file);
+}
+
+/// What recovery and disabling do to object staging: at start-up the staged objects of a
+/// session without a record (a node that died between staging bytes and recording the
+/// session) are deleted and its multipart upload aborted, while recorded sessions keep theirs
+/// and resume; disabling uploads deletes every session's objects and upload, and leaves the
+/// committed files.
+#[tokio::test]
+async fn recovery_and_disabling_clean_the_bucket() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    let server = server(staging.clone()).await;
+    let handle = server.layer.handle();
+    let client = server.client();
+    let file = data(50_000, 11);
+    let total = file.len() as u64;
+    let a = client.create_ok("/r/a.bin").await;
+    client
+        .fragment("/r/a.bin", &a, 0, &file[..30_000], total)
+        .await
+        .assert_ok();
+    let b = client.create_ok("/r/b.bin").await;
+    client
+        .fragment("/r/b.bin", &b, 0, &file[..20_000], total)
+        .await
+        .assert_ok();
+    let orphan = SessionId::new();
+    staging.create(orphan).await.expect("create");
+    write_at(&staging, orphan, 0, &file[..10_000], 3_000)
+        .await
+        .expect("stage");
+    assert_eq!(bucket.open_uploads().await, 3);
+    let orphan_prefix = format!(
+        "up/.bits/staging/{}",
+        orphan.to_string().trim_matches(['{', '}'])
+    );
+    assert!(
+        bucket
+            .keys()
+            .await
+            .iter()
+            .any(|k| k.starts_with(&orphan_prefix))
+    );
+
+    let report = handle.recover().await.expect("recover");
+    assert_eq!(report.orphan_parts, 1, "{report:?}");
+    assert!(
+        !bucket
+            .keys()
+            .await
+            .iter()
+            .any(|k| k.starts_with(&orphan_prefix)),
+        "the orphan's objects are gone"
+    );
+    assert_eq!(
+        bucket.open_uploads().await,
+        2,
+        "the orphan's upload is aborted"
+    );
+
+    // The recorded sessions resume where they were.
+    client.send_all("/r/a.bin", &a, &file, 9_000).await;
+    client.close("/r/a.bin", &a).await.assert_ok();
+    let a_file = Destination::from_stored("r/a.bin", &[]).expect("destination");
+    assert!(bucket.destinations().read(&a_file).await.as_deref() == Some(&file[..]));
+
+    let report = handle.disable_uploads().await.expect("disable");
+    assert_eq!(report.sessions, 1, "{report:?}");
+    assert_eq!(bucket.keys().await, ["up/r/a.bin"]);
+    assert_eq!(bucket.open_uploads().await, 0);
+    let refused = client
+        .fragment("/r/b.bin", &b, 20_000, &file[20_000..], total)
+        .await;
+    assert_eq!(refused.status, 501, "{refused:?}");
+    server.stop().await;
+}
+
+/// A multipart completion that the server carried out but whose answer was lost (the
+/// connection closed before it arrived): the staging retries, is told the key exists, and
+/// recognises the object as its own by its ETag, so the commit succeeds; an object someone
+/// else made at the key is not taken for one's own.
+#[tokio::test]
+async fn a_completion_whose_answer_is_lost_is_recognised() {
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let proxy = FaultyProxy::start(&url).await;
+    let staging = S3Staging::builder()
+        .bucket(&bucket.name)
+        .prefix("up")
+        .endpoint(proxy.url())
+        .region("us-east-1")
+        .path_style(true)
+        .credentials("test", "test")
+        .allow_small_parts(true)
+        .part_size(8 << 10)
+        .memory_budget(64 << 20)
+        .build()
+        .expect("staging");
+    let file = data(50_000, 12);
+    let id = SessionId::new();
+    let destination = fresh_destination("lost-answer.bin");
+    staging
+        .create_for(id, &destination)
+        .await
+        .expect("create_for");
+    stage(&staging, id, &file, 0, file.len()).await;
+    proxy.set(Network::LoseCompletionAnswers);
+    staging
+        .commit(id, &destination, file.len() as u64, false)
+        .await
+        .expect("the commit whose first answer was lost");
+    assert!(bucket.destinations().read(&destination).await.as_deref() == Some(&file[..]));
+    proxy.set(Network::Up);
+    staging.discard(id).await.expect("discard");
+
+    // Someone else's object of the same size at the key is not mistaken for the upload.
+    let id = SessionId::new();
+    let taken = fresh_destination("lost-answer-taken.bin");
+    staging.create_for(id, &taken).await.expect("create_for");
+    stage(&staging, id, &file, 0, file.len()).await;
+    let theirs = data(50_000, 13);
+    proxy.set(Network::LoseCompletionAnswers);
+    bucket.destinations().put(&taken, &theirs).await;
+    match staging.commit(id, &taken, file.len() as u64, false).await {
+        Err(error) if error.is_busy() => {}
+        other => panic!("an object made by someone else is not the upload: {other:?}"),
+    }
+    assert!(bucket.destinations().read(&taken).await.as_deref() == Some(&theirs[..]));
+    proxy.set(Network::Up);
+    staging.discard(id).await.expect("discard");
+    assert_eq!(bucket.open_uploads().await, 0);
 }

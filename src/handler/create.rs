@@ -89,7 +89,7 @@ pub(super) async fn create_session(
                 other => other?,
             }
         }
-        if let Err(error) = shared.staging.create(id).await {
+        if let Err(error) = shared.create_part(&record).await {
             if let Err(e) = shared.store.remove(id).await {
                 tracing::error!(error = %e, session = %id, "cannot remove the record of a failed Create-Session");
             }

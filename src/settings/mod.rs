@@ -874,6 +874,8 @@ mod tests {
     struct ExampleServer {
         listen: std::net::SocketAddr,
         store: String,
+        staging: String,
+        s3_endpoint: Option<String>,
     }
 
     #[test]
@@ -881,6 +883,8 @@ mod tests {
         let file: ExampleFile = from_toml_str(include_str!("../../examples/server.toml")).unwrap();
         assert_eq!(file.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(file.server.store, "file");
+        assert_eq!(file.server.staging, "local");
+        assert_eq!(file.server.s3_endpoint, None);
         let mut bits = file.bits;
         assert_eq!(bits.root.as_deref(), Some(Path::new("./uploads")));
         assert_eq!(bits.max_upload_size.take(), Some(4 << 30));

@@ -80,6 +80,7 @@ pub async fn run<S: Staging>(staging: Arc<S>, destinations: &impl Destinations) 
     an_empty_file_commits(staging.as_ref(), destinations).await;
     commits_never_clobber_without_overwrite(staging.as_ref(), destinations).await;
     a_missing_part_commits_nothing(staging.as_ref(), destinations).await;
+    parts_created_for_their_destination(staging.as_ref(), destinations).await;
     concurrent_commits_to_one_destination(staging, destinations).await;
 }
 
@@ -337,6 +338,81 @@ pub async fn a_missing_part_commits_nothing<S: Staging>(
         None,
         "a failed commit creates nothing"
     );
+}
+
+/// Parts made with [`Staging::create_for`] (which a staging may place at the destination
+/// itself) commit like any: exactly `total` bytes, never over an existing file without
+/// overwrite (the refused commit can be retried with it), and a commit retried after it
+/// succeeded either succeeds again or is recognised by [`Staging::committed`].
+pub async fn parts_created_for_their_destination<S: Staging>(
+    staging: &S,
+    destinations: &impl Destinations,
+) {
+    let data = bytes(150_000, 10);
+    let destination = fresh_destination("in-place.bin");
+    let id = SessionId::new();
+    staging
+        .create_for(id, &destination)
+        .await
+        .unwrap_or_else(|e| panic!("create_for: {e:?}"));
+    write_at(staging, id, 0, &data)
+        .await
+        .unwrap_or_else(|e| panic!("writing a part made for its destination: {e:?}"));
+    staging
+        .commit(id, &destination, 149_999, false)
+        .await
+        .unwrap_or_else(|e| panic!("commit: {e:?}"));
+    assert_eq!(
+        destinations.read(&destination).await.as_deref(),
+        Some(&data[..149_999]),
+        "the destination holds exactly the first `total` bytes"
+    );
+    match staging.commit(id, &destination, 149_999, false).await {
+        Ok(()) => {}
+        Err(StagingError::PartMissing | StagingError::DestinationExists) => assert!(
+            staging
+                .committed(id, &destination, 149_999)
+                .await
+                .unwrap_or_else(|e| panic!("committed: {e:?}")),
+            "a commit retried after it succeeded must be recognised as done"
+        ),
+        Err(other) => panic!("a commit retried after it succeeded: {other:?}"),
+    }
+    assert_eq!(
+        destinations.read(&destination).await.as_deref(),
+        Some(&data[..149_999])
+    );
+    discard(staging, id).await;
+
+    let taken = fresh_destination("in-place-taken.bin");
+    let id = SessionId::new();
+    staging
+        .create_for(id, &taken)
+        .await
+        .unwrap_or_else(|e| panic!("create_for: {e:?}"));
+    write_at(staging, id, 0, &data)
+        .await
+        .unwrap_or_else(|e| panic!("writing: {e:?}"));
+    destinations.put(&taken, b"someone else's").await;
+    match staging.commit(id, &taken, 150_000, false).await {
+        Err(error) if error.is_busy() => {}
+        other => panic!("a commit onto a file created meanwhile must be busy: {other:?}"),
+    }
+    assert_eq!(
+        destinations.read(&taken).await.as_deref(),
+        Some(&b"someone else's"[..]),
+        "a refused commit leaves the destination untouched"
+    );
+    staging
+        .commit(id, &taken, 150_000, true)
+        .await
+        .unwrap_or_else(|e| panic!("the same commit with overwrite: {e:?}"));
+    assert_eq!(
+        destinations.read(&taken).await.as_deref(),
+        Some(&data[..]),
+        "with overwrite the destination is replaced"
+    );
+    discard(staging, id).await;
 }
 
 /// Sessions racing to commit to one destination without overwrite: exactly one file wins,

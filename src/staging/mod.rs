@@ -66,6 +66,22 @@ pub trait Staging: Send + Sync + 'static {
     /// Creates the (empty) part for a new session.
     fn create(&self, id: SessionId) -> impl Future<Output = Result<(), StagingError>> + Send;
 
+    /// Creates the (empty) part for a new session whose bytes will be committed to
+    /// `destination` (the layer calls this rather than [`create`](Staging::create) for every
+    /// session but upload-reply ones, whose bytes go to the application). A staging that can
+    /// write in place uses it: [`S3Staging`] makes the multipart upload at the destination's
+    /// key, so that the commit completes it there instead of copying. The commit of such a
+    /// part still gets its destination, the same one. The default is
+    /// [`create`](Staging::create).
+    fn create_for(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+    ) -> impl Future<Output = Result<(), StagingError>> + Send {
+        let _ = destination;
+        self.create(id)
+    }
+
     /// The part's current length, or `None` if it does not exist.
     fn len(&self, id: SessionId) -> impl Future<Output = Result<Option<u64>, StagingError>> + Send;
 
@@ -256,6 +272,11 @@ pub(crate) trait DynStaging: Send + Sync {
         overwrite: bool,
     ) -> BoxFuture<'a, Result<(), StagingError>>;
     fn create(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn create_for<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+    ) -> BoxFuture<'a, Result<(), StagingError>>;
     fn len(&self, id: SessionId) -> BoxFuture<'_, Result<Option<u64>, StagingError>>;
     fn open(
         &self,
@@ -306,6 +327,13 @@ impl<T: Staging> DynStaging for T {
     }
     fn create(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(Staging::create(self, id))
+    }
+    fn create_for<'a>(
+        &'a self,
+        id: SessionId,
+        destination: &'a Destination,
+    ) -> BoxFuture<'a, Result<(), StagingError>> {
+        Box::pin(Staging::create_for(self, id, destination))
     }
     fn len(&self, id: SessionId) -> BoxFuture<'_, Result<Option<u64>, StagingError>> {
         Box::pin(Staging::len(self, id))

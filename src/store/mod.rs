@@ -98,7 +98,7 @@
 //!
 //! # Running a farm
 //!
-//! When one machine is not enough, run several nodes behind a load balancer. Two topologies
+//! When one machine is not enough, run several nodes behind a load balancer. Three topologies
 //! work.
 //!
 //! **Shared state: any node serves any packet.** Every node uses one shared store
@@ -129,6 +129,30 @@
 //! | parts and finished files | the upload root (parts in `ROOT/.bits/parts`, on the destinations' filesystem) | any node appends to a part; the commit is a link or rename within one filesystem |
 //! | replies (upload-reply) | `ROOT/.bits/replies`, or [`replies_dir`](crate::BitsLayerBuilder::replies_dir) | any node serves a reply URL |
 //! | configuration | the same builder options everywhere | prefix, limits, timeouts and commit point decide answers |
+//!
+//! **Shared store and bucket: no shared filesystem.** With
+//! [`S3Staging`](crate::staging::S3Staging) (feature `s3`) the parts of open uploads and the
+//! finished files live in an S3-compatible bucket, and every node keeps a local root of its
+//! own. Any node serves any packet; a fragment's bytes are in the bucket before its Ack, so a
+//! node that dies is taken over by the next one the client reaches. With the example server:
+//!
+//! ```text
+//! # on every node (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION set)
+//! cargo run --release --features postgres,s3 --example server -- \
+//!     --listen 0.0.0.0:8080 --root /var/lib/bits --store postgres://bits@db.internal/bits \
+//!     --staging s3://uploads/inbox --s3-endpoint http://s3.internal:9000
+//! ```
+//!
+//! | What | Where | Why |
+//! |---|---|---|
+//! | session records | the store | any node answers any packet |
+//! | parts and finished files | the bucket, under the prefix (`PREFIX/.bits/staging/<session>/`, destinations at `PREFIX/<url path>`) | any node continues or commits an upload |
+//! | a local root | each node's own disk | upload-reply copies (and the records of a `FileStore`, which a farm does not use); nothing another node needs |
+//! | replies (upload-reply) | the reply folder of the node that asked the application | set [`host_id`](crate::BitsLayerBuilder::host_id) so that the client fetches the reply there |
+//! | configuration | the same builder options and the same bucket, prefix and part size everywhere | every node reads the same layout |
+//!
+//! Set a lifecycle rule on the bucket that aborts incomplete multipart uploads after a few
+//! days (see [`S3Staging`](crate::staging::S3Staging), "What a crash leaves behind").
 //!
 //! **Affinity: no shared storage.** Each node has its own root and its own store, and
 //! [`host_id("node7.example.com")`](crate::BitsLayerBuilder::host_id) names it: the

@@ -3,13 +3,20 @@
 //!
 //! Under `PREFIX/.bits/staging/<session>/` a session keeps:
 //!
-//! * `upload-<part size>-<hex upload id>`: the multipart upload, created with the session; its
-//!   presence is what makes the part exist;
+//! * `upload-<part size>-<hex upload id>`: the multipart upload, created with the session at
+//!   the session's own key `object`; its presence is what makes the part exist;
+//! * or `upload-at-<part size>-<hex upload id>`, whose content is the key the upload was
+//!   created at: the destination itself (a session created for its destination), so that the
+//!   commit completes the upload in place, without a copy;
 //! * `part/<n>-<hex ETag>`: zero-byte markers, one per uploaded part `n` (1-based, part `n`
 //!   holds bytes `[(n-1)P, nP)`), written after the part is stored;
+//! * `last/<n>-<len>-<hex ETag>`: a zero-byte marker of the short last part `n` (`len`
+//!   bytes) a commit uploaded, so that a retried commit completes the same parts (the upload
+//!   may be gone by then, completed by the attempt whose answer was lost);
 //! * `tail/<generation>-<start>-<nonce>`: the bytes from `start` (the object's size is its
 //!   length) that do not fill a part yet; written once and never changed;
-//! * `object`: the completed multipart upload, before it is published to its destination;
+//! * `object`: the completed multipart upload at the session's key, before it is published to
+//!   its destination (by a copy);
 //! * `done`: written after the file was published, so that a retried commit can tell.
 //!
 //! The session's bytes are the contiguous parts from 1, then the tails replayed in generation
@@ -21,8 +28,20 @@ use std::collections::BTreeMap;
 /// One staged object of a session, as its name (relative to the session's folder) says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Entry {
-    Upload { part_size: u64, upload_id: String },
-    Part { number: u32, etag: String },
+    Upload {
+        part_size: u64,
+        upload_id: String,
+        in_place: bool,
+    },
+    Part {
+        number: u32,
+        etag: String,
+    },
+    Last {
+        number: u32,
+        len: u64,
+        etag: String,
+    },
     Tail(Tail),
     Object,
     Done,
@@ -46,12 +65,17 @@ impl Tail {
     }
 }
 
-pub(super) fn upload_name(part_size: u64, upload_id: &str) -> String {
-    format!("upload-{part_size}-{}", hex(upload_id))
+pub(super) fn upload_name(part_size: u64, upload_id: &str, in_place: bool) -> String {
+    let at = if in_place { "at-" } else { "" };
+    format!("upload-{at}{part_size}-{}", hex(upload_id))
 }
 
 pub(super) fn part_name(number: u32, etag: &str) -> String {
     format!("part/{number:05}-{}", hex(etag))
+}
+
+pub(super) fn last_name(number: u32, len: u64, etag: &str) -> String {
+    format!("last/{number:05}-{len}-{}", hex(etag))
 }
 
 pub(super) const OBJECT: &str = "object";
@@ -66,10 +90,15 @@ pub(super) fn parse(name: &str, len: u64) -> Option<Entry> {
         _ => {}
     }
     if let Some(rest) = name.strip_prefix("upload-") {
+        let (rest, in_place) = match rest.strip_prefix("at-") {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
         let (size, id) = rest.split_once('-')?;
         return Some(Entry::Upload {
             part_size: size.parse().ok()?,
             upload_id: unhex(id)?,
+            in_place,
         });
     }
     if let Some(rest) = name.strip_prefix("part/") {
@@ -77,6 +106,14 @@ pub(super) fn parse(name: &str, len: u64) -> Option<Entry> {
         return Some(Entry::Part {
             number: number.parse().ok().filter(|n| *n > 0)?,
             etag: unhex(etag)?,
+        });
+    }
+    if let Some(rest) = name.strip_prefix("last/") {
+        let mut fields = rest.splitn(3, '-');
+        return Some(Entry::Last {
+            number: fields.next()?.parse().ok().filter(|n| *n > 0)?,
+            len: fields.next()?.parse().ok().filter(|n| *n > 0)?,
+            etag: unhex(fields.next()?)?,
         });
     }
     let rest = name.strip_prefix("tail/")?;
@@ -107,8 +144,16 @@ pub(super) struct Piece {
 pub(super) struct State {
     pub(super) upload_id: String,
     pub(super) part_size: u64,
+    /// The marker of an upload made at its destination (its content is the key), if it was.
+    pub(super) in_place: Option<String>,
+    /// The key the upload was made at, once known (read from the marker); `None` for the
+    /// session's own `object`.
+    pub(super) key: Option<String>,
     /// ETags of parts 1..=parts.len(), all stored.
     pub(super) parts: Vec<String>,
+    /// The short last part a commit uploaded: (number, length, ETag). Only one that follows
+    /// the parts counts.
+    pub(super) last: Option<(u32, u64, String)>,
     /// The bytes after the parts, in order and contiguous from `covered()`.
     pub(super) pieces: Vec<Piece>,
     /// The next generation a writer uses (above every tail seen).
@@ -155,6 +200,7 @@ pub(super) fn resolve<'a>(objects: impl IntoIterator<Item = (&'a str, u64)>) -> 
     let mut uploads = Vec::new();
     let mut parts = BTreeMap::new();
     let mut tails = Vec::new();
+    let mut lasts = Vec::new();
     let mut unknown = Vec::new();
     let (mut object, mut done) = (None, false);
     for (name, len) in objects {
@@ -162,13 +208,17 @@ pub(super) fn resolve<'a>(objects: impl IntoIterator<Item = (&'a str, u64)>) -> 
             Some(Entry::Upload {
                 part_size,
                 upload_id,
-            }) => uploads.push((name.to_owned(), part_size, upload_id)),
+                in_place,
+            }) => uploads.push((name.to_owned(), part_size, upload_id, in_place)),
             Some(Entry::Part { number, etag }) => {
                 // Two markers for one part (a writer that lost its lease): the bytes are the
                 // same, so either ETag names them; keep one, the other is stale.
                 if let Some((old, _)) = parts.insert(number, (name.to_owned(), etag)) {
                     unknown.push(old);
                 }
+            }
+            Some(Entry::Last { number, len, etag }) => {
+                lasts.push((name.to_owned(), number, len, etag));
             }
             Some(Entry::Tail(tail)) => tails.push((name.to_owned(), tail)),
             Some(Entry::Object) => object = Some(len),
@@ -177,15 +227,18 @@ pub(super) fn resolve<'a>(objects: impl IntoIterator<Item = (&'a str, u64)>) -> 
         }
     }
     uploads.sort();
-    let (upload_id, part_size) = match uploads.into_iter().next() {
-        Some((_, size, id)) if size > 0 => (id, size),
-        _ if done => (String::new(), 1),
+    let (upload_id, part_size, in_place) = match uploads.into_iter().next() {
+        Some((name, size, id, in_place)) if size > 0 => (id, size, in_place.then_some(name)),
+        _ if done => (String::new(), 1, None),
         _ => return None,
     };
     let mut state = State {
         upload_id,
         part_size,
+        in_place,
+        key: None,
         parts: Vec::new(),
+        last: None,
         pieces: Vec::new(),
         next_generation: tails
             .iter()
@@ -199,6 +252,13 @@ pub(super) fn resolve<'a>(objects: impl IntoIterator<Item = (&'a str, u64)>) -> 
     for (number, (name, etag)) in parts {
         if u64::from(number) == state.parts.len() as u64 + 1 {
             state.parts.push(etag);
+        } else {
+            state.stale.push(name);
+        }
+    }
+    for (name, number, len, etag) in lasts {
+        if u64::from(number) == state.parts.len() as u64 + 1 && state.last.is_none() {
+            state.last = Some((number, len, etag));
         } else {
             state.stale.push(name);
         }
@@ -268,18 +328,21 @@ mod tests {
     }
 
     fn upload() -> (String, u64) {
-        (upload_name(100, "id/with+odd=chars"), 0)
+        (upload_name(100, "id/with+odd=chars", false), 0)
     }
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(
-            parse(&upload_name(8 << 20, "abc-DEF.ghi"), 0),
-            Some(Entry::Upload {
-                part_size: 8 << 20,
-                upload_id: "abc-DEF.ghi".into()
-            })
-        );
+        for in_place in [false, true] {
+            assert_eq!(
+                parse(&upload_name(8 << 20, "abc-DEF.ghi", in_place), 0),
+                Some(Entry::Upload {
+                    part_size: 8 << 20,
+                    upload_id: "abc-DEF.ghi".into(),
+                    in_place,
+                })
+            );
+        }
         assert_eq!(
             parse(&part_name(12, "\"0a1b\""), 0),
             Some(Entry::Part {
@@ -294,6 +357,14 @@ mod tests {
             len: 99,
         };
         assert_eq!(parse(&t.name(), 99), Some(Entry::Tail(t)));
+        assert_eq!(
+            parse(&last_name(3, 77, "\"e\""), 0),
+            Some(Entry::Last {
+                number: 3,
+                len: 77,
+                etag: "\"e\"".into()
+            })
+        );
         assert_eq!(parse("object", 5), Some(Entry::Object));
         assert_eq!(parse("done", 0), Some(Entry::Done));
         for junk in [
@@ -302,10 +373,23 @@ mod tests {
             "part/x-00",
             "tail/1-2",
             "upload-x-00",
+            "upload-at-x-00",
+            "upload-at-",
+            "last/1-0-00",
+            "last/0-5-00",
+            "last/1-5",
             "part/1-0",
         ] {
             assert_eq!(parse(junk, 0), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn an_upload_in_place_names_its_marker() {
+        let marker = upload_name(100, "u", true);
+        let s = state(&[(marker.clone(), 9), tail(1, 0, 10)]).unwrap();
+        assert_eq!((&s.in_place, &s.key, s.held()), (&Some(marker), &None, 10));
+        assert_eq!(state(&[upload()]).unwrap().in_place, None);
     }
 
     #[test]
@@ -328,6 +412,21 @@ mod tests {
         assert_eq!(s.parts, ["a", "b"]);
         assert_eq!((s.covered(), s.held(), s.next_generation), (200, 250, 3));
         assert!(s.stale.is_empty());
+    }
+
+    #[test]
+    fn a_last_part_counts_only_right_after_the_parts() {
+        let s = state(&[
+            upload(),
+            (part_name(1, "a"), 0),
+            (last_name(2, 40, "z"), 0),
+            (last_name(3, 40, "y"), 0),
+            tail(1, 100, 40),
+        ])
+        .unwrap();
+        assert_eq!(s.last, Some((2, 40, "z".into())));
+        assert_eq!(s.held(), 140, "a last part does not count as held bytes");
+        assert_eq!(s.stale, [last_name(3, 40, "y")]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod layout;
 mod part;
+mod wire;
 
 use std::collections::HashMap;
 use std::io;
@@ -11,8 +12,12 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector,
+};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::{Path, PathPart};
+use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::{
     BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
@@ -45,7 +50,9 @@ const MAX_CACHED: usize = 10_000;
 /// # How the bytes are kept
 ///
 /// Every session has a multipart upload with parts of a fixed size `P` (default 8 MiB, at
-/// least S3's 5 MiB): part `n` holds bytes `[(n-1)P, nP)`, so a re-sent fragment re-sends
+/// least S3's 5 MiB), made at the destination's key itself (upload-reply sessions, whose
+/// bytes go to the application, make theirs at a staging key): part `n` holds bytes
+/// `[(n-1)P, nP)`, so a re-sent fragment re-sends
 /// bytes of the same part and every part but the last has the same size. The bytes of a
 /// fragment that do not complete a part are stored before the fragment is acknowledged as a
 /// small object of their own (a *tail*), written once and never changed, so an acknowledged
@@ -63,12 +70,26 @@ const MAX_CACHED: usize = 10_000;
 ///
 /// # Commit
 ///
-/// The multipart upload is completed onto the session's own staging key, then published to
-/// the destination by a server-side copy: without overwrites a copy that is refused when the
-/// key exists (a multipart copy whose completion carries `If-None-Match: *`), so a key that
-/// appeared during the upload is never replaced; a file that fits in one part is published by
-/// a single conditional PUT. S3's single copy is limited to 5 GiB: a larger file fails its
-/// commit (set [`max_upload_size`](crate::BitsLayerBuilder::max_upload_size) to 5 GiB or less).
+/// The last part is uploaded from the tails, and the multipart upload is completed where it
+/// is, at the destination: without overwrites with `If-None-Match: *`, so that a key that
+/// appeared during the upload is never replaced (S3 answers 412, and the
+/// [completion policy](crate::completion::CompletionPolicy) decides). `object_store` sends no
+/// such header on a completion, so the staging sends this one request itself, signed by
+/// `object_store`'s signer and sent with its HTTP client. An attempt whose answer was lost is
+/// recognised on the retry by the ETag S3 gives the object (the MD5 of its parts' MD5s). A
+/// file that fits in one part is published by a single conditional PUT instead.
+///
+/// A session made with [`Staging::create`] rather than [`Staging::create_for`] (upload-reply
+/// sessions, when the application asks for the file to be committed too) completes onto its
+/// own staging key and is published by a server-side copy refused when the key exists (a
+/// multipart copy whose completion carries `If-None-Match: *`); S3's single copy is limited
+/// to 5 GiB, so such a file over 5 GiB fails its commit.
+///
+/// A completion of a large file can take S3 a while (it answers when the object is made);
+/// `object_store`'s request timeout (30 s by default) applies to it. Raise it with
+/// [`amazon_s3`](S3StagingBuilder::amazon_s3) (`with_client_options`) for files of many
+/// GiB on a slow service; a completion cut short is retried by the client's next attempt and
+/// recognised as done if it finished.
 ///
 /// # Upload-reply
 ///
@@ -85,9 +106,11 @@ const MAX_CACHED: usize = 10_000;
 /// | crash during | left behind | cleaned by |
 /// |---|---|---|
 /// | Create-Session, before the record | a multipart upload and its marker | the orphan scan at start-up (the marker); the bucket's `AbortIncompleteMultipartUpload` rule |
+/// | Create-Session, between the upload and its marker | a multipart upload no marker names | the bucket's lifecycle rule only |
 /// | a fragment | tails or a part not yet recorded | replaced by the resumed upload; deleted with the session |
-/// | the commit, before the copy | the completed object under `.bits/staging` | the next attempt publishes it |
-/// | the commit, after the copy | the file and the staging objects | the next attempt finds the file taken (the completion policy decides); deleted with the session |
+/// | the commit, before the completion | the last part and its `last/` marker | the next attempt completes with the same parts |
+/// | the commit, after the completion | the file and the staging objects | the next attempt recognises the file as its own (its ETag); deleted with the session |
+/// | the commit of a copied file, between completion and copy | the completed object under `.bits/staging` | the next attempt publishes it |
 /// | Cancel-Session or expiry | some staging objects | the next discard of the session, the orphan scan |
 ///
 /// Set a lifecycle rule on the bucket that aborts incomplete multipart uploads after a few
@@ -113,6 +136,9 @@ pub struct S3Staging {
 #[derive(Debug)]
 struct Inner {
     s3: AmazonS3,
+    /// The HTTP client `object_store` made for `s3`, for the one request it cannot send: a
+    /// multipart completion with `If-None-Match: *`.
+    http: HttpClient,
     prefix: Path,
     part_size: u64,
     /// Node-wide bound on bytes held in memory by writers, in KiB.
@@ -267,7 +293,10 @@ impl S3StagingBuilder {
     /// staging starts with retries of 3 over at most 15 s (a client waits for each fragment's
     /// Ack) and the copy-if-absent mode its commits need (a multipart copy whose completion
     /// carries `If-None-Match: *`); change the retries here, keep the copy mode unless the
-    /// service offers another atomic one.
+    /// service offers another atomic one. The staging installs its own HTTP connector
+    /// (`object_store`'s reqwest one, whose client it also uses for its conditional
+    /// completions), so a connector set here is replaced; client options (TLS, proxy,
+    /// timeouts) apply.
     pub fn amazon_s3(mut self, configure: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder) -> Self {
         self.s3 = configure(self.s3);
         self
@@ -288,11 +317,22 @@ impl S3StagingBuilder {
             }
             prefix.push(PathPart::from(part));
         }
-        let s3 = self.s3.build().map_err(S3ConfigError::S3)?;
+        let kept = KeepClient::default();
+        let s3 = self
+            .s3
+            .with_http_connector(kept.clone())
+            .build()
+            .map_err(S3ConfigError::S3)?;
+        let http = kept.take().ok_or_else(|| {
+            S3ConfigError::S3(object_store::Error::NotSupported {
+                source: "object_store made no HTTP client".into(),
+            })
+        })?;
         let budget_kib = u32::try_from(self.memory_budget / 1024).unwrap_or(u32::MAX);
         Ok(S3Staging {
             inner: Arc::new(Inner {
                 s3,
+                http,
                 prefix: Path::from_iter(prefix),
                 part_size: self.part_size,
                 budget: Arc::new(Semaphore::new(budget_kib as usize)),
@@ -350,12 +390,41 @@ impl Inner {
             .await
     }
 
-    /// What a session holds, from a listing.
+    /// What a session holds, from a listing (and, for an upload made at its destination, its
+    /// marker, which names the key).
     async fn list_state(&self, id: SessionId) -> Result<Option<State>, StagingError> {
         let objects = self.objects(id).await?;
-        Ok(layout::resolve(
-            objects.iter().map(|(n, l)| (n.as_str(), *l)),
-        ))
+        let mut state = layout::resolve(objects.iter().map(|(n, l)| (n.as_str(), *l)));
+        if let Some(state) = state.as_mut() {
+            if let Some(marker) = &state.in_place {
+                state.key = Some(self.upload_key_of(id, marker).await?);
+            }
+        }
+        Ok(state)
+    }
+
+    /// The key an in-place upload was made at, from its marker.
+    async fn upload_key_of(&self, id: SessionId, marker: &str) -> Result<String, StagingError> {
+        let bytes = self
+            .s3
+            .get(&self.object(id, marker))
+            .await
+            .map_err(io_error)?
+            .bytes()
+            .await
+            .map_err(io_error)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| StagingError::Io(io::Error::other("an upload marker names no key")))
+    }
+
+    /// The key the session's multipart upload lives at: its destination (an upload made in
+    /// place) or its own `object`.
+    fn upload_key(&self, id: SessionId, state: &State) -> Result<Path, StagingError> {
+        match &state.key {
+            Some(key) => Path::parse(key)
+                .map_err(|e| StagingError::Io(io::Error::other(format!("bad upload key: {e}")))),
+            None => Ok(self.object(id, layout::OBJECT)),
+        }
     }
 
     fn cached(&self, id: SessionId, offset: u64) -> Option<State> {
@@ -376,19 +445,29 @@ impl Inner {
         cache.remove(&id);
     }
 
-    /// Creates the session's multipart upload and its marker.
-    async fn create_upload(&self, id: SessionId) -> Result<State, StagingError> {
-        let upload_id = self
-            .s3
-            .create_multipart(&self.object(id, layout::OBJECT))
+    /// Creates the session's multipart upload and its marker: at `at` (the destination; the
+    /// marker's content names it), or at the session's own `object`.
+    async fn create_upload(&self, id: SessionId, at: Option<Path>) -> Result<State, StagingError> {
+        let key = at
+            .clone()
+            .unwrap_or_else(|| self.object(id, layout::OBJECT));
+        let upload_id = self.s3.create_multipart(&key).await.map_err(io_error)?;
+        let marker = layout::upload_name(self.part_size, &upload_id, at.is_some());
+        let content = match &at {
+            Some(key) => PutPayload::from(key.as_ref().to_owned()),
+            None => PutPayload::new(),
+        };
+        self.s3
+            .put(&self.object(id, &marker), content)
             .await
             .map_err(io_error)?;
-        let marker = layout::upload_name(self.part_size, &upload_id);
-        self.put_empty(id, &marker).await?;
         Ok(State {
             upload_id,
             part_size: self.part_size,
+            in_place: at.is_some().then_some(marker),
+            key: at.map(|key| key.as_ref().to_owned()),
             parts: Vec::new(),
+            last: None,
             pieces: Vec::new(),
             next_generation: 1,
             stale: Vec::new(),
@@ -472,19 +551,31 @@ impl Inner {
         number: usize,
         payload: PutPayload,
     ) -> Result<String, StagingError> {
+        let content_id = self.put_part(id, state, number, payload).await?;
+        let number32 = u32::try_from(number).map_err(|_| too_many_parts())?;
+        self.put_empty(id, &layout::part_name(number32, &content_id))
+            .await?;
+        Ok(content_id)
+    }
+
+    /// Uploads part `number` (1-based); returns its ETag.
+    async fn put_part(
+        &self,
+        id: SessionId,
+        state: &State,
+        number: usize,
+        payload: PutPayload,
+    ) -> Result<String, StagingError> {
         let PartId { content_id } = self
             .s3
             .put_part(
-                &self.object(id, layout::OBJECT),
+                &self.upload_key(id, state)?,
                 &state.upload_id,
                 number - 1,
                 payload,
             )
             .await
             .map_err(upload_error)?;
-        let number32 = u32::try_from(number).map_err(|_| too_many_parts())?;
-        self.put_empty(id, &layout::part_name(number32, &content_id))
-            .await?;
         Ok(content_id)
     }
 
@@ -518,8 +609,26 @@ impl Inner {
         let mut names = Vec::new();
         for (name, len) in objects {
             match layout::parse(&name, len) {
-                Some(layout::Entry::Upload { upload_id, .. }) => {
-                    let object = self.object(id, layout::OBJECT);
+                Some(layout::Entry::Upload {
+                    upload_id,
+                    in_place,
+                    ..
+                }) => {
+                    let object = if in_place {
+                        match self.upload_key_of(id, &name).await {
+                            Ok(key) => Path::parse(&key).map_err(|e| {
+                                StagingError::Io(io::Error::other(format!("bad upload key: {e}")))
+                            })?,
+                            // No key, no abort: the bucket's lifecycle rule ends the upload.
+                            Err(StagingError::Io(e)) if is_not_found(&e) => {
+                                names.push(name);
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        self.object(id, layout::OBJECT)
+                    };
                     match self.s3.abort_multipart(&object, &upload_id).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                         // moto answers an abort of a completed upload with 500 after retries;
@@ -565,14 +674,14 @@ impl Inner {
         self.gather(id, state, total).await
     }
 
-    /// Completes the multipart upload onto the session's `object`: the last part from the
-    /// tails, then the recorded parts in order.
-    async fn complete_object(
+    /// The parts of the whole file: the recorded ones, then the last from the tails (uploaded
+    /// now).
+    async fn final_parts(
         &self,
         id: SessionId,
         state: &State,
         total: u64,
-    ) -> Result<(), StagingError> {
+    ) -> Result<Vec<PartId>, StagingError> {
         let last = self.gathered(id, state, total).await?;
         let mut parts: Vec<PartId> = state
             .parts
@@ -581,18 +690,171 @@ impl Inner {
                 content_id: etag.clone(),
             })
             .collect();
-        if total > state.covered() {
+        let len = total - state.covered();
+        if len > 0 {
             let number = parts.len() + 1;
-            let etag = self
-                .upload_part(id, state, number, PutPayload::from_iter(last))
-                .await?;
+            let number32 = u32::try_from(number).map_err(|_| too_many_parts())?;
+            let etag = match &state.last {
+                // Uploaded by an earlier attempt of this commit.
+                Some((n, l, etag)) if *n == number32 && *l == len => etag.clone(),
+                _ => {
+                    let etag = self
+                        .put_part(id, state, number, PutPayload::from_iter(last))
+                        .await?;
+                    self.put_empty(id, &layout::last_name(number32, len, &etag))
+                        .await?;
+                    etag
+                }
+            };
             parts.push(PartId { content_id: etag });
         }
+        Ok(parts)
+    }
+
+    /// Completes the multipart upload onto the session's `object`.
+    async fn complete_object(
+        &self,
+        id: SessionId,
+        state: &State,
+        total: u64,
+    ) -> Result<(), StagingError> {
+        let parts = self.final_parts(id, state, total).await?;
         self.s3
             .complete_multipart(&self.object(id, layout::OBJECT), &state.upload_id, parts)
             .await
             .map_err(io_error)?;
         Ok(())
+    }
+
+    /// Completes an upload made at its destination `target`, there: without `overwrite` with
+    /// `If-None-Match: *`, so that a key someone else created meanwhile is never replaced.
+    /// An earlier attempt that completed it but whose answer was lost (the retry finds the key
+    /// taken or the upload gone) is recognised by the ETag S3 gives the object it made from
+    /// these parts.
+    async fn complete_in_place(
+        &self,
+        id: SessionId,
+        state: &State,
+        target: &Path,
+        total: u64,
+        overwrite: bool,
+    ) -> Result<(), StagingError> {
+        if self.upload_key(id, state)? != *target {
+            return Err(StagingError::Io(io::Error::other(
+                "the upload was made for another destination",
+            )));
+        }
+        let parts = self.final_parts(id, state, total).await?;
+        let etags: Vec<String> = parts.iter().map(|p| p.content_id.clone()).collect();
+        let result = if overwrite {
+            match self
+                .s3
+                .complete_multipart(target, &state.upload_id, parts)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(Completed::Gone),
+                Err(e) => Err(Completed::Failed(io_error(e))),
+            }
+        } else {
+            self.complete_if_absent(target, &state.upload_id, &etags)
+                .await
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(Completed::Failed(e)) => Err(e),
+            // Either someone else's object, or this upload's own, completed by an attempt whose
+            // answer was lost (the retry then finds the key taken, or the upload gone).
+            Err(refused @ (Completed::Exists | Completed::Gone)) => {
+                match self.s3.head(target).await {
+                    Ok(meta)
+                        if meta.size == total
+                            && meta.e_tag.as_deref().map(|e| e.trim_matches('"'))
+                                == wire::multipart_etag(&etags).as_deref() =>
+                    {
+                        Ok(())
+                    }
+                    Ok(_) => Err(StagingError::DestinationExists),
+                    Err(object_store::Error::NotFound { .. })
+                        if matches!(refused, Completed::Gone) =>
+                    {
+                        Err(StagingError::PartMissing)
+                    }
+                    // Someone else's object, deleted again since.
+                    Err(object_store::Error::NotFound { .. }) => {
+                        Err(StagingError::DestinationExists)
+                    }
+                    Err(e) => Err(io_error(e)),
+                }
+            }
+        }
+    }
+
+    /// `CompleteMultipartUpload` with `If-None-Match: *`, which `object_store` does not send:
+    /// a request signed by its signer (a presigned URL that binds the header), sent with its
+    /// HTTP client, retried like its own requests on transient failures.
+    async fn complete_if_absent(
+        &self,
+        key: &Path,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), Completed> {
+        let failed = |e: io::Error| Completed::Failed(StagingError::Io(e));
+        let options = SignedUrlOptions::new()
+            .with_query([("uploadId", upload_id)])
+            .with_signed_header(
+                http::header::IF_NONE_MATCH,
+                http::HeaderValue::from_static("*"),
+            );
+        let body = wire::complete_body(etags);
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=COMPLETE_ATTEMPTS {
+            let url = self
+                .s3
+                .signed_url_opts(http::Method::POST, key, Duration::from_secs(900), &options)
+                .await
+                .map_err(|e| Completed::Failed(io_error(e)))?;
+            let request = http::Request::builder()
+                .method(http::Method::POST)
+                .uri(url.as_str())
+                .header(http::header::IF_NONE_MATCH, "*")
+                .header(http::header::CONTENT_TYPE, "application/xml")
+                .body(HttpRequestBody::from(body.clone()))
+                .map_err(|e| failed(io::Error::other(e)))?;
+            let answer = match self.http.execute(request).await {
+                Ok(response) => {
+                    let status = response.status();
+                    match response.into_body().bytes().await {
+                        Ok(text) => wire::completion_answer(status.as_u16(), &text),
+                        Err(e) => wire::Answer::Retry(e.to_string()),
+                    }
+                }
+                Err(e) => wire::Answer::Retry(e.to_string()),
+            };
+            match answer {
+                wire::Answer::Done => return Ok(()),
+                wire::Answer::Exists => return Err(Completed::Exists),
+                wire::Answer::Gone => return Err(Completed::Gone),
+                wire::Answer::Full(message) => {
+                    return Err(failed(io::Error::new(
+                        io::ErrorKind::QuotaExceeded,
+                        message,
+                    )));
+                }
+                wire::Answer::Fail(message) => return Err(failed(io::Error::other(message))),
+                wire::Answer::Retry(message) if attempt == COMPLETE_ATTEMPTS => {
+                    return Err(failed(io::Error::other(message)));
+                }
+                wire::Answer::Retry(message) => {
+                    tracing::debug!(%message, attempt, "completing the upload failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+        Err(failed(io::Error::other(
+            "the upload could not be completed",
+        )))
     }
 
     /// Publishes the staged `source` (an object of the session, or bytes) at `destination`.
@@ -615,6 +877,43 @@ impl Inner {
 enum Missing {
     Gone,
     Failed(StagingError),
+}
+
+/// How a conditional completion ended, when it did not succeed.
+enum Completed {
+    /// The key exists (412).
+    Exists,
+    /// The upload is gone (completed or aborted).
+    Gone,
+    Failed(StagingError),
+}
+
+/// Attempts of a conditional completion (backoff 0.1 s, 0.4 s, 1.6 s between them).
+const COMPLETE_ATTEMPTS: u32 = 4;
+
+/// An `object_store` HTTP connector that keeps the client it made last (the store's own; the
+/// credential providers' clients, if any, are made before it).
+#[derive(Debug, Clone, Default)]
+struct KeepClient(Arc<Mutex<Option<HttpClient>>>);
+
+impl KeepClient {
+    fn take(&self) -> Option<HttpClient> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl HttpConnector for KeepClient {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = ReqwestConnector::default().connect(options)?;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        Ok(client)
+    }
+}
+
+fn is_not_found(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<object_store::Error>())
+        .is_some_and(|e| matches!(e, object_store::Error::NotFound { .. }))
 }
 
 impl Staging for S3Staging {
@@ -641,7 +940,20 @@ impl Staging for S3Staging {
     }
 
     async fn create(&self, id: SessionId) -> Result<(), StagingError> {
-        let state = self.inner.create_upload(id).await?;
+        let state = self.inner.create_upload(id, None).await?;
+        self.inner.remember(id, state);
+        Ok(())
+    }
+
+    /// Makes the multipart upload at the destination's key, so that the commit completes it
+    /// there (with `If-None-Match: *` unless overwrites are allowed), without a copy.
+    async fn create_for(
+        &self,
+        id: SessionId,
+        destination: &Destination,
+    ) -> Result<(), StagingError> {
+        let target = self.inner.destination(destination);
+        let state = self.inner.create_upload(id, Some(target)).await?;
         self.inner.remember(id, state);
         Ok(())
     }
@@ -661,7 +973,7 @@ impl Staging for S3Staging {
             Some(state) => (state, true),
             None => match inner.list_state(id).await? {
                 Some(state) if !state.done => (state, false),
-                _ if offset == 0 => (inner.create_upload(id).await?, false),
+                _ if offset == 0 => (inner.create_upload(id, None).await?, false),
                 _ => return Err(StagingError::PartShort { held: 0 }),
             },
         };
@@ -693,6 +1005,15 @@ impl Staging for S3Staging {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => Err(StagingError::PartMissing),
                 Err(e) => Err(io_error(e)),
             };
+        }
+        if state.in_place.is_some() && !state.parts.is_empty() {
+            // Completed where it is. (A file of one part or less is one conditional PUT,
+            // below, as for any session.)
+            inner
+                .complete_in_place(id, &state, &target, total, overwrite)
+                .await?;
+            inner.put_empty(id, layout::DONE).await?;
+            return inner.delete_session(id, true).await;
         }
         if state.object != Some(total) {
             if state.parts.is_empty() {
@@ -732,6 +1053,12 @@ impl Staging for S3Staging {
             Some(state) if !state.done => state,
             _ => return Err(StagingError::PartMissing),
         };
+        if state.in_place.is_some() && !state.parts.is_empty() {
+            // Its parts can only be read by completing it, which would publish it.
+            return Err(StagingError::Io(io::Error::other(
+                "an upload made at its destination cannot be read before its commit",
+            )));
+        }
         if state.object != Some(total) {
             if state.parts.is_empty() {
                 let bytes = inner.gathered(id, &state, total).await?;
