@@ -63,7 +63,15 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     // part listed here whose record is missing below is an orphan (or already gone).
     let parts = shared.staging.list().await?;
     let replies = match &shared.reply {
-        Some(mode) => mode.replies.list().await.map_err(StagingError::Io)?,
+        Some(mode) => {
+            let mut ids = mode.replies.list().await.map_err(StagingError::Io)?;
+            if shared.staging.keeps_replies() {
+                ids.extend(shared.staging.list_replies().await?);
+                ids.sort();
+                ids.dedup();
+            }
+            ids
+        }
         None => Vec::new(),
     };
     let records: HashMap<SessionId, SessionRecord> = shared
@@ -98,7 +106,7 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
                 .await?
                 .is_some_and(|s| s.record.is_open() && s.record.outcome.is_some());
             if !keep {
-                mode.replies.remove(id).await.map_err(StagingError::Io)?;
+                shared.remove_replies(&mode.replies, id).await?;
                 report.orphan_replies += 1;
             }
         }

@@ -59,6 +59,50 @@ pub(crate) struct ReplyMode {
 }
 
 impl Shared {
+    /// Moves a reply just stored in the local reply folder to the staging, when the staging
+    /// keeps replies (so that any node serves it).
+    pub(crate) async fn publish_reply(
+        &self,
+        replies: &Replies,
+        id: SessionId,
+        len: u64,
+    ) -> Result<(), StagingError> {
+        if !self.staging.keeps_replies() {
+            return Ok(());
+        }
+        let file = replies.open_at(id, 0).await?;
+        self.staging.put_reply(id, Box::pin(file), len).await?;
+        replies.remove_reply(id).await?;
+        Ok(())
+    }
+
+    /// Deletes a session's reply (an earlier attempt's answer), wherever it is kept, but not
+    /// the local copy of its upload.
+    pub(crate) async fn remove_reply(
+        &self,
+        replies: &Replies,
+        id: SessionId,
+    ) -> Result<(), StagingError> {
+        replies.remove_reply(id).await?;
+        if self.staging.keeps_replies() {
+            self.staging.remove_reply(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a session's reply wherever it is kept, and the local copy of its upload.
+    pub(crate) async fn remove_replies(
+        &self,
+        replies: &Replies,
+        id: SessionId,
+    ) -> Result<(), StagingError> {
+        replies.remove(id).await?;
+        if self.staging.keeps_replies() {
+            self.staging.remove_reply(id).await?;
+        }
+        Ok(())
+    }
+
     /// Creates the staged part of a new (or restarted) session: for its destination when its
     /// bytes will be committed there (every session but upload-reply ones), so that a staging
     /// that writes in place can.
@@ -292,7 +336,7 @@ pub(crate) async fn release(shared: &Shared, record: &SessionRecord) -> Result<(
         shared.staging.discard(record.id).await?;
     }
     if let Some(mode) = &shared.reply {
-        mode.replies.remove(record.id).await?;
+        shared.remove_replies(&mode.replies, record.id).await?;
     }
     Ok(())
 }

@@ -1155,3 +1155,96 @@ async fn a_completion_whose_answer_is_lost_is_recognised() {
     staging.discard(id).await.expect("discard");
     assert_eq!(bucket.open_uploads().await, 0);
 }
+
+/// Upload-reply in a farm that shares only the store and the bucket: the reply the
+/// application gave on one node is kept in the bucket, so the other node serves the reply
+/// URL (whole and in ranges), nothing of it stays in the first node's reply folder, and it
+/// is deleted from the bucket with the session.
+#[tokio::test]
+async fn any_node_serves_a_reply_kept_in_the_bucket() {
+    use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
+
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let staging = small(&bucket, 8 << 10);
+    let store = Arc::new(axum_bits::store::MemoryStore::new());
+    let node = |staging: S3Staging, store: Arc<axum_bits::store::MemoryStore>| {
+        TestServer::start(move |b| {
+            b.staging(staging).store(store).upload_reply_handler(
+                |upload: CompletedUpload| async move {
+                    let bytes = tokio::fs::read(&upload.staged_path)
+                        .await
+                        .map_err(CompletionError::failed)?;
+                    let mut reply = format!("{} bytes:", bytes.len()).into_bytes();
+                    reply.extend(bytes.iter().rev().take(30_000));
+                    Ok::<_, CompletionError>(Completion::reply(AppReply::Bytes(reply.into())))
+                },
+            )
+        })
+    };
+    let a = node(staging.clone(), store.clone()).await;
+    let b = node(staging.clone(), store.clone()).await;
+    let file = data(40_000, 14);
+    let sid = a.client().create_ok("/r/file.bin").await;
+    a.client().send_all("/r/file.bin", &sid, &file, 9_000).await;
+    let last = 36_000;
+    let ack = b
+        .client()
+        .fragment("/r/file.bin", &sid, last, &file[last as usize..], 40_000)
+        .await;
+    ack.assert_ok();
+    let reply_url = ack
+        .header("BITS-Reply-URL")
+        .expect("a reply URL")
+        .to_owned();
+    let mut want = b"40000 bytes:".to_vec();
+    want.extend(file.iter().rev().take(30_000));
+
+    let replies: Vec<_> = bucket
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("up/.bits/replies/"))
+        .collect();
+    assert_eq!(replies.len(), 1, "the reply is in the bucket: {replies:?}");
+    for node in [&a, &b] {
+        let leftovers: Vec<_> = std::fs::read_dir(node.root.join(".bits").join("replies"))
+            .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            leftovers.is_empty(),
+            "left in a reply folder: {leftovers:?}"
+        );
+    }
+    // Served by either node, whatever host the URL names.
+    let path = reply_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(_, path)| format!("/{path}"))
+        .expect("a path in the reply URL");
+    let http = reqwest::Client::new();
+    for node in [&a, &b] {
+        let whole = http.get(node.url(&path)).send().await.expect("the reply");
+        assert_eq!(whole.status(), 200);
+        assert!(whole.bytes().await.expect("body")[..] == want[..]);
+        let range = http
+            .get(node.url(&path))
+            .header("Range", "bytes=100-20099")
+            .send()
+            .await
+            .expect("a range of the reply");
+        assert_eq!(range.status(), 206);
+        assert!(range.bytes().await.expect("body")[..] == want[100..20_100]);
+    }
+    b.client().close("/r/file.bin", &sid).await.assert_ok();
+    assert_eq!(
+        bucket.keys().await,
+        Vec::<String>::new(),
+        "the reply and the staged upload are gone with the session"
+    );
+    assert_eq!(bucket.open_uploads().await, 0);
+    a.stop().await;
+    b.stop().await;
+}

@@ -18,21 +18,33 @@ const CHUNK_SIZE: usize = 256 * 1024;
 /// The data is read in chunks of at most 256 KiB; the file is never buffered
 /// whole. If the file ends before `len` bytes were read, the body yields an
 /// [`io::ErrorKind::UnexpectedEof`] error.
-#[derive(Debug)]
 pub(crate) struct FileBody {
-    /// The file being streamed, positioned by the caller.
-    file: File,
+    /// The file (or any reader) being streamed, positioned by the caller.
+    file: Pin<Box<dyn AsyncRead + Send>>,
     /// Bytes still to be sent.
     remaining: u64,
     /// Scratch buffer the next chunk is read into.
     buf: BytesMut,
 }
 
+impl std::fmt::Debug for FileBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBody")
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FileBody {
     /// Creates a body streaming `len` bytes from `file`'s current position.
     pub(crate) fn new(file: File, len: u64) -> Self {
+        Self::from_reader(Box::pin(file), len)
+    }
+
+    /// Creates a body streaming `len` bytes from `reader` (e.g. an object in a bucket).
+    pub(crate) fn from_reader(reader: Pin<Box<dyn AsyncRead + Send>>, len: u64) -> Self {
         Self {
-            file,
+            file: reader,
             remaining: len,
             buf: BytesMut::new(),
         }
@@ -59,7 +71,7 @@ impl Body for FileBody {
             this.buf.resize(chunk, 0);
         }
         let mut read_buf = ReadBuf::new(&mut this.buf[..]);
-        if let Err(err) = ready!(Pin::new(&mut this.file).poll_read(cx, &mut read_buf)) {
+        if let Err(err) = ready!(this.file.as_mut().poll_read(cx, &mut read_buf)) {
             this.remaining = 0;
             return Poll::Ready(Some(Err(err)));
         }

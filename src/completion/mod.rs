@@ -143,7 +143,9 @@ pub struct CompletedUpload {
     /// The destination under the upload root, `/`-separated (where a copy would go).
     pub destination: String,
     /// Where the uploaded bytes are staged. Read it, but do not move or delete it: the server
-    /// deletes it when the session ends, unless the file is copied to its destination.
+    /// deletes it when the session ends, unless the file is copied to its destination. With a
+    /// staging that has no local files (object storage) it is a local copy, deleted as soon as
+    /// the handler has answered (read it before you answer).
     pub staged_path: PathBuf,
     /// Where the server keeps this session's reply. A handler may write its reply here and
     /// answer [`Reply::File`] with this path (by-reference notifications work this way).

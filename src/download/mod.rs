@@ -55,8 +55,22 @@ pub(crate) async fn respond(shared: &Shared, parts: &Parts, id: SessionId) -> Do
     let head = conditional::response_head(selection, stored.len, &etag, modified);
     let body = match selection.span(stored.len) {
         Some((offset, count)) if parts.method != Method::HEAD && count > 0 => {
-            match mode.replies.open_at(id, offset).await {
-                Ok(file) => Some(FileBody::new(file, count)),
+            let opened = if shared.staging.keeps_replies() {
+                shared
+                    .staging
+                    .get_reply(id, offset, count)
+                    .await
+                    .map(|reader| FileBody::from_reader(reader, count))
+                    .map_err(|e| e.to_string())
+            } else {
+                mode.replies
+                    .open_at(id, offset)
+                    .await
+                    .map(|file| FileBody::new(file, count))
+                    .map_err(|e| e.to_string())
+            };
+            match opened {
+                Ok(body) => Some(body),
                 Err(error) => {
                     tracing::warn!(%error, session = %id, "cannot open a stored reply");
                     return plain(StatusCode::NOT_FOUND);

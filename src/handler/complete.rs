@@ -71,7 +71,9 @@ async fn run_completion(
 ) -> Result<Outcome, Failure> {
     let ReplyMode { handler, replies } = mode;
     // A staging without local files (object storage) gives the bytes, and the application
-    // gets a local copy, deleted with the session's reply.
+    // gets a local copy, deleted once it has answered (in a farm the session may end on
+    // another node, which could not delete it).
+    let local_copy = shared.staging.path(record.id).is_none();
     let staged_path = match shared.staging.path(record.id) {
         Some(path) => path,
         None => {
@@ -93,14 +95,15 @@ async fn run_completion(
         owner: record.owner.clone(),
     };
     // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
-    replies
-        .remove_reply(record.id)
-        .await
-        .map_err(StagingError::Io)?;
-    let completion = handler
-        .complete(upload)
-        .await
-        .map_err(Failure::Application)?;
+    shared.remove_reply(replies, record.id).await?;
+    let completion = handler.complete(upload).await;
+    if local_copy {
+        replies
+            .remove_upload(record.id)
+            .await
+            .map_err(StagingError::Io)?;
+    }
+    let completion = completion.map_err(Failure::Application)?;
     let (reply_url, stored_reply) = match completion.reply {
         Reply::StaticUrl(url) => {
             if !crate::completion::is_absolute_http_url(&url) {
@@ -108,10 +111,7 @@ async fn run_completion(
                     "the static reply URL is not an absolute http(s) URL",
                 ));
             }
-            replies
-                .remove_reply(record.id)
-                .await
-                .map_err(StagingError::Io)?;
+            shared.remove_reply(replies, record.id).await?;
             (url, None)
         }
         reply => {
@@ -119,6 +119,7 @@ async fn run_completion(
                 .store(record.id, reply)
                 .await
                 .map_err(StagingError::Io)?;
+            shared.publish_reply(replies, record.id, stored.len).await?;
             (reply_url_of(shared, record), Some(stored))
         }
     };

@@ -137,7 +137,7 @@ pub trait Staging: Send + Sync + 'static {
 
     /// Reads the first `total` bytes of a complete part, for an upload-reply application
     /// when the part has no [local path](Staging::path): the layer copies them into a local
-    /// file that the application gets, and deletes it with the session. The default reads the
+    /// file that the application gets, and deletes it once the application has answered. The default reads the
     /// file at [`Staging::path`], and fails with [`StagingError::PartMissing`] without one.
     fn read(
         &self,
@@ -159,6 +159,47 @@ pub trait Staging: Send + Sync + 'static {
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         let _ = id;
         None
+    }
+
+    /// Whether this staging keeps the replies of upload-reply sessions, so that every node of
+    /// a farm serves a reply URL (the `*_reply` methods below), rather than the layer's local
+    /// reply folder. The default says no, and the other reply methods are never called.
+    fn keeps_replies(&self) -> bool {
+        false
+    }
+
+    /// Stores `len` bytes from `reply` as the reply of session `id`, replacing any earlier
+    /// one; after `Ok` any node reads it with [`get_reply`](Staging::get_reply).
+    fn put_reply(
+        &self,
+        id: SessionId,
+        reply: PartReader,
+        len: u64,
+    ) -> impl Future<Output = Result<(), StagingError>> + Send {
+        let _ = (id, reply, len);
+        async { Err(StagingError::Io(io::ErrorKind::Unsupported.into())) }
+    }
+
+    /// `len` bytes of the reply of session `id`, from its byte `offset`.
+    fn get_reply(
+        &self,
+        id: SessionId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<PartReader, StagingError>> + Send {
+        let _ = (id, offset, len);
+        async { Err(StagingError::Io(io::ErrorKind::Unsupported.into())) }
+    }
+
+    /// Deletes the reply of session `id` if there is one (idempotent).
+    fn remove_reply(&self, id: SessionId) -> impl Future<Output = Result<(), StagingError>> + Send {
+        let _ = id;
+        async { Ok(()) }
+    }
+
+    /// Ids of every session with a stored reply (for recovery scans).
+    fn list_replies(&self) -> impl Future<Output = Result<Vec<SessionId>, StagingError>> + Send {
+        async { Ok(Vec::new()) }
     }
 }
 
@@ -301,6 +342,21 @@ pub(crate) trait DynStaging: Send + Sync {
     fn close(&self) -> BoxFuture<'_, Result<(), StagingError>>;
     fn read(&self, id: SessionId, total: u64) -> BoxFuture<'_, Result<PartReader, StagingError>>;
     fn path(&self, id: SessionId) -> Option<PathBuf>;
+    fn keeps_replies(&self) -> bool;
+    fn put_reply(
+        &self,
+        id: SessionId,
+        reply: PartReader,
+        len: u64,
+    ) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn get_reply(
+        &self,
+        id: SessionId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<PartReader, StagingError>>;
+    fn remove_reply(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>>;
+    fn list_replies(&self) -> BoxFuture<'_, Result<Vec<SessionId>, StagingError>>;
 }
 
 pub(crate) trait DynPart: Send {
@@ -379,6 +435,31 @@ impl<T: Staging> DynStaging for T {
     }
     fn path(&self, id: SessionId) -> Option<PathBuf> {
         Staging::path(self, id)
+    }
+    fn keeps_replies(&self) -> bool {
+        Staging::keeps_replies(self)
+    }
+    fn put_reply(
+        &self,
+        id: SessionId,
+        reply: PartReader,
+        len: u64,
+    ) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(Staging::put_reply(self, id, reply, len))
+    }
+    fn get_reply(
+        &self,
+        id: SessionId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<PartReader, StagingError>> {
+        Box::pin(Staging::get_reply(self, id, offset, len))
+    }
+    fn remove_reply(&self, id: SessionId) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(Staging::remove_reply(self, id))
+    }
+    fn list_replies(&self) -> BoxFuture<'_, Result<Vec<SessionId>, StagingError>> {
+        Box::pin(Staging::list_replies(self))
     }
 }
 

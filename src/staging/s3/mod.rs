@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
+use object_store::ClientConfigKey;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
 use object_store::client::{
     ClientOptions, HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector,
 };
@@ -87,19 +88,22 @@ const MAX_CACHED: usize = 10_000;
 ///
 /// A completion of a large file can take S3 a while (it answers when the object is made);
 /// `object_store`'s request timeout (30 s by default) applies to it. Raise it with
-/// [`amazon_s3`](S3StagingBuilder::amazon_s3) (`with_client_options`) for files of many
-/// GiB on a slow service; a completion cut short is retried by the client's next attempt and
-/// recognised as done if it finished.
+/// [`request_timeout`](S3StagingBuilder::request_timeout) for files of many GiB on a slow
+/// service; a completion cut short is retried by the client's next attempt and recognised as
+/// done if it finished.
 ///
 /// # Upload-reply
 ///
 /// An [upload-reply handler](crate::BitsLayerBuilder::upload_reply_handler) (and a
 /// notification, by value or by reference) gets the upload as a local file: the layer reads it
 /// from the bucket ([`Staging::read`]: a file of several parts is completed onto its staging
-/// object first) into the reply folder, and deletes the copy with the session. Replies stay in
-/// the reply folder of the node that asked the application, so in a farm the reply URL must
-/// lead to that node: set [`host_id`](crate::BitsLayerBuilder::host_id). (Replies kept in the
-/// bucket, served by any node, are not done yet.)
+/// object first) into the reply folder, and deletes the copy once the application has
+/// answered (a by-reference notification's application reads it before it answers). The reply the
+/// application gives is kept in the bucket, under `PREFIX/.bits/replies/<session>`, so that
+/// any node of a farm serves the reply URL (with ranges, as from a file), and is deleted with
+/// the session; with [`replies_in_bucket(false)`](S3StagingBuilder::replies_in_bucket) it
+/// stays in the reply folder of the node that asked the application, and in a farm the reply
+/// URL must then lead to that node: set [`host_id`](crate::BitsLayerBuilder::host_id).
 ///
 /// # What a crash leaves behind
 ///
@@ -147,6 +151,8 @@ struct Inner {
     /// Node-wide bound on parts being built and uploaded.
     flights: Arc<Semaphore>,
     cache: Mutex<HashMap<SessionId, State>>,
+    /// Whether replies of upload-reply sessions live in the bucket.
+    replies: bool,
 }
 
 /// Builds an [`S3Staging`]. Starts from the `AWS_*` environment variables
@@ -160,6 +166,7 @@ pub struct S3StagingBuilder {
     memory_budget: u64,
     parts_in_flight: usize,
     allow_small_parts: bool,
+    replies_in_bucket: bool,
 }
 
 /// The configuration of an [`S3Staging`] is not usable.
@@ -197,6 +204,7 @@ impl S3Staging {
             memory_budget: 256 << 20,
             parts_in_flight: 8,
             allow_small_parts: false,
+            replies_in_bucket: true,
         }
     }
 
@@ -248,6 +256,17 @@ impl S3StagingBuilder {
         self
     }
 
+    /// The longest any one request to the service may take (`object_store`'s default: 30 s).
+    /// A completion answers when the object is made, which can take a slow service a while
+    /// for a file of many GiB.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.s3 = self.s3.with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            format!("{}ms", timeout.as_millis()),
+        );
+        self
+    }
+
     /// Static credentials.
     pub fn credentials(
         mut self,
@@ -279,6 +298,14 @@ impl S3StagingBuilder {
     /// parts fail at the first commit of a file larger than one part. Default: off.
     pub fn allow_small_parts(mut self, on: bool) -> Self {
         self.allow_small_parts = on;
+        self
+    }
+
+    /// Keeps the replies of upload-reply sessions in the bucket (under
+    /// `PREFIX/.bits/replies/`), so that every node serves a reply URL; off, they stay in the
+    /// reply folder of the node that asked the application. Default: on.
+    pub fn replies_in_bucket(mut self, on: bool) -> Self {
+        self.replies_in_bucket = on;
         self
     }
 
@@ -339,6 +366,7 @@ impl S3StagingBuilder {
                 budget_kib,
                 flights: Arc::new(Semaphore::new(self.parts_in_flight.max(1))),
                 cache: Mutex::new(HashMap::new()),
+                replies: self.replies_in_bucket,
             }),
         })
     }
@@ -357,6 +385,15 @@ impl Inner {
 
     fn staging_root(&self) -> Path {
         self.under([".bits", "staging"])
+    }
+
+    fn replies_root(&self) -> Path {
+        self.under([".bits", "replies"])
+    }
+
+    fn reply(&self, id: SessionId) -> Path {
+        let id = id.to_string();
+        self.under([".bits", "replies", id.trim_matches(['{', '}'])])
     }
 
     fn session(&self, id: SessionId) -> Path {
@@ -645,11 +682,22 @@ impl Inner {
             names.push(name);
         }
         // The upload markers go last: while one is there, the session can be found again.
-        names.sort_by_key(|n| n.starts_with("upload-"));
-        for name in names {
-            match self.s3.delete(&self.object(id, &name)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(io_error(e)),
+        // Each group is one request per thousand objects.
+        let (markers, others): (Vec<_>, Vec<_>) =
+            names.into_iter().partition(|n| n.starts_with("upload-"));
+        for group in [others, markers] {
+            if group.is_empty() {
+                continue;
+            }
+            let paths: Vec<_> = group.iter().map(|n| Ok(self.object(id, n))).collect();
+            let mut deleted = self
+                .s3
+                .delete_stream(futures_util::stream::iter(paths).boxed());
+            while let Some(result) = deleted.next().await {
+                match result {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(io_error(e)),
+                }
             }
         }
         Ok(())
@@ -1090,6 +1138,78 @@ impl Staging for S3Staging {
             .common_prefixes
             .iter()
             .filter_map(|p| p.filename().and_then(SessionId::parse))
+            .collect())
+    }
+
+    fn keeps_replies(&self) -> bool {
+        self.inner.replies
+    }
+
+    /// Uploads the reply to `PREFIX/.bits/replies/<session>` (a multipart upload past 10 MiB).
+    async fn put_reply(
+        &self,
+        id: SessionId,
+        reply: PartReader,
+        len: u64,
+    ) -> Result<(), StagingError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let store: Arc<dyn ObjectStore> = Arc::new(self.inner.s3.clone());
+        let mut writer = object_store::buffered::BufWriter::new(store, self.inner.reply(id));
+        let copied = tokio::io::copy(&mut reply.take(len), &mut writer).await;
+        match copied {
+            Ok(n) if n == len => writer.shutdown().await.map_err(StagingError::Io),
+            Ok(n) => {
+                let _ = writer.abort().await;
+                Err(StagingError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the reply ended after {n} of {len} bytes"),
+                )))
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(StagingError::Io(e))
+            }
+        }
+    }
+
+    async fn get_reply(
+        &self,
+        id: SessionId,
+        offset: u64,
+        len: u64,
+    ) -> Result<PartReader, StagingError> {
+        if len == 0 {
+            return Ok(Box::pin(tokio::io::empty()));
+        }
+        let options = object_store::GetOptions::new().with_range(Some(offset..offset + len));
+        let object = self
+            .inner
+            .s3
+            .get_opts(&self.inner.reply(id), options)
+            .await
+            .map_err(io_error)?;
+        let chunks = object.into_stream().map_err(io::Error::other);
+        Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)))
+    }
+
+    async fn remove_reply(&self, id: SessionId) -> Result<(), StagingError> {
+        match self.inner.s3.delete(&self.inner.reply(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    async fn list_replies(&self) -> Result<Vec<SessionId>, StagingError> {
+        let listed = self
+            .inner
+            .s3
+            .list_with_delimiter(Some(&self.inner.replies_root()))
+            .await
+            .map_err(io_error)?;
+        Ok(listed
+            .objects
+            .iter()
+            .filter_map(|meta| meta.location.filename().and_then(SessionId::parse))
             .collect())
     }
 
