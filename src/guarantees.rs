@@ -216,9 +216,16 @@
 //! `a_node_whose_memory_of_the_session_is_stale` in `tests/staging_s3.rs`). No step deletes a
 //! tail before the part that holds its bytes is stored and recorded
 //! (`a_fragment_resent_from_inside_an_uploaded_part`). A key that appears at the destination
-//! during the upload is never replaced without overwrites: the publish is a conditional PUT or
-//! a conditional multipart copy (`a_key_that_appears_during_the_upload_is_not_replaced`, and
-//! the racing commits of `staging::conformance`). Cancel and expiry abort the multipart upload
+//! during the upload is never replaced without overwrites: the publish is a conditional PUT, a
+//! completion in place with `If-None-Match: *`, or a conditional multipart copy
+//! (`a_key_that_appears_during_the_upload_is_not_replaced`, and the racing commits and
+//! `parts_created_for_their_destination` of `staging::conformance`); a completion whose
+//! answer was lost is recognised as done by its ETag, and someone else's object is not
+//! (`a_completion_whose_answer_is_lost_is_recognised`). Recovery deletes the objects and
+//! aborts the upload of a session that has no record, and disabling uploads deletes every
+//! session's (`recovery_and_disabling_clean_the_bucket`). Replies of upload-reply sessions are
+//! kept in the bucket, served by any node and deleted with the session
+//! (`any_node_serves_a_reply_kept_in_the_bucket`). Cancel and expiry abort the multipart upload
 //! and delete every staged object: 1,000 cancelled uploads leave no object and no open
 //! multipart upload (`a_thousand_cancelled_uploads_leave_nothing`). An unreachable store, a
 //! 503 and a full bucket are transient Acks with the held offset (500 `E_FAIL`, 500
