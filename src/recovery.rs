@@ -97,19 +97,7 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
         }
     }
     if let Some(mode) = &shared.reply {
-        for id in replies {
-            let Some(guard) = shared.locks.lock_or_skip(id).await? else {
-                continue;
-            };
-            let keep = shared
-                .load_locked(guard, id)
-                .await?
-                .is_some_and(|s| s.record.is_open() && s.record.outcome.is_some());
-            if !keep {
-                shared.remove_replies(&mode.replies, id).await?;
-                report.orphan_replies += 1;
-            }
-        }
+        report.orphan_replies += remove_orphan_replies(shared, &mode.replies, replies).await?;
     }
     for id in records.into_keys() {
         let Some(mut session) = shared.lock_session_or_skip(id).await? else {
@@ -188,6 +176,32 @@ async fn repair(
         }
     }
     Ok(())
+}
+
+/// Deletes the replies, and the local copies of uploads, of the sessions among `ids` that no
+/// open session with a stored answer needs (a session being served is skipped: its packet
+/// holds the lock). Returns how many sessions it cleaned up after. Run at start-up and by
+/// every sweep, for the local copies a farm's other nodes cannot delete.
+pub(crate) async fn remove_orphan_replies(
+    shared: &Shared,
+    replies: &crate::replies::Replies,
+    ids: Vec<SessionId>,
+) -> Result<usize, RecoveryError> {
+    let mut removed = 0;
+    for id in ids {
+        let Some(guard) = shared.locks.lock_or_skip(id).await? else {
+            continue;
+        };
+        let keep = shared
+            .load_locked(guard, id)
+            .await?
+            .is_some_and(|s| s.record.is_open() && s.record.outcome.is_some());
+        if !keep {
+            shared.remove_replies(replies, id).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Whether the staging says the session's file already reached its destination.

@@ -119,8 +119,7 @@ impl Replies {
 
     /// Copies a session's upload from `reader` into a private local file beside its reply, for
     /// an application that needs a path when the staging has none (object storage); deleted
-    /// by [`remove_upload`](Self::remove_upload) once the application answered, or with the
-    /// reply. Returns its path.
+    /// with the reply. Returns its path.
     pub(crate) async fn store_upload(
         &self,
         id: SessionId,
@@ -134,15 +133,6 @@ impl Replies {
         tokio::io::copy(&mut reader, &mut file).await?;
         file.flush().await?;
         Ok(self.dir.join(upload_name(id)))
-    }
-
-    /// Deletes the local copy of a session's upload, if there is one.
-    pub(crate) async fn remove_upload(&self, id: SessionId) -> io::Result<()> {
-        self.blocking(move |dir| match dir.remove_file(&upload_name(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .await
     }
 
     /// Opens the session's reply file for reading from `offset`.

@@ -37,6 +37,9 @@ pub struct SweepReport {
     /// Tombstones of closed or cancelled sessions that were forgotten (past their retention
     /// or beyond their limits).
     pub tombstones: usize,
+    /// Replies and local copies of uploads (upload-reply on object staging) left on this
+    /// node by sessions that ended, possibly on another node of a farm.
+    pub replies: usize,
 }
 
 impl Sweeper {
@@ -64,6 +67,15 @@ impl Sweeper {
             }
         }
         report.tombstones += retention::trim(shared).await?;
+        if let Some(mode) = &shared.reply {
+            let local = mode.replies.list().await.map_err(StoreError::backend)?;
+            match crate::recovery::remove_orphan_replies(shared, &mode.replies, local).await {
+                Ok(removed) => report.replies += removed,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot remove the replies of ended sessions; next sweep");
+                }
+            }
+        }
         self.redeliver().await?;
         Ok(report)
     }

@@ -1158,8 +1158,9 @@ async fn a_completion_whose_answer_is_lost_is_recognised() {
 
 /// Upload-reply in a farm that shares only the store and the bucket: the reply the
 /// application gave on one node is kept in the bucket, so the other node serves the reply
-/// URL (whole and in ranges), nothing of it stays in the first node's reply folder, and it
-/// is deleted from the bucket with the session.
+/// URL (whole and in ranges); it is deleted from the bucket with the session, and the local
+/// copy of the upload the application read, left on a node where the session did not end,
+/// by that node's next sweep.
 #[tokio::test]
 async fn any_node_serves_a_reply_kept_in_the_bucket() {
     use axum_bits::completion::{CompletedUpload, Completion, CompletionError, Reply as AppReply};
@@ -1188,6 +1189,8 @@ async fn any_node_serves_a_reply_kept_in_the_bucket() {
     let b = node(staging.clone(), store.clone()).await;
     let file = data(40_000, 14);
     let sid = a.client().create_ok("/r/file.bin").await;
+    // Node A receives the whole file and asks the application; B answers the last fragment
+    // again (a client's retry) with the same reply URL.
     a.client().send_all("/r/file.bin", &sid, &file, 9_000).await;
     let last = 36_000;
     let ack = b
@@ -1209,15 +1212,19 @@ async fn any_node_serves_a_reply_kept_in_the_bucket() {
         .filter(|k| k.starts_with("up/.bits/replies/"))
         .collect();
     assert_eq!(replies.len(), 1, "the reply is in the bucket: {replies:?}");
-    for node in [&a, &b] {
-        let leftovers: Vec<_> = std::fs::read_dir(node.root.join(".bits").join("replies"))
-            .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            leftovers.is_empty(),
-            "left in a reply folder: {leftovers:?}"
-        );
-    }
+    // No reply on either node's disk; the node that asked the application holds the local
+    // copy of the upload it read, until the session ends.
+    let local = |node: &TestServer| -> Vec<String> {
+        std::fs::read_dir(node.root.join(".bits").join("replies"))
+            .map(|dir| {
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(local(&a), [format!("{sid}.upload")]);
+    assert_eq!(local(&b), Vec::<String>::new());
     // Served by either node, whatever host the URL names.
     let path = reply_url
         .split_once("://")
@@ -1238,12 +1245,18 @@ async fn any_node_serves_a_reply_kept_in_the_bucket() {
         assert_eq!(range.status(), 206);
         assert!(range.bytes().await.expect("body")[..] == want[100..20_100]);
     }
+    // The session ends on the node that did not ask the application.
     b.client().close("/r/file.bin", &sid).await.assert_ok();
     assert_eq!(
         bucket.keys().await,
         Vec::<String>::new(),
         "the reply and the staged upload are gone with the session"
     );
+    // The other node's next sweep deletes its local copy.
+    assert_eq!(local(&a), [format!("{sid}.upload")]);
+    let swept = a.layer.sweeper().sweep().await.expect("sweep");
+    assert_eq!(swept.replies, 1, "{swept:?}");
+    assert_eq!(local(&a), Vec::<String>::new());
     assert_eq!(bucket.open_uploads().await, 0);
     a.stop().await;
     b.stop().await;

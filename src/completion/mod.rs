@@ -144,8 +144,8 @@ pub struct CompletedUpload {
     pub destination: String,
     /// Where the uploaded bytes are staged. Read it, but do not move or delete it: the server
     /// deletes it when the session ends, unless the file is copied to its destination. With a
-    /// staging that has no local files (object storage) it is a local copy, deleted as soon as
-    /// the handler has answered (read it before you answer).
+    /// staging that has no local files (object storage) it is a local copy, deleted when the
+    /// session ends (in a farm, by this node's next sweep if the session ends on another).
     pub staged_path: PathBuf,
     /// Where the server keeps this session's reply. A handler may write its reply here and
     /// answer [`Reply::File`] with this path (by-reference notifications work this way).

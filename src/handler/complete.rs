@@ -71,9 +71,8 @@ async fn run_completion(
 ) -> Result<Outcome, Failure> {
     let ReplyMode { handler, replies } = mode;
     // A staging without local files (object storage) gives the bytes, and the application
-    // gets a local copy, deleted once it has answered (in a farm the session may end on
-    // another node, which could not delete it).
-    let local_copy = shared.staging.path(record.id).is_none();
+    // gets a local copy, deleted with the session (in a farm the session may end on another
+    // node: this node's sweeper deletes it then).
     let staged_path = match shared.staging.path(record.id) {
         Some(path) => path,
         None => {
@@ -96,14 +95,10 @@ async fn run_completion(
     };
     // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
     shared.remove_reply(replies, record.id).await?;
-    let completion = handler.complete(upload).await;
-    if local_copy {
-        replies
-            .remove_upload(record.id)
-            .await
-            .map_err(StagingError::Io)?;
-    }
-    let completion = completion.map_err(Failure::Application)?;
+    let completion = handler
+        .complete(upload)
+        .await
+        .map_err(Failure::Application)?;
     let (reply_url, stored_reply) = match completion.reply {
         Reply::StaticUrl(url) => {
             if !crate::completion::is_absolute_http_url(&url) {

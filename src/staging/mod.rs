@@ -137,7 +137,7 @@ pub trait Staging: Send + Sync + 'static {
 
     /// Reads the first `total` bytes of a complete part, for an upload-reply application
     /// when the part has no [local path](Staging::path): the layer copies them into a local
-    /// file that the application gets, and deletes it once the application has answered. The default reads the
+    /// file that the application gets, and deletes it with the session. The default reads the
     /// file at [`Staging::path`], and fails with [`StagingError::PartMissing`] without one.
     fn read(
         &self,

@@ -97,8 +97,8 @@ const MAX_CACHED: usize = 10_000;
 /// An [upload-reply handler](crate::BitsLayerBuilder::upload_reply_handler) (and a
 /// notification, by value or by reference) gets the upload as a local file: the layer reads it
 /// from the bucket ([`Staging::read`]: a file of several parts is completed onto its staging
-/// object first) into the reply folder, and deletes the copy once the application has
-/// answered (a by-reference notification's application reads it before it answers). The reply the
+/// object first) into the reply folder, and deletes the copy with the session (when the
+/// session ends on another node of a farm, this node's next sweep does). The reply the
 /// application gives is kept in the bucket, under `PREFIX/.bits/replies/<session>`, so that
 /// any node of a farm serves the reply URL (with ranges, as from a file), and is deleted with
 /// the session; with [`replies_in_bucket(false)`](S3StagingBuilder::replies_in_bucket) it
