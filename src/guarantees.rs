@@ -223,7 +223,8 @@
 //! answer was lost is recognised as done by its ETag, and someone else's object is not
 //! (`a_completion_whose_answer_is_lost_is_recognised`). Recovery deletes the objects and
 //! aborts the upload of a session that has no record, and disabling uploads deletes every
-//! session's (`recovery_and_disabling_clean_the_bucket`). Replies of upload-reply sessions are
+//! session's (`recovery_and_disabling_clean_the_bucket`), as does expiry
+//! (`expired_sessions_leave_nothing_in_the_bucket`). Replies of upload-reply sessions are
 //! kept in the bucket, served by any node and deleted with the session
 //! (`any_node_serves_a_reply_kept_in_the_bucket`). Cancel and expiry abort the multipart upload
 //! and delete every staged object: 1,000 cancelled uploads leave no object and no open

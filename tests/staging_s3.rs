@@ -1261,3 +1261,47 @@ async fn any_node_serves_a_reply_kept_in_the_bucket() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Expiry on object staging: sessions idle past the session timeout, one with tails only and
+/// one with uploaded parts (a multipart upload at its destination), are deleted by a sweep
+/// with every staged object and their multipart uploads; a file committed before stays.
+#[tokio::test]
+async fn expired_sessions_leave_nothing_in_the_bucket() {
+    use std::time::Duration;
+
+    let Some(url) = server_url("AXUM_BITS_TEST_S3_SMALL_URL") else {
+        return;
+    };
+    let bucket = Bucket::new(&url).await;
+    let server = TestServer::start(|b| {
+        b.staging(small(&bucket, 8 << 10))
+            .session_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let client = server.client();
+    let file = data(30_000, 15);
+    let total = file.len() as u64;
+    let kept = client.create_ok("/e/kept.bin").await;
+    client.send_all("/e/kept.bin", &kept, &file, 7_000).await;
+    let tails = client.create_ok("/e/tails.bin").await;
+    client
+        .fragment("/e/tails.bin", &tails, 0, &file[..3_000], total)
+        .await
+        .assert_ok();
+    let parts = client.create_ok("/e/parts.bin").await;
+    client
+        .fragment("/e/parts.bin", &parts, 0, &file[..20_000], total)
+        .await
+        .assert_ok();
+    assert_eq!(bucket.open_uploads().await, 2);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let report = server.layer.sweeper().sweep().await.expect("sweep");
+    assert_eq!(report.expired, 3, "{report:?}");
+    assert_eq!(bucket.keys().await, ["up/e/kept.bin"]);
+    assert_eq!(bucket.open_uploads().await, 0);
+    let refused = client
+        .fragment("/e/parts.bin", &parts, 20_000, &file[20_000..], total)
+        .await;
+    refused.assert_error(500, "0x8020001F");
+    server.stop().await;
+}
