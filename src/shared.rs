@@ -84,10 +84,7 @@ impl Shared {
         id: SessionId,
     ) -> Result<(), StagingError> {
         replies.remove_reply(id).await?;
-        if self.staging.keeps_replies() {
-            self.staging.remove_reply(id).await?;
-        }
-        Ok(())
+        self.remove_staged_reply(id).await
     }
 
     /// Deletes a session's reply wherever it is kept, and the local copy of its upload.
@@ -97,6 +94,11 @@ impl Shared {
         id: SessionId,
     ) -> Result<(), StagingError> {
         replies.remove(id).await?;
+        self.remove_staged_reply(id).await
+    }
+
+    /// Deletes the reply the staging keeps, if it keeps replies.
+    async fn remove_staged_reply(&self, id: SessionId) -> Result<(), StagingError> {
         if self.staging.keeps_replies() {
             self.staging.remove_reply(id).await?;
         }

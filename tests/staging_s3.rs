@@ -179,18 +179,27 @@ async fn conformance_with_small_parts() {
 /// A staging with parts below S3's minimum, for the small server (started with
 /// `S3_UPLOAD_PART_MIN_SIZE=4096`), so that files of a few dozen KB span several parts.
 fn small(bucket: &Bucket, part_size: u64) -> S3Staging {
+    small_via(bucket, &bucket.url, part_size)
+        .build()
+        .expect("staging")
+}
+
+/// The builder of [`small`], reaching the bucket's server at `endpoint` (e.g. a proxy).
+fn small_via(
+    bucket: &Bucket,
+    endpoint: &str,
+    part_size: u64,
+) -> axum_bits::staging::S3StagingBuilder {
     S3Staging::builder()
         .bucket(&bucket.name)
         .prefix("up")
-        .endpoint(&bucket.url)
+        .endpoint(endpoint)
         .region("us-east-1")
         .path_style(true)
         .credentials("test", "test")
         .allow_small_parts(true)
         .part_size(part_size)
         .memory_budget(64 << 20)
-        .build()
-        .expect("staging")
 }
 
 /// A 12 MiB file with S3's real minimum part (5 MiB): fragments of every shape (1 byte,
@@ -829,15 +838,7 @@ async fn an_unreachable_or_failing_object_store_is_a_transient_error() {
     };
     let bucket = Bucket::new(&url).await;
     let proxy = FaultyProxy::start(&url).await;
-    let staging = S3Staging::builder()
-        .bucket(&bucket.name)
-        .prefix("up")
-        .endpoint(proxy.url())
-        .region("us-east-1")
-        .path_style(true)
-        .credentials("test", "test")
-        .allow_small_parts(true)
-        .part_size(8 << 10)
+    let staging = small_via(&bucket, &proxy.url(), 8 << 10)
         .amazon_s3(|s3| {
             s3.with_retry(object_store::RetryConfig {
                 backoff: Default::default(),
@@ -1109,16 +1110,7 @@ async fn a_completion_whose_answer_is_lost_is_recognised() {
     };
     let bucket = Bucket::new(&url).await;
     let proxy = FaultyProxy::start(&url).await;
-    let staging = S3Staging::builder()
-        .bucket(&bucket.name)
-        .prefix("up")
-        .endpoint(proxy.url())
-        .region("us-east-1")
-        .path_style(true)
-        .credentials("test", "test")
-        .allow_small_parts(true)
-        .part_size(8 << 10)
-        .memory_budget(64 << 20)
+    let staging = small_via(&bucket, &proxy.url(), 8 << 10)
         .build()
         .expect("staging");
     let file = data(50_000, 12);
