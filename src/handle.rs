@@ -151,6 +151,7 @@ impl BitsHandle {
             shared.store.remove(record.id).await?;
             if record.is_open() {
                 report.sessions += 1;
+                shared.note_ended(record, crate::admin::EndReason::Disabled);
                 if let Some(hooks) = &shared.hooks {
                     let reason = CancelReason::UploadsDisabled;
                     let event = Event::new(record, EventKind::Cancelled { reason }, now_ms());
@@ -242,7 +243,7 @@ async fn shut_down(shared: &Shared, grace: Duration) -> ShutdownReport {
 }
 
 /// Whether a stored request target (path and query) is under `prefix`.
-fn under_prefix(request_url: &str, prefix: &str) -> bool {
+pub(crate) fn under_prefix(request_url: &str, prefix: &str) -> bool {
     let path = request_url.split(['?', '#']).next().unwrap_or("");
     strip_prefix(path, prefix).is_some()
 }

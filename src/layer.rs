@@ -549,11 +549,14 @@ impl BitsLayerBuilder {
     pub fn build(self) -> Result<BitsLayer, ConfigError> {
         let config = self.config.validate()?;
         let completion = match (self.completion, self.notification) {
-            (Some(handler), _) => Some(handler),
+            (Some(handler), _) => Some((handler, "handler")),
             (None, Some(mut notification)) => {
                 // Fixes where notifications go now, from configuration only.
                 notification.resolve(config.public_origin.as_deref())?;
-                Some(Box::new(notification) as Box<dyn DynCompletion>)
+                Some((
+                    Box::new(notification) as Box<dyn DynCompletion>,
+                    "notification",
+                ))
             }
             (None, None) => None,
         };
@@ -571,7 +574,7 @@ impl BitsLayerBuilder {
             ),
         };
         let reply = match completion {
-            Some(handler) => {
+            Some((handler, kind)) => {
                 // Handlers and by-reference notifications get the staged file by path: a local
                 // copy when the staging has no local files (`Staging::read`).
                 let dir = self
@@ -579,7 +582,11 @@ impl BitsLayerBuilder {
                     .unwrap_or_else(|| self.root.join(".bits").join("replies"));
                 let replies = Replies::open(&self.root, dir.clone())
                     .map_err(|source| ConfigError::Replies { dir, source })?;
-                Some(ReplyMode { handler, replies })
+                Some(ReplyMode {
+                    handler,
+                    kind,
+                    replies,
+                })
             }
             None => None,
         };
@@ -619,6 +626,7 @@ impl BitsLayerBuilder {
                 tombstones: Default::default(),
                 sweeper_started: Default::default(),
                 sweeper_missing_logged: Default::default(),
+                recent: Default::default(),
             }),
         })
     }

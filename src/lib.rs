@@ -116,6 +116,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(clippy::unwrap_used)]
 
+pub mod admin;
 mod body;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
@@ -135,6 +136,7 @@ pub mod hooks;
 mod keyed_lock;
 mod layer;
 mod lifecycle;
+pub mod metrics;
 pub mod protocol;
 mod recovery;
 mod replies;

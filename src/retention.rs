@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use crate::admin::EndReason;
 use crate::session::machine::is_expired;
 use crate::session::{Event, EventKind, Owner, SessionRecord, duration_ms, now_ms};
 use crate::shared::{self, Shared};
@@ -67,6 +68,7 @@ pub(crate) async fn forget(
     shared.store.remove(record.id).await?;
     if record.is_open() {
         tracing::info!(session = %record.id, destination = %record.destination, "session expired");
+        shared.note_ended(record, EndReason::Expired);
         Ok(Forgotten::Expired)
     } else {
         Ok(Forgotten::Tombstone)
@@ -92,7 +94,8 @@ async fn expired_event_delivered(shared: &Shared, record: &SessionRecord) -> boo
 /// Notes that a session ended (became a tombstone), and every so many ends keeps the
 /// tombstones within their limits. Failures are logged: they never fail the packet that
 /// ended the session.
-pub(crate) async fn session_ended(shared: &Shared) {
+pub(crate) async fn session_ended(shared: &Shared, record: &SessionRecord, reason: EndReason) {
+    shared.note_ended(record, reason);
     if !shared.tombstones.count_end() {
         return;
     }

@@ -95,14 +95,21 @@ impl SessionLocks {
             return Ok(SessionGuard::local(local));
         }
         let holder = self.holder();
-        let deadline = Instant::now() + self.ttl * 2;
+        let started = Instant::now();
+        let deadline = started + self.ttl * 2;
         let mut pause = FIRST_POLL;
+        let mut waited = false;
         loop {
             if self.store.acquire_lease(id, &holder, self.ttl).await? {
+                if waited {
+                    crate::metrics::lease_wait(started.elapsed());
+                }
                 return Ok(self.leased_guard(local, id, holder));
             }
+            waited = true;
             let now = Instant::now();
             if now >= deadline {
+                crate::metrics::lease_wait(started.elapsed());
                 return Err(LockError::Busy);
             }
             tokio::time::sleep(pause.min(deadline - now)).await;

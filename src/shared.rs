@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::admin::{EndReason, EndedSession, Recent};
 use crate::completion::DynCompletion;
 use crate::config::ValidConfig;
 use crate::destination::{Destination, DestinationError};
@@ -50,11 +51,15 @@ pub(crate) struct Shared {
     /// was already logged.
     pub(crate) sweeper_started: AtomicBool,
     pub(crate) sweeper_missing_logged: AtomicBool,
+    /// The sessions this node ended lately, for the status page.
+    pub(crate) recent: Recent,
 }
 
 /// Upload-reply mode: the completion handler and the storage of its replies.
 pub(crate) struct ReplyMode {
     pub(crate) handler: Box<dyn DynCompletion>,
+    /// `handler` or `notification`, for the metrics.
+    pub(crate) kind: &'static str,
     pub(crate) replies: Replies,
 }
 
@@ -117,6 +122,18 @@ impl Shared {
             }
         }
         self.staging.create(record.id).await
+    }
+
+    /// Notes that this node ended a session: the metrics, and the status page's recent list.
+    pub(crate) fn note_ended(&self, record: &SessionRecord, reason: EndReason) {
+        crate::metrics::session_ended(reason);
+        self.recent
+            .push(EndedSession::of(record, reason, now_ms()));
+    }
+
+    /// Whether a record's Create-Session was under this layer's prefix.
+    pub(crate) fn is_under_prefix(&self, record: &SessionRecord) -> bool {
+        crate::handle::under_prefix(&record.request_url, &self.config.prefix)
     }
 
     /// Adds an event to the record's outbox, if anyone listens.
@@ -238,6 +255,9 @@ impl<'a> LockedSession<'a> {
         let mut next = self.record.clone();
         change(&mut next);
         next.revision = self.record.revision + 1;
+        if next.node != self.shared.config.host_id {
+            next.node.clone_from(&self.shared.config.host_id);
+        }
         self.shared
             .store
             .update(self.record.revision, &next)
@@ -295,11 +315,13 @@ impl<'a> LockedSession<'a> {
         let record = &self.record;
         let destination = Destination::from_stored(&record.destination, &config.reserved)?;
         let total = record.total.unwrap_or(record.received);
-        match shared
+        let started = std::time::Instant::now();
+        let committed = shared
             .staging
             .commit(record.id, &destination, total, config.allow_overwrites)
-            .await
-        {
+            .await;
+        crate::metrics::commit(&committed, started.elapsed());
+        match committed {
             // A crash between the move and its record leaves a record that still wants to
             // commit; the staging can tell that the file already got there.
             Err(StagingError::PartMissing | StagingError::DestinationExists)

@@ -46,6 +46,12 @@ impl Sweeper {
     /// Sweeps once: expires open sessions idle for the session timeout, forgets tombstones
     /// past their retention, and keeps the rest within the tombstone limits.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
+        let result = self.sweep_once().await;
+        crate::metrics::sweep(result.as_ref());
+        result
+    }
+
+    async fn sweep_once(&self) -> Result<SweepReport, StoreError> {
         let shared = &self.shared;
         let mut report = SweepReport::default();
         let cutoff = retention::sweep_cutoff(shared, now_ms());
@@ -77,6 +83,11 @@ impl Sweeper {
             }
         }
         self.redeliver().await?;
+        // The gauges, counted afresh (packets keep the open count up to date in between).
+        let records = shared.store.list().await?;
+        crate::metrics::sessions_open(records.iter().filter(|r| r.is_open()).count());
+        let (pending, failed) = crate::admin::deferred_counts(&records);
+        crate::metrics::deferred(pending, failed);
         Ok(report)
     }
 
@@ -146,6 +157,7 @@ impl Sweeper {
                     tracing::info!(
                         expired = report.expired,
                         tombstones = report.tombstones,
+                        replies = report.replies,
                         "sweep done"
                     );
                 }

@@ -69,7 +69,9 @@ async fn run_completion(
     mode: &ReplyMode,
     record: &SessionRecord,
 ) -> Result<Outcome, Failure> {
-    let ReplyMode { handler, replies } = mode;
+    let ReplyMode {
+        handler, replies, ..
+    } = mode;
     // A staging without local files (object storage) gives the bytes, and the application
     // gets a local copy, deleted with the session (in a farm the session may end on another
     // node: this node's sweeper deletes it then).
@@ -95,10 +97,10 @@ async fn run_completion(
     };
     // A reply left by an earlier, failed attempt must not pass for this attempt's answer.
     shared.remove_reply(replies, record.id).await?;
-    let completion = handler
-        .complete(upload)
-        .await
-        .map_err(Failure::Application)?;
+    let started = std::time::Instant::now();
+    let completion = handler.complete(upload).await;
+    crate::metrics::completion(mode.kind, &completion, started.elapsed());
+    let completion = completion.map_err(Failure::Application)?;
     let (reply_url, stored_reply) = match completion.reply {
         Reply::StaticUrl(url) => {
             if !crate::completion::is_absolute_http_url(&url) {

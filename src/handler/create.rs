@@ -4,6 +4,7 @@
 use http::{HeaderValue, request::Parts};
 
 use super::{Failure, finish};
+use crate::admin::EndReason;
 use crate::config::ValidConfig;
 use crate::destination;
 use crate::lifecycle::{State, shutting_down, uploads_disabled};
@@ -30,7 +31,12 @@ pub(super) async fn create_session(
     }
     let result = async {
         let destination =
-            destination::from_url_path(parts.uri.path(), &config.prefix, &config.reserved)?;
+            destination::from_url_path(parts.uri.path(), &config.prefix, &config.reserved)
+                .inspect_err(|_| {
+                    // Refused: the operator sees what the client asked for.
+                    tracing::Span::current().record("destination", parts.uri.path());
+                })?;
+        tracing::Span::current().record("destination", tracing::field::display(&destination));
         // Upload-reply sessions hand their file to the application; many clients post to one
         // application URL, so they neither claim nor check the destination up front (a copy
         // the application asks for is checked at its commit).
@@ -97,6 +103,7 @@ pub(super) async fn create_session(
         }
         tracing::Span::current().record("session", tracing::field::display(id));
         shared.warn_if_no_sweeper();
+        crate::metrics::session_created();
         match &record.owner {
             Some(owner) => tracing::info!(%destination, %owner, "session created"),
             None => tracing::info!(%destination, peer = ?record.peer, "session created"),
@@ -198,11 +205,11 @@ async fn reclaim_empty(shared: &Shared) -> Result<bool, Failure> {
         if reclaimed.is_ok() {
             stale.deliver().await;
         }
-        let id = stale.record.id;
+        let record = stale.record.clone();
         stale.unlock().await;
         reclaimed?;
-        tracing::info!(session = %id, "server full: reclaimed a session that never received a byte");
-        retention::session_ended(shared).await;
+        tracing::info!(session = %record.id, "server full: reclaimed a session that never received a byte");
+        retention::session_ended(shared, &record, EndReason::Reclaimed).await;
         return Ok(true);
     }
     Ok(false)
@@ -235,7 +242,7 @@ async fn take_over_abandoned(
     shared.staging.discard(holder).await?;
     stale.save(|r| r.end(Phase::Cancelled)).await?;
     tracing::info!(%holder, "replaced a session that never received a byte");
-    retention::session_ended(shared).await;
+    retention::session_ended(shared, &stale.record, EndReason::Replaced).await;
     Ok(true)
 }
 

@@ -3,6 +3,7 @@
 
 use super::complete::commit_or_defer;
 use super::{Failure, open_session};
+use crate::admin::EndReason;
 use crate::protocol::{Ack, SessionHeader};
 use crate::retention;
 use crate::session::machine::{self, CancelDecision, CloseDecision};
@@ -56,7 +57,12 @@ async fn close_locked(session: &mut LockedSession<'_>) -> Result<Ack, Failure> {
         })
         .await?;
     tracing::info!("session closed");
-    retention::session_ended(shared).await;
+    let reason = if incomplete {
+        EndReason::ClosedIncomplete
+    } else {
+        EndReason::Closed
+    };
+    retention::session_ended(shared, &session.record, reason).await;
     Ok(Ack::ok())
 }
 
@@ -90,6 +96,6 @@ async fn cancel_locked(session: &mut LockedSession<'_>) -> Result<Ack, Failure> 
         .await?;
     session.deliver().await;
     tracing::info!(committed = session.record.committed, "session cancelled");
-    retention::session_ended(shared).await;
+    retention::session_ended(shared, &session.record, EndReason::Cancelled).await;
     Ok(Ack::ok())
 }

@@ -91,7 +91,9 @@ impl Failure {
         if server_fault {
             tracing::error!(error = %self, source = ?std::error::Error::source(self), "packet failed");
         } else {
-            tracing::debug!(error = %self, "packet refused");
+            // The span carries the destination and owner: an operator whose client got a 403
+            // or a 404 sees why without turning on debug.
+            tracing::info!(reason = %self, "packet refused");
         }
     }
 }

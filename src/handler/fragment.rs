@@ -77,8 +77,12 @@ where
             return Err(refusal.into());
         }
         // A re-sent fragment is a successful packet: it resets the session timer.
-        FragmentDecision::Duplicate => session.touch().await?,
+        FragmentDecision::Duplicate => {
+            crate::metrics::fragment(fragment.range.len(), fragment.range.len());
+            session.touch().await?;
+        }
         FragmentDecision::Write(write) => {
+            crate::metrics::fragment(fragment.range.len(), write.skip);
             let Some(body) = body.take() else {
                 return Err(BodyError::TooShort { missing: write.len }.into());
             };
@@ -127,6 +131,8 @@ where
         shared.lifecycle.interrupted(),
     )
     .await;
+    tracing::Span::current().record("bytes", written);
+    crate::metrics::bytes_received(written);
     if matches!(copied, Err(BodyError::Interrupted)) {
         shared.lifecycle.count_interrupted();
         tracing::info!(
@@ -170,6 +176,7 @@ where
         .await?;
     *received = Some(session.record.received);
     if write.completes() {
+        crate::metrics::upload_finished(write.total);
         tracing::info!(bytes = write.total, "all bytes received");
     }
     Ok(())

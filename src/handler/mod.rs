@@ -9,6 +9,7 @@ mod failure;
 mod fragment;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Request, request::Parts};
 use http_body::Body;
@@ -37,21 +38,72 @@ where
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let is_fragment = parts
+    let started = Instant::now();
+    let packet_type = parts
         .headers
         .get(headers::BITS_PACKET_TYPE)
-        .and_then(|v| PacketType::parse(v.as_bytes()))
-        == Some(PacketType::Fragment);
+        .and_then(|v| PacketType::parse(v.as_bytes()));
+    let is_fragment = packet_type == Some(PacketType::Fragment);
+    let span = packet_span(&parts, packet_type);
     let (_in_flight, state) = shared.lifecycle.enter();
     let mut body = Some(body);
     let ack = match state.refusal() {
         Some(ack) => ack,
-        None => dispatch(&shared, parts, &mut body).await,
+        None => {
+            dispatch(&shared, parts, &mut body)
+                .instrument(span.clone())
+                .await
+        }
     };
+    record_outcome(&span, &ack);
+    crate::metrics::packet(packet_type, &ack, started.elapsed());
     if let Some(unread) = body.filter(|b| !expects_continue && !b.is_end_stream()) {
         linger(&shared, unread, is_fragment);
     }
     ack
+}
+
+/// The span of one packet: its type, and, as they become known, its session (the braced
+/// upper-case form `BITS-Session-Id` uses), owner and destination; its outcome (HTTP status,
+/// `BITS-Error-Code`, bytes written) is recorded when it ends.
+fn packet_span(parts: &Parts, packet_type: Option<PacketType>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "bits",
+        packet = crate::metrics::packet_label(packet_type),
+        session = tracing::field::Empty,
+        owner = tracing::field::Empty,
+        destination = tracing::field::Empty,
+        status = tracing::field::Empty,
+        hresult = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    if let Some(owner) = parts.extensions.get::<Owner>() {
+        span.record("owner", tracing::field::display(owner));
+    }
+    let id = parts
+        .headers
+        .get(headers::BITS_SESSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(SessionId::parse);
+    if let Some(id) = id {
+        span.record("session", tracing::field::display(id));
+    }
+    span
+}
+
+/// Records a packet's outcome on its span.
+fn record_outcome(span: &tracing::Span, ack: &Ack) {
+    span.record("status", ack.status().as_u16());
+    if let Some((code, _)) = ack.error_code() {
+        span.record("hresult", tracing::field::display(code));
+    }
+    if ack.status().is_server_error() && ack.status() != http::StatusCode::SERVICE_UNAVAILABLE {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Reads and drops a body the packet did not use, after its Ack has gone out: a client that
@@ -121,14 +173,6 @@ where
         }
     };
     let owner = parts.extensions.get::<Owner>().cloned();
-    let span = tracing::info_span!(
-        "bits",
-        packet = %packet.packet_type(),
-        session = tracing::field::Empty,
-    );
-    if let Some(id) = packet.session_id().and_then(SessionHeader::as_str) {
-        span.record("session", tracing::field::display(id));
-    }
     let work = async move {
         match packet {
             Packet::Ping => Ack::ok(),
@@ -148,7 +192,7 @@ where
             }
         }
     };
-    work.instrument(span).await
+    work.await
 }
 
 /// The session's offset for a Fragment whose headers are malformed but whose session exists,
@@ -190,6 +234,10 @@ async fn open_session<'a>(
         session.unlock().await;
         return Err(Refusal::NotFound.into());
     }
+    tracing::Span::current().record(
+        "destination",
+        tracing::field::display(&session.record.destination),
+    );
     // Past its keeping time but not yet swept (the sweep interval can be long): it is
     // answered as gone, and its data is deleted now.
     if retention::is_due(shared, &session.record, now_ms()) {

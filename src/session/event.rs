@@ -76,6 +76,9 @@ pub enum CancelReason {
     /// [`reclaim_empty_after`](crate::BitsLayerBuilder::reclaim_empty_after): its place went
     /// to a new session.
     Reclaimed,
+    /// An operator cancelled it through the admin API
+    /// ([`BitsHandle::cancel_session`](crate::BitsHandle::cancel_session)).
+    Administrator,
 }
 
 impl Event {

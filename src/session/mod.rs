@@ -179,6 +179,10 @@ pub struct SessionRecord {
     /// ([`PeerAddr`] or axum's `ConnectInfo`): the per-peer limits count by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<std::net::IpAddr>,
+    /// The host id of the node that last changed the record, if the nodes have host ids
+    /// ([`host_id`](crate::BitsLayerBuilder::host_id)), for operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The address of the client a request came from. The per-peer limits on anonymous sessions
@@ -280,6 +284,7 @@ impl SessionRecord {
             deferred: None,
             outbox: Vec::new(),
             peer: None,
+            node: None,
         }
     }
 

@@ -551,35 +551,35 @@ pub(crate) use crate::BoxFuture;
 
 impl<T: SessionStore> DynStore for T {
     fn create<'a>(&'a self, record: &'a SessionRecord) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(SessionStore::create(self, record))
+        Box::pin(timed("create", SessionStore::create(self, record)))
     }
     fn load(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        Box::pin(SessionStore::load(self, id))
+        Box::pin(timed("load", SessionStore::load(self, id)))
     }
     fn update<'a>(
         &'a self,
         expected: u64,
         record: &'a SessionRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(SessionStore::update(self, expected, record))
+        Box::pin(timed("update", SessionStore::update(self, expected, record)))
     }
     fn remove(&self, id: SessionId) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(SessionStore::remove(self, id))
+        Box::pin(timed("remove", SessionStore::remove(self, id)))
     }
     fn list(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        Box::pin(SessionStore::list(self))
+        Box::pin(timed("list", SessionStore::list(self)))
     }
     fn count_open(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
-        Box::pin(SessionStore::count_open(self))
+        Box::pin(timed("count_open", SessionStore::count_open(self)))
     }
     fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>> {
-        Box::pin(SessionStore::count_open_for(self, owner))
+        Box::pin(timed("count_open_for", SessionStore::count_open_for(self, owner)))
     }
     fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        Box::pin(SessionStore::list_idle(self, cutoff_ms))
+        Box::pin(timed("list_idle", SessionStore::list_idle(self, cutoff_ms)))
     }
     fn list_ended(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        Box::pin(SessionStore::list_ended(self))
+        Box::pin(timed("list_ended", SessionStore::list_ended(self)))
     }
     fn is_shared(&self) -> bool {
         SessionStore::is_shared(self)
@@ -590,19 +590,22 @@ impl<T: SessionStore> DynStore for T {
         holder: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(SessionStore::acquire_lease(self, id, holder, ttl))
+        Box::pin(timed("acquire_lease", SessionStore::acquire_lease(self, id, holder, ttl)))
     }
     fn release_lease<'a>(
         &'a self,
         id: SessionId,
         holder: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(SessionStore::release_lease(self, id, holder))
+        Box::pin(timed("release_lease", SessionStore::release_lease(self, id, holder)))
     }
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(SessionStore::close(self))
     }
 }
+
+/// Times a store call, for `bits_store_operation_duration_seconds`.
+use crate::metrics::store as timed;
 
 #[cfg(test)]
 pub(crate) mod tests {
