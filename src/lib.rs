@@ -132,6 +132,7 @@ mod fs;
 mod future;
 mod handle;
 mod handler;
+pub mod health;
 pub mod hooks;
 mod keyed_lock;
 mod layer;

@@ -80,13 +80,12 @@ mod noop {
 #[cfg(not(feature = "metrics"))]
 use noop::{counter, gauge, histogram};
 
-use crate::protocol::{Ack, Hresult, PacketType};
 use crate::admin::EndReason;
+use crate::protocol::{Ack, Hresult, PacketType};
 
 /// Bucket bounds, in seconds, for the duration histograms: 1 ms to 2 minutes.
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// Bucket bounds, in bytes, for the size histograms: 4 KiB to 16 GiB, by fours.
@@ -133,21 +132,77 @@ pub fn describe() {
 
 #[cfg(feature = "metrics")]
 fn describe_all() {
-    describe_counter!(PACKETS, Unit::Count, "BITS packets answered, by packet type and outcome");
-    describe_histogram!(PACKET_DURATION, Unit::Seconds, "Time from a BITS packet to its Ack");
-    describe_counter!(ERRORS, Unit::Count, "BITS error Acks, by packet, HTTP status and BITS-Error-Code");
-    describe_counter!(SESSIONS_CREATED, Unit::Count, "BITS upload sessions created");
-    describe_counter!(SESSIONS_ENDED, Unit::Count, "BITS upload sessions ended, by reason");
-    describe_gauge!(SESSIONS_OPEN, Unit::Count, "Open BITS upload sessions in the session store");
-    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "New upload bytes written to staging");
-    describe_counter!(BYTES_DUPLICATE, Unit::Bytes, "Bytes of re-sent or overlapping fragments, not written again");
-    describe_histogram!(FRAGMENT_SIZE, Unit::Bytes, "Size of each Fragment packet's range");
+    describe_counter!(
+        PACKETS,
+        Unit::Count,
+        "BITS packets answered, by packet type and outcome"
+    );
+    describe_histogram!(
+        PACKET_DURATION,
+        Unit::Seconds,
+        "Time from a BITS packet to its Ack"
+    );
+    describe_counter!(
+        ERRORS,
+        Unit::Count,
+        "BITS error Acks, by packet, HTTP status and BITS-Error-Code"
+    );
+    describe_counter!(
+        SESSIONS_CREATED,
+        Unit::Count,
+        "BITS upload sessions created"
+    );
+    describe_counter!(
+        SESSIONS_ENDED,
+        Unit::Count,
+        "BITS upload sessions ended, by reason"
+    );
+    describe_gauge!(
+        SESSIONS_OPEN,
+        Unit::Count,
+        "Open BITS upload sessions in the session store"
+    );
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "New upload bytes written to staging"
+    );
+    describe_counter!(
+        BYTES_DUPLICATE,
+        Unit::Bytes,
+        "Bytes of re-sent or overlapping fragments, not written again"
+    );
+    describe_histogram!(
+        FRAGMENT_SIZE,
+        Unit::Bytes,
+        "Size of each Fragment packet's range"
+    );
     describe_histogram!(UPLOAD_SIZE, Unit::Bytes, "Size of each finished upload");
-    describe_histogram!(COMMIT_DURATION, Unit::Seconds, "Time to move a finished upload to its destination");
-    describe_histogram!(COMPLETION_DURATION, Unit::Seconds, "Time the upload-reply application took, by kind and outcome");
-    describe_histogram!(STORE_DURATION, Unit::Seconds, "Session store call latency, by operation and outcome");
-    describe_histogram!(LEASE_WAIT, Unit::Seconds, "Time spent waiting for another node's lease on a session");
-    describe_gauge!(DEFERRED, Unit::Count, "Deferred commits in the session store, by status");
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "Time to move a finished upload to its destination"
+    );
+    describe_histogram!(
+        COMPLETION_DURATION,
+        Unit::Seconds,
+        "Time the upload-reply application took, by kind and outcome"
+    );
+    describe_histogram!(
+        STORE_DURATION,
+        Unit::Seconds,
+        "Session store call latency, by operation and outcome"
+    );
+    describe_histogram!(
+        LEASE_WAIT,
+        Unit::Seconds,
+        "Time spent waiting for another node's lease on a session"
+    );
+    describe_gauge!(
+        DEFERRED,
+        Unit::Count,
+        "Deferred commits in the session store, by status"
+    );
     describe_counter!(SWEEPS, Unit::Count, "Expiry sweeps run, by outcome");
     describe_counter!(SWEEP_REMOVED, Unit::Count, "What sweeps removed, by kind");
 }
@@ -177,7 +232,11 @@ fn code_label(code: Hresult) -> String {
 /// Records one answered packet.
 pub(crate) fn packet(packet: Option<PacketType>, ack: &Ack, elapsed: Duration) {
     let packet = packet_label(packet);
-    let outcome = if ack.status().is_success() { "ok" } else { "error" };
+    let outcome = if ack.status().is_success() {
+        "ok"
+    } else {
+        "error"
+    };
     counter!(PACKETS, "packet" => packet, "outcome" => outcome).increment(1);
     histogram!(PACKET_DURATION, "packet" => packet, "outcome" => outcome)
         .record(elapsed.as_secs_f64());

@@ -127,8 +127,7 @@ impl Shared {
     /// Notes that this node ended a session: the metrics, and the status page's recent list.
     pub(crate) fn note_ended(&self, record: &SessionRecord, reason: EndReason) {
         crate::metrics::session_ended(reason);
-        self.recent
-            .push(EndedSession::of(record, reason, now_ms()));
+        self.recent.push(EndedSession::of(record, reason, now_ms()));
     }
 
     /// Whether a record's Create-Session was under this layer's prefix.

@@ -29,7 +29,7 @@ impl std::fmt::Debug for Sweeper {
 }
 
 /// What one sweep removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct SweepReport {
     /// Open sessions that expired (their staged data was deleted).

@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "axum")]
 mod page;
 mod recent;
 #[cfg(feature = "axum")]
@@ -172,7 +173,10 @@ impl SessionQuery {
     }
 
     fn matches(&self, record: &SessionRecord, now: u64) -> bool {
-        if self.state.is_some_and(|state| state != SessionState::of(record)) {
+        if self
+            .state
+            .is_some_and(|state| state != SessionState::of(record))
+        {
             return false;
         }
         if let Some(owner) = &self.owner {

@@ -441,6 +441,13 @@ impl Staging for LocalStaging {
         Some(self.part(id))
     }
 
+    async fn check(&self) -> Result<Option<u64>, StagingError> {
+        let probe = SessionId::new();
+        self.create(probe).await?;
+        self.discard(probe).await?;
+        free_space(&self.inner.parts).await
+    }
+
     async fn committed(
         &self,
         id: SessionId,
@@ -1018,4 +1025,20 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+}
+
+/// Bytes free for an unprivileged writer on the filesystem of `dir`.
+#[cfg(unix)]
+async fn free_space(dir: &std::path::Path) -> Result<Option<u64>, StagingError> {
+    let dir = dir.to_owned();
+    let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir))
+        .await
+        .map_err(|e| StagingError::Io(std::io::Error::other(e)))?
+        .map_err(|e| StagingError::Io(e.into()))?;
+    Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
+}
+
+#[cfg(not(unix))]
+async fn free_space(_: &std::path::Path) -> Result<Option<u64>, StagingError> {
+    Ok(None)
 }

@@ -161,6 +161,19 @@ pub trait Staging: Send + Sync + 'static {
         None
     }
 
+    /// Checks that the staging takes new data, for readiness probes
+    /// ([`BitsHandle::readiness`](crate::BitsHandle::readiness)): `Ok(Some(bytes))` with the
+    /// space free where parts are written, if the staging knows it. The default creates and
+    /// discards the part of a session that does not exist, and knows no free space.
+    fn check(&self) -> impl Future<Output = Result<Option<u64>, StagingError>> + Send {
+        async {
+            let probe = SessionId::new();
+            self.create(probe).await?;
+            self.discard(probe).await?;
+            Ok(None)
+        }
+    }
+
     /// Whether this staging keeps the replies of upload-reply sessions, so that every node of
     /// a farm serves a reply URL (the `*_reply` methods below), rather than the layer's local
     /// reply folder. The default says no, and the other reply methods are never called.
@@ -343,6 +356,7 @@ pub(crate) trait DynStaging: Send + Sync {
     fn read(&self, id: SessionId, total: u64) -> BoxFuture<'_, Result<PartReader, StagingError>>;
     fn path(&self, id: SessionId) -> Option<PathBuf>;
     fn keeps_replies(&self) -> bool;
+    fn check(&self) -> BoxFuture<'_, Result<Option<u64>, StagingError>>;
     fn put_reply(
         &self,
         id: SessionId,
@@ -438,6 +452,9 @@ impl<T: Staging> DynStaging for T {
     }
     fn keeps_replies(&self) -> bool {
         Staging::keeps_replies(self)
+    }
+    fn check(&self) -> BoxFuture<'_, Result<Option<u64>, StagingError>> {
+        Box::pin(Staging::check(self))
     }
     fn put_reply(
         &self,

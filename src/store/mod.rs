@@ -561,7 +561,10 @@ impl<T: SessionStore> DynStore for T {
         expected: u64,
         record: &'a SessionRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(timed("update", SessionStore::update(self, expected, record)))
+        Box::pin(timed(
+            "update",
+            SessionStore::update(self, expected, record),
+        ))
     }
     fn remove(&self, id: SessionId) -> BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(timed("remove", SessionStore::remove(self, id)))
@@ -573,7 +576,10 @@ impl<T: SessionStore> DynStore for T {
         Box::pin(timed("count_open", SessionStore::count_open(self)))
     }
     fn count_open_for<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<usize, StoreError>> {
-        Box::pin(timed("count_open_for", SessionStore::count_open_for(self, owner)))
+        Box::pin(timed(
+            "count_open_for",
+            SessionStore::count_open_for(self, owner),
+        ))
     }
     fn list_idle(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         Box::pin(timed("list_idle", SessionStore::list_idle(self, cutoff_ms)))
@@ -590,14 +596,20 @@ impl<T: SessionStore> DynStore for T {
         holder: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(timed("acquire_lease", SessionStore::acquire_lease(self, id, holder, ttl)))
+        Box::pin(timed(
+            "acquire_lease",
+            SessionStore::acquire_lease(self, id, holder, ttl),
+        ))
     }
     fn release_lease<'a>(
         &'a self,
         id: SessionId,
         holder: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(timed("release_lease", SessionStore::release_lease(self, id, holder)))
+        Box::pin(timed(
+            "release_lease",
+            SessionStore::release_lease(self, id, holder),
+        ))
     }
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(SessionStore::close(self))
