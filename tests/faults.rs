@@ -552,6 +552,8 @@ enum Fault {
     Updates,
     /// Only the `update` that records a commit fails (after the file was moved).
     CommitRecord,
+    /// `load` never answers: the backend hangs.
+    Hang,
 }
 
 /// A `MemoryStore` whose operations fail with a backend error as `fault` says.
@@ -569,6 +571,7 @@ impl FlakyStore {
             (Fault::Outage, _) => true,
             (Fault::Updates, update) => update.is_some(),
             (Fault::CommitRecord, update) => update.is_some_and(|r| r.committed),
+            (Fault::Hang, _) => false,
         };
         if fails {
             Err(StoreError::backend(io::Error::other("injected")))
@@ -585,6 +588,9 @@ impl SessionStore for FlakyStore {
     }
     async fn load(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
         self.check(None)?;
+        if *self.fault.lock().unwrap() == Fault::Hang {
+            std::future::pending::<()>().await;
+        }
         self.inner.load(id).await
     }
     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
@@ -909,4 +915,40 @@ async fn fifty_stalled_bodies_are_cut_off_while_an_upload_proceeds() {
         assert_holds(&server.root, sid, &sent, arrived as u64);
     }
     client.ping("/").await.assert_ok();
+}
+
+/// Readiness tells a load balancer the store is down, and a hung store fails it within the
+/// check's timeout instead of hanging the probe; liveness checks nothing of the kind.
+#[tokio::test]
+async fn readiness_fails_fast_when_the_store_is_down_or_hangs() {
+    use axum_bits::health::ReadinessCheck;
+    let (server, fault, _) = flaky_server().await;
+    let handle = server.layer.handle();
+    let check = ReadinessCheck::default().timeout(Duration::from_millis(300));
+    assert!(handle.readiness(&check).await.ready);
+
+    set(&fault, Fault::Outage);
+    let readiness = handle.readiness(&check).await;
+    assert!(!readiness.ready);
+    let store = &readiness.checks[1];
+    assert_eq!((store.name, store.ok), ("store", false), "{readiness:?}");
+    assert!(store.detail.contains("failed"), "{readiness:?}");
+
+    set(&fault, Fault::Hang);
+    let started = std::time::Instant::now();
+    let readiness = handle.readiness(&check).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!readiness.ready);
+    assert!(
+        readiness.checks[1].detail.contains("no answer"),
+        "{readiness:?}"
+    );
+    assert!(handle.is_live());
+    set(&fault, Fault::None);
+    assert!(handle.readiness(&check).await.ready);
+    server.stop().await;
 }
