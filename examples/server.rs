@@ -6,8 +6,14 @@
 //!     [--notify-url URL --notify-type reference|value] [--public-origin http://HOST:PORT]
 //!     [--host-id ID --host-id-fallback-timeout SECS]
 //!     [--commit-on last-fragment|close] [--store file|memory|sqlite:PATH|postgres://..|redis://..]
-//!     [--staging local|s3://BUCKET[/PREFIX] [--s3-endpoint URL]]
+//!     [--staging local|s3://BUCKET[/PREFIX] [--s3-endpoint URL]] [--admin-token TOKEN]
 //! ```
+//!
+//! Operations: `GET /metrics` is Prometheus text (every `bits_*` metric, histograms with the
+//! crate's suggested buckets), `GET /livez` and `GET /readyz` the probes (503 while draining).
+//! With `--admin-token TOKEN`, `/admin` is the live status page and `/admin/sessions`, `/admin/sweep`
+//! and the rest of `axum_bits::admin::router` answer requests carrying
+//! `Authorization: Bearer TOKEN`, and 401 any other; without the flag nothing is served there.
 //!
 //! A `BITS_POST` to `http://HOST/a/b.bin` uploads to `ROOT/a/b.bin` (the folder `a` must
 //! exist, as with IIS). It listens on 127.0.0.1:8080; use `--listen 0.0.0.0:8080` to accept
@@ -50,13 +56,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::Router;
+use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use axum_bits::completion::NotificationType;
 use axum_bits::settings::NotificationSettings;
 use axum_bits::store::MemoryStore;
 use axum_bits::{BitsLayer, BitsLayerBuilder, CommitPoint, Settings};
 use clap::{Parser, ValueEnum};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use serde::Deserialize;
 
 /// A BITS upload server: Windows clients upload with `bitsadmin /transfer NAME /upload URL FILE`
@@ -122,6 +132,10 @@ struct Args {
     /// Default: AWS.
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
+    /// Serves the admin API and the live status page under /admin/, to requests carrying
+    /// `Authorization: Bearer TOKEN` (401 otherwise). Without it nothing is served there.
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
 }
 
 /// The `--config` file.
@@ -178,7 +192,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file = match &args.config {
         Some(path) => axum_bits::settings::from_file::<ConfigFile>(path)?,
         None => ConfigFile::default(),
@@ -196,6 +210,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .or(file.server.staging)
         .unwrap_or_else(|| "local".into());
     let s3_endpoint = args.s3_endpoint.or(file.server.s3_endpoint);
+    let args_admin_token: Option<Arc<str>> = args.admin_token.take().map(Into::into);
     // The command line overrides the file; what neither sets keeps the builder's default.
     let mut settings = file.bits;
     if let Some(root) = args.root {
@@ -271,15 +286,42 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     builder = with_staging(builder, &staging, s3_endpoint)?;
     let bits = builder.build()?;
     let handle = bits.handle();
+    // Prometheus text at /metrics, with buckets suited to the crate's histograms.
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            axum_bits::metrics::DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_bytes".into()),
+            axum_bits::metrics::SIZE_BUCKETS,
+        )?
+        .install_recorder()?;
+    axum_bits::metrics::describe();
     // Recovers what a crash left behind, then expires idle sessions; stops at shutdown.
     tokio::spawn(bits.sweeper().run());
 
-    let app = Router::new()
+    let mut app = Router::new()
         .route(
             "/",
             get(|| async { "axum-bits: BITS_POST a file to any path to upload it\n" }),
         )
-        .layer(bits);
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
+        // GET /livez and /readyz (503 while draining, disabled, or when the store or the
+        // staging fails).
+        .merge(axum_bits::health::routes(handle.clone()));
+    if let Some(token) = args_admin_token {
+        let admin = axum_bits::admin::router(handle.clone()).layer(axum::middleware::from_fn(
+            move |request, next| require_bearer(token.clone(), request, next),
+        ));
+        app = app
+            .nest("/admin", admin)
+            .route("/admin/", get(|| async { Redirect::permanent("/admin") }));
+    }
+    let app = app.layer(bits);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -305,6 +347,36 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = handle.shutdown(SHUTDOWN_GRACE).await;
     tracing::info!(?report, "stopped");
     Ok(())
+}
+
+/// Lets through only requests with `Authorization: Bearer TOKEN`; 401 otherwise.
+async fn require_bearer(
+    token: Arc<str>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let given = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    (
+        http::StatusCode::UNAUTHORIZED,
+        [(
+            http::header::WWW_AUTHENTICATE,
+            "Bearer realm=\"axum-bits admin\"",
+        )],
+        "admin token required\n",
+    )
+        .into_response()
+}
+
+/// Compares two secrets in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Applies `--store`. The shared stores need the crate feature of the same name; a farm of
