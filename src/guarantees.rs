@@ -235,6 +235,21 @@
 //! leaves behind, and what cleans it, is the table in `S3Staging`'s docs; the bucket needs a
 //! lifecycle rule that aborts incomplete multipart uploads for the one case nothing records.
 //!
+//! # Operations never expose what a client controls
+//!
+//! The status page of [`admin::router`](crate::admin::router) escapes every file and owner
+//! name and forbids scripts by its `Content-Security-Policy`
+//! (`the_status_page_shows_client_names_as_text` in `tests/admin.rs`,
+//! `client_controlled_names_appear_only_escaped`), also as a real browser renders it
+//! (`tests/browser.rs`). No metric label carries a session id, an owner, a file name or a URL,
+//! and each metric counts what happened (`a_scripted_upload_records_what_happened` in
+//! `tests/metrics.rs`). The admin router is never mounted by the layer: the application mounts
+//! it behind its own authentication. An operator's cancel deletes the session's data as
+//! Cancel-Session does (`an_operator_cancels_a_session_and_its_data_goes`). Readiness turns
+//! 503 while draining or disabled (`readiness_follows_draining_disabling_and_free_space`),
+//! and a hung store fails it within its timeout rather than hanging the probe
+//! (`readiness_fails_fast_when_the_store_is_down_or_hangs` in `tests/faults.rs`).
+//!
 //! # Not promised
 //!
 //! * Rate limiting per client, TLS, and authentication itself: put tower or proxy layers in

@@ -91,6 +91,11 @@
 //! is an accept loop with the header read timeout `axum::serve` lacks. The [`BitsHandle`] docs
 //! show them together.
 //!
+//! For operators: [`metrics`] (through the `metrics` facade), one `tracing` span per packet,
+//! [`health`] probes (`/livez`, `/readyz`), and the [`admin`] API and status page (list,
+//! inspect and cancel sessions, sweep now), which the application mounts behind its own
+//! authentication.
+//!
 //! Session records live in a [`store`] (a [`FileStore`](store::FileStore) under the root by
 //! default, or SQLite, PostgreSQL, Redis, or your own), the bytes in a [`staging`]. A farm of
 //! nodes shares a PostgreSQL or Redis store and the upload root: see
@@ -102,7 +107,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `serve` (default) | [`serve`]: an HTTP/1.1 accept loop with a header read timeout, a connection cap and graceful shutdown |
-//! | `axum` (default) | the client's address from axum's `ConnectInfo<SocketAddr>`, for the per-peer limits on anonymous sessions, and [`serve`] providing it |
+//! | `axum` (default) | the client's address from axum's `ConnectInfo<SocketAddr>`, for the per-peer limits on anonymous sessions, and [`serve`] providing it; [`admin::router`] and [`health::routes`] |
+//! | `metrics` (default) | [`metrics`]: packets, sessions, bytes, commits, store latency and sweeps through the `metrics` facade; the application installs the exporter |
 //! | `sqlite` | `store::SqliteStore`, and `sqlx` re-exported |
 //! | `postgres` | `store::PostgresStore`, and `sqlx` re-exported |
 //! | `redis` | `store::RedisStore`, and `redis` re-exported |

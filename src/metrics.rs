@@ -16,7 +16,7 @@
 //! | `bits_packet_duration_seconds` | histogram | `packet`, `outcome` | from the request to its Ack |
 //! | `bits_errors_total` | counter | `packet`, `status`, `code` | error Acks by HTTP status and `BITS-Error-Code` (a code the crate does not know is `other`) |
 //! | `bits_sessions_created_total` | counter | | sessions created |
-//! | `bits_sessions_ended_total` | counter | `reason` | sessions ended: `closed`, `closed_incomplete`, `cancelled`, `expired`, `disabled`, `reclaimed`, `replaced`, `admin` ([`EndReason`](crate::admin::EndReason)) |
+//! | `bits_sessions_ended_total` | counter | `reason` | sessions ended: `closed`, `closed_incomplete`, `cancelled`, `expired`, `disabled`, `reclaimed`, `replaced`, `admin` ([`crate::admin::EndReason`]) |
 //! | `bits_sessions_open` | gauge | | open sessions in the store, counted at each sweep and kept up to date by this node's packets in between (in a farm every node reports the farm's count: aggregate with `max`) |
 //! | `bits_bytes_received_total` | counter | | new bytes written to staging |
 //! | `bits_bytes_duplicate_total` | counter | | bytes of re-sent or overlapping fragments, not written again |

@@ -120,24 +120,24 @@ async fn sessions_are_listed_filtered_paged_and_detailed() {
 
     let (status, all) = get_json(&server, "/admin/sessions").await;
     assert_eq!(status, 200, "{all}");
-    assert_eq!(ids(&all), [a.clone(), b.clone(), c.clone()]);
+    assert_eq!(ids(&all), [a.as_str(), b.as_str(), c.as_str()]);
     assert!(all["next"].is_null());
 
     let (_, page) = get_json(&server, "/admin/sessions?owner=alice").await;
-    assert_eq!(ids(&page), [a.clone()]);
+    assert_eq!(ids(&page), [a.as_str()]);
     let (_, page) = get_json(&server, "/admin/sessions?destination_prefix=dir%2F").await;
-    assert_eq!(ids(&page), [a.clone(), b.clone()]);
+    assert_eq!(ids(&page), [a.as_str(), b.as_str()]);
     let (_, page) = get_json(&server, "/admin/sessions?state=complete").await;
-    assert_eq!(ids(&page), [c.clone()]);
+    assert_eq!(ids(&page), [c.as_str()]);
     let (_, page) = get_json(&server, "/admin/sessions?idle_longer_than=3600").await;
-    assert_eq!(ids(&page), Vec::<String>::new());
+    assert!(ids(&page).is_empty());
 
     // Two pages of two.
     let (_, first) = get_json(&server, "/admin/sessions?limit=2").await;
-    assert_eq!(ids(&first), [a.clone(), b.clone()]);
+    assert_eq!(ids(&first), [a.as_str(), b.as_str()]);
     let cursor = first["next"].as_str().expect("a next page");
     let (_, second) = get_json(&server, &format!("/admin/sessions?limit=2&cursor={cursor}")).await;
-    assert_eq!(ids(&second), [c.clone()]);
+    assert_eq!(ids(&second), [c.as_str()]);
     assert!(second["next"].is_null());
 
     let (status, bad) = get_json(&server, "/admin/sessions?state=bogus").await;
@@ -317,7 +317,7 @@ async fn every_node_of_a_farm_lists_every_session() {
     let b = serve(root.path(), node("node-b")).await;
     let sid = start_upload(&a, "/farm.bin", None, 100, 300).await;
     let (_, page) = get_json(&b, "/admin/sessions").await;
-    assert_eq!(ids(&page), [sid.clone()]);
+    assert_eq!(ids(&page), [sid.as_str()]);
     assert_eq!(page["sessions"][0]["node"], "node-a");
     // The next fragment goes to the other node, which then names itself.
     b.client()

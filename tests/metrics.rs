@@ -77,7 +77,9 @@ impl Snapshot {
 async fn a_scripted_upload_records_what_happened() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    recorder.install().expect("the only recorder of this test binary");
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
     axum_bits::metrics::describe();
 
     let server = TestServer::start(|b| b).await;
@@ -124,10 +126,7 @@ async fn a_scripted_upload_records_what_happened() {
     assert_eq!(s.counter(packets, "outcome=ok,packet=close_session"), 1);
     assert_eq!(s.counter(packets, "outcome=ok,packet=cancel_session"), 1);
     assert_eq!(
-        s.counter(
-            "bits_errors_total",
-            "code=0x0,packet=fragment,status=416"
-        ),
+        s.counter("bits_errors_total", "code=0x0,packet=fragment,status=416"),
         1
     );
     assert_eq!(s.series("bits_errors_total").len(), 1);
@@ -138,7 +137,10 @@ async fn a_scripted_upload_records_what_happened() {
     );
     assert_eq!(s.counter("bits_sessions_created_total", ""), 2);
     assert_eq!(s.counter("bits_sessions_ended_total", "reason=closed"), 1);
-    assert_eq!(s.counter("bits_sessions_ended_total", "reason=cancelled"), 1);
+    assert_eq!(
+        s.counter("bits_sessions_ended_total", "reason=cancelled"),
+        1
+    );
     assert_eq!(s.gauge("bits_sessions_open", ""), 0.0);
     assert_eq!(s.counter("bits_bytes_received_total", ""), total);
     assert_eq!(
@@ -151,7 +153,8 @@ async fn a_scripted_upload_records_what_happened() {
     );
     assert_eq!(s.histogram("bits_upload_size_bytes", ""), [total as f64]);
     assert_eq!(
-        s.histogram("bits_commit_duration_seconds", "outcome=ok").len(),
+        s.histogram("bits_commit_duration_seconds", "outcome=ok")
+            .len(),
         1
     );
     assert!(

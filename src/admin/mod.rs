@@ -513,7 +513,7 @@ pub(crate) async fn overview(shared: &Shared) -> Result<Overview, crate::store::
             recent.push(tombstone);
         }
     }
-    recent.sort_by(|a, b| b.ended_ms.cmp(&a.ended_ms));
+    recent.sort_by_key(|e| std::cmp::Reverse(e.ended_ms));
     recent.truncate(RECENT_MAX);
     overview.recent = recent;
     Ok(overview)

@@ -91,10 +91,10 @@ pub(crate) fn render(overview: &Overview) -> String {
     in_flight(&mut html, overview);
     deferred(&mut html, overview);
     recent(&mut html, overview);
-    let _ = write!(
+    let _ = writeln!(
         html,
         "<p class=\"muted\">Refreshes every {REFRESH_SECONDS} s. Rates are averages over each \
-         session's active time.</p></body></html>\n"
+         session's active time.</p></body></html>"
     );
     html
 }

@@ -606,6 +606,22 @@ fn write_all_at(file: &std::fs::File, mut data: &[u8], mut offset: u64) -> io::R
     Ok(())
 }
 
+/// Bytes free for an unprivileged writer on the filesystem of `dir`.
+#[cfg(unix)]
+async fn free_space(dir: &std::path::Path) -> Result<Option<u64>, StagingError> {
+    let dir = dir.to_owned();
+    let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir))
+        .await
+        .map_err(|e| StagingError::Io(std::io::Error::other(e)))?
+        .map_err(|e| StagingError::Io(e.into()))?;
+    Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
+}
+
+#[cfg(not(unix))]
+async fn free_space(_: &std::path::Path) -> Result<Option<u64>, StagingError> {
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,20 +1041,4 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-}
-
-/// Bytes free for an unprivileged writer on the filesystem of `dir`.
-#[cfg(unix)]
-async fn free_space(dir: &std::path::Path) -> Result<Option<u64>, StagingError> {
-    let dir = dir.to_owned();
-    let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir))
-        .await
-        .map_err(|e| StagingError::Io(std::io::Error::other(e)))?
-        .map_err(|e| StagingError::Io(e.into()))?;
-    Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
-}
-
-#[cfg(not(unix))]
-async fn free_space(_: &std::path::Path) -> Result<Option<u64>, StagingError> {
-    Ok(None)
 }
