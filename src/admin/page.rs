@@ -40,6 +40,11 @@ pub(crate) fn bytes(n: u64) -> String {
     }
 }
 
+/// [`bytes`] that never breaks between the number and its unit.
+fn bytes_nb(n: u64) -> String {
+    bytes(n).replace(' ', "&nbsp;")
+}
+
 /// `3 m 20 s`, for people.
 pub(crate) fn duration(ms: u64) -> String {
     let s = ms / 1000;
@@ -72,9 +77,11 @@ body{font-family:system-ui,sans-serif;margin:0 auto;padding:0.5rem;max-width:72r
 h1{font-size:1.3rem}h2{font-size:1.1rem;margin-top:1.5rem}\
 .totals{display:flex;flex-wrap:wrap;gap:0.5rem 1.5rem}.totals div{white-space:nowrap}\
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:0.3rem;border-bottom:1px solid #ddd;vertical-align:top}\
-td.name{word-break:break-all}progress{width:100%;min-width:5rem}\
+td.name{overflow-wrap:anywhere}progress{flex:1;min-width:4rem}\
+.bar{display:flex;align-items:center;gap:0.4rem}.id{font-size:0.75em}\
 .muted{color:#666}.wrap{overflow-x:auto}\
-@media (max-width:40rem){th.wide,td.wide{display:none}}";
+@media (max-width:40rem){th.wide,td.wide,.id{display:none}progress{flex:none;width:3.5rem;min-width:0}\
+.bar{flex-direction:column;align-items:flex-start;gap:0}}";
 
 /// The whole page.
 pub(crate) fn render(overview: &Overview) -> String {
@@ -147,19 +154,19 @@ fn in_flight(html: &mut String, o: &Overview) {
     for s in &o.in_flight {
         let progress = match percent(s.received, s.total) {
             Some(p) => format!(
-                "<progress max=\"100\" value=\"{p}\">{p}%</progress> <span class=\"percent\">{p}%</span>"
+                "<span class=\"bar\"><progress max=\"100\" value=\"{p}\">{p}%</progress> <span class=\"percent\">{p}%</span></span>"
             ),
             None => "<span class=\"muted\">size not known yet</span>".to_owned(),
         };
-        let total = s.total.map_or_else(|| "?".to_owned(), bytes);
-        let rate = rate(s).map_or_else(|| "–".to_owned(), |r| format!("{}/s", bytes(r)));
+        let total = s.total.map_or_else(|| "?".to_owned(), bytes_nb);
+        let rate = rate(s).map_or_else(|| "–".to_owned(), |r| format!("{}/s", bytes_nb(r)));
         let _ = write!(
             html,
             "<tr class=\"session\" data-session=\"{id}\" data-received=\"{received}\" \
-             data-total=\"{total_raw}\"><td class=\"name\">{dest}<br><span class=\"muted\">{id}</span></td>\
-             <td>{progress}</td><td>{} / {total}</td><td class=\"wide\">{rate}</td><td>{}</td>\
+             data-total=\"{total_raw}\"><td class=\"name\">{dest}<br><span class=\"muted id\">{id}</span></td>\
+             <td>{progress}</td><td class=\"num\">{} / {total}</td><td class=\"wide num\">{rate}</td><td class=\"num\">{}</td>\
              <td class=\"wide\">{}</td></tr>",
-            bytes(s.received),
+            bytes_nb(s.received),
             duration(o.now_ms.saturating_sub(s.last_activity_ms)),
             owner_cell(s.owner.as_deref(), s.peer.as_deref()),
             id = s.id,
@@ -224,11 +231,11 @@ fn recent(html: &mut String, o: &Overview) {
         let _ = write!(
             html,
             "<tr class=\"ended\" data-session=\"{}\"><td class=\"name\">{}</td><td>{how}</td>\
-             <td>{} / {}</td><td>{} ago</td><td class=\"wide\">{}</td></tr>",
+             <td class=\"num\">{} / {}</td><td class=\"num\">{} ago</td><td class=\"wide\">{}</td></tr>",
             e.id,
             escape(destination),
-            bytes(*received),
-            total.map_or_else(|| "?".to_owned(), bytes),
+            bytes_nb(*received),
+            total.map_or_else(|| "?".to_owned(), bytes_nb),
             duration(o.now_ms.saturating_sub(*ended_ms)),
             owner_cell(owner.as_deref(), None),
         );
@@ -324,10 +331,10 @@ mod tests {
             html.contains("<progress max=\"100\" value=\"50\">"),
             "{html}"
         );
-        assert!(html.contains("512.0 KiB / 1.0 MiB"), "{html}");
+        assert!(html.contains("512.0&nbsp;KiB / 1.0&nbsp;MiB"), "{html}");
         // 512 KiB over the 2 s between creation and the last packet.
-        assert!(html.contains("256.0 KiB/s"), "{html}");
-        assert!(html.contains("<td>7 s</td>"), "{html}");
+        assert!(html.contains("256.0&nbsp;KiB/s"), "{html}");
+        assert!(html.contains(">7 s</td>"), "{html}");
         assert!(html.contains("anonymous"));
     }
 
