@@ -5,15 +5,16 @@ use std::time::Duration;
 use crate::FRAGMENT;
 
 pub(crate) const USAGE: &str =
-    "usage: throughput [--quick] [--only a,b,c,d] [--runs N] [--no-warm-up] [part flags]
+    "usage: throughput [--quick] [--only a,b,c,d,e] [--runs N] [--no-warm-up] [part flags]
   --quick               a CI-sized run of every part (sizes below in brackets)
-  --only LIST           run only these parts, e.g. a,c (default: a,b,c,d)
+  --only LIST           run only these parts, e.g. a,c (default: a,b,c,d,e)
   --runs N              repeat (a) and (b) N times, print the spread and judge the
                         medians (default 3 [1])
   --no-warm-up          skip the untimed page-cache warm-up before each measurement
   --mib N               (a) upload size in MiB, a multiple of 8; also the small upload of (d)
                         (default 1024 [64])
-  --b-fragments N       (b) 64 KiB fragments / POSTs per measurement (default 4096 [512])
+  --b-fragments N       (b) and (e) 64 KiB fragments / POSTs per measurement
+                        (default 4096 [512])
   --b-streams N         (b) concurrent uploads / POST streams of the extra row (default 8)
   --c-sessions N        (c) concurrent sessions (default 1000 [100])
   --c-size-kib N        (c) upload size per session in KiB (default 1024 [256])
@@ -23,7 +24,9 @@ pub(crate) const USAGE: &str =
   --c-baseline          (c) also send the same paced load as plain POSTs to the baseline,
                         with and without an fsync per file (default in a full run)
   --no-c-baseline       (c) skip those
-  --d-mib N             (d) large upload size in MiB, a multiple of 8 (default 4096 [256])";
+  --d-mib N             (d) large upload size in MiB, a multiple of 8 (default 4096 [256])
+  --e-runs N            (e) runs, each a fresh server whose recorder is switched off and on
+                        between blocks of fragments (default 5 [3])";
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Parts {
@@ -31,6 +34,7 @@ pub(crate) struct Parts {
     pub(crate) b: bool,
     pub(crate) c: bool,
     pub(crate) d: bool,
+    pub(crate) e: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +61,8 @@ pub(crate) struct Options {
     /// `--quick`).
     pub(crate) c_baseline: bool,
     pub(crate) d_total: u64,
+    /// (e): runs, each a fresh server whose recorder is switched between blocks of fragments.
+    pub(crate) e_runs: usize,
 }
 
 impl Options {
@@ -71,6 +77,7 @@ impl Options {
         let (mut c_sessions, mut c_size, mut c_fragment, mut c_rate, mut c_ramp) =
             (None, None, None, None, None);
         let mut d_mib = None;
+        let mut e_runs = None;
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
@@ -101,6 +108,7 @@ impl Options {
                 "--c-rate-kib" => c_rate = Some(value("--c-rate-kib")?),
                 "--c-ramp-ms" => c_ramp = Some(value("--c-ramp-ms")?),
                 "--d-mib" => d_mib = Some(value("--d-mib")?),
+                "--e-runs" => e_runs = Some(to_usize(value("--e-runs")?)?),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -141,6 +149,7 @@ impl Options {
                 b: true,
                 c: true,
                 d: true,
+                e: true,
             }),
             runs,
             warm_up,
@@ -150,6 +159,7 @@ impl Options {
             c,
             c_baseline: c_baseline.unwrap_or(!quick),
             d_total: d_mib << 20,
+            e_runs: e_runs.unwrap_or(if quick { 3 } else { 5 }),
         }))
     }
 }
@@ -164,6 +174,7 @@ fn parse_parts(list: &str) -> Result<Parts, String> {
         b: false,
         c: false,
         d: false,
+        e: false,
     };
     for part in list.split(',').map(str::trim) {
         match part {
@@ -171,7 +182,8 @@ fn parse_parts(list: &str) -> Result<Parts, String> {
             "b" => parts.b = true,
             "c" => parts.c = true,
             "d" => parts.d = true,
-            other => return Err(format!("unknown part {other:?} in --only (a, b, c or d)")),
+            "e" => parts.e = true,
+            other => return Err(format!("unknown part {other:?} in --only (a to e)")),
         }
     }
     Ok(parts)

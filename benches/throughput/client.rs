@@ -1,10 +1,10 @@
 //! The HTTP clients of (a), (b) and (d): reqwest, one client (so one kept-alive connection)
-//! per stream, every body a `Bytes` slice of the payload. The paced clients of (c) are in
-//! `paced.rs`.
+//! per stream, every body a `Bytes` slice of the payload; (e) sends its BITS packets one by
+//! one. The paced clients of (c) are in `paced.rs`.
 
 use std::time::Instant;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 
 use crate::scenario::{Scenario, Workload, stream_file};
@@ -58,54 +58,85 @@ async fn upload_bits(
     fragment: &Bytes,
     n: u64,
 ) -> Result<f64, Error> {
-    let bits_post = reqwest::Method::from_bytes(b"BITS_POST")?;
     let total = fragment.len() as u64 * n;
+    let session = create_session(client, url).await?;
+    let mut offset = 0u64;
+    let mut last_fragment = Instant::now();
+    while offset < total {
+        last_fragment = Instant::now();
+        offset = send_fragment(client, url, &session, fragment, offset, total).await?;
+    }
+    close_session(client, url, session).await?;
+    Ok(last_fragment.elapsed().as_secs_f64())
+}
 
+fn bits_post() -> Result<reqwest::Method, Error> {
+    Ok(reqwest::Method::from_bytes(b"BITS_POST")?)
+}
+
+/// Create-Session; returns the session id.
+pub(crate) async fn create_session(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<HeaderValue, Error> {
     let reply = client
-        .request(bits_post.clone(), url)
+        .request(bits_post()?, url)
         .header("BITS-Packet-Type", "Create-Session")
         .header("BITS-Supported-Protocols", PROTOCOL)
         .send()
         .await?;
     let reply = expect_ok(reply, "Create-Session").await?;
-    let session = reply
+    Ok(reply
         .headers()
         .get("BITS-Session-Id")
         .ok_or("no BITS-Session-Id on the Create-Session Ack")?
-        .clone();
+        .clone())
+}
 
-    let mut offset = 0u64;
-    let mut last_fragment = Instant::now();
-    while offset < total {
-        let end = offset + fragment.len() as u64;
-        last_fragment = Instant::now();
-        let reply = client
-            .request(bits_post.clone(), url)
-            .header("BITS-Packet-Type", "Fragment")
-            .header("BITS-Session-Id", session.clone())
-            .header(
-                "Content-Range",
-                format!("bytes {offset}-{}/{total}", end - 1),
-            )
-            .body(fragment.clone())
-            .send()
-            .await?;
-        let reply = expect_ok(reply, "Fragment").await?;
-        let received = received_range(reply.headers());
-        if received != Some(end) {
-            return Err(format!("fragment ending at {end}: server reports {received:?}").into());
-        }
-        offset = end;
-    }
-
+/// One Fragment of `fragment`'s bytes at `offset` of a `total`-byte upload; checks the Ack's
+/// `BITS-Received-Content-Range` and returns it (the next offset).
+pub(crate) async fn send_fragment(
+    client: &reqwest::Client,
+    url: &str,
+    session: &HeaderValue,
+    fragment: &Bytes,
+    offset: u64,
+    total: u64,
+) -> Result<u64, Error> {
+    let end = offset + fragment.len() as u64;
     let reply = client
-        .request(bits_post, url)
+        .request(bits_post()?, url)
+        .header("BITS-Packet-Type", "Fragment")
+        .header("BITS-Session-Id", session.clone())
+        .header(
+            "Content-Range",
+            format!("bytes {offset}-{}/{total}", end - 1),
+        )
+        .body(fragment.clone())
+        .send()
+        .await?;
+    let reply = expect_ok(reply, "Fragment").await?;
+    let received = received_range(reply.headers());
+    if received != Some(end) {
+        return Err(format!("fragment ending at {end}: server reports {received:?}").into());
+    }
+    Ok(end)
+}
+
+/// Close-Session.
+pub(crate) async fn close_session(
+    client: &reqwest::Client,
+    url: &str,
+    session: HeaderValue,
+) -> Result<(), Error> {
+    let reply = client
+        .request(bits_post()?, url)
         .header("BITS-Packet-Type", "Close-Session")
         .header("BITS-Session-Id", session)
         .send()
         .await?;
     expect_ok(reply, "Close-Session").await?;
-    Ok(last_fragment.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// The same POSTs to the baseline handler, appending to one file.

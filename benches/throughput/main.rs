@@ -1,10 +1,11 @@
 //! The benchmark program of axum-bits: the BITS layer against a plain axum handler that
 //! streams POST bodies to a file, in four parts, each against a target of the performance
-//! issue. One run prints every part's table and ends with a summary: one line per target with
-//! the measured value, the target and PASS or MISS.
+//! issue, and a fifth, (e), on what a metrics recorder costs the BITS server. One run prints
+//! every part's table and ends with a summary: one line per target with the measured value,
+//! the target and PASS or MISS.
 //!
 //! ```text
-//! cargo bench --bench throughput                    # the full run (all four parts)
+//! cargo bench --bench throughput                    # the full run (all five parts)
 //! cargo bench --bench throughput -- --quick         # a CI-sized run of every part and code path
 //! cargo bench --bench throughput -- --only a,c      # some of the parts
 //! cargo bench --bench throughput -- --runs 5        # (a) and (b) five times (full run: 3)
@@ -102,19 +103,72 @@
 //! bench folder is checked (with `df`) before the large upload. Targets: both < 64 MiB, and
 //! large / small within 0.90 ..= 1.10.
 //!
+//! # (e) A metrics recorder's cost
+//!
+//! The crate records its metrics through the `metrics` facade and installs no recorder; with
+//! none installed each record is an atomic load. (e) measures what an installed one costs on
+//! the sequential upload of (b): 4,096 Fragments of 64 KiB (`--b-fragments`; `--quick`: 512)
+//! to a bits server with a Prometheus recorder (`metrics-exporter-prometheus`) installed as
+//! its global recorder at start-up (`AXUM_BITS_BENCH_RECORDER=1`), built as the crate's
+//! documentation advises: `PrometheusBuilder::new()` with `DURATION_BUCKETS` for
+//! `Matcher::Suffix("_seconds")` and `SIZE_BUCKETS` for `Matcher::Suffix("_bytes")`,
+//! `build_recorder()`, then `axum_bits::metrics::describe()`, and an upkeep task every 5 s as
+//! `PrometheusBuilder::install` would run.
+//!
+//! The recorder sits behind a switch (`servers::Switched`: a `metrics::Recorder` that passes
+//! each record to the Prometheus recorder while an `AtomicBool` is on, to
+//! `metrics::NoopRecorder` while it is off; `PUT /recorder/on|off` flips it). The client sends
+//! the Fragments in blocks of 32, switching the recorder before each block (untimed), and adds
+//! each block's time (first request sent .. last Ack) and the server's
+//! CPU time over it to the state it ran in. Two server processes, one per state, would not
+//! do: on the development VM two processes of the same server, measured in alternating blocks,
+//! differed by up to 17 % in fragments per second, more than the cost to be measured; within
+//! one process both states share the machine's moods, the part file and the session. Off
+//! costs what no recorder costs plus one indirect call and one atomic load per record (a
+//! Fragment makes eight or so: its packet's count and duration, its size, the byte counters,
+//! the durations of its store calls). Create-Session, the first Fragment (which creates the
+//! part file), the last one (which commits) and Close-Session are sent untimed, the recorder
+//! on.
+//!
+//! The blocks go in pairs, one off and one on, in an order drawn at random for each pair. In a
+//! strict off, on, off, on, whatever recurs every even number of blocks (such as the part's
+//! write-back every 32 MiB, 16 blocks) falls in blocks of one state: in one full run the
+//! measured cost flipped sign with the first block's state, by about 10 %.
+//!
+//! 5 runs (`--e-runs`; `--quick`: 3), each in a fresh server after the warm-up. Each run
+//! prints the fragments per second of each state (its fragments / the sum of its blocks'
+//! times), their ratio on / off, and the median of its pairs' ratios (the off block's time /
+//! the on block's). The cost is 1 - the median of the pairs' ratios over all runs: the
+//! machine's stalls (a write-back, another process) slow one block of a pair and move a run's
+//! totals either way by several percent, at times more than 10 %, but hardly the median of
+//! its pairs. Target: cost <= 5 %.
+//! The summary also gives 1 - the median of the runs' ratios of totals, for context. The
+//! server's CPU time per fragment of each state is compared as the median of the runs' on /
+//! off - 1. It is the sum of `se.sum_exec_runtime` over the server's threads
+//! (`/proc/<pid>/task/*/sched`, in nanoseconds; the clock ticks of `/proc/<pid>/stat` are too
+//! coarse for blocks of 32 fragments), "-" where the kernel lacks those files.
+//!
+//! After each run the server's `GET /metrics` is fetched. Its `bits_packets_total` must count
+//! exactly the Fragments sent with the recorder on (so the switch works both ways), and it
+//! must hold neither the upload's session id nor any GUID (8-4-4-4-12 hex digits, with or
+//! without braces), nor the file name; the last run's is printed as a count of series (sample
+//! lines, each histogram bucket one) per metric. A failed check is an error.
+//!
 //! # Layout
 //!
-//! `cli.rs` the flags; `servers.rs` the two servers and their child processes; `client.rs` the
-//! reqwest clients of (a), (b) and (d), `paced.rs` the paced clients of (c); `measure.rs` the
-//! `/proc` and `df` readings; `payload.rs` the bytes sent, the warm-up and the check of the
-//! files; `scenario.rs` one measurement of (a), (b) or (d); `large.rs`, `small.rs`,
-//! `concurrent.rs` and `memory.rs` the parts (a) to (d); `report.rs` the summary.
+//! `cli.rs` the flags; `servers.rs` the two servers and their child processes (and the
+//! switched recorder of (e)); `client.rs` the reqwest clients of (a), (b), (d) and (e),
+//! `paced.rs` the paced clients of (c); `measure.rs` the `/proc` and `df` readings;
+//! `payload.rs` the bytes sent, the warm-up and the check of the files; `scenario.rs` one
+//! measurement of (a), (b) or (d); `large.rs`, `small.rs`, `concurrent.rs`, `memory.rs` and
+//! `recorder.rs` the parts (a) to (e); `report.rs` the summary.
 //!
 //! # Exit status
 //!
 //! 0 when every selected part ran without an error, whether or not its targets were met
 //! (timings on a shared machine are noisy; the summary says PASS or MISS); 1 when a part could
-//! not run (a server or disk error, a wrong file) or (c) saw any error; 2 for bad arguments.
+//! not run (a server or disk error, a wrong file, a failed check of (e)'s Prometheus text) or
+//! (c) saw any error; 2 for bad arguments.
 
 mod cli;
 mod client;
@@ -124,6 +178,7 @@ mod measure;
 mod memory;
 mod paced;
 mod payload;
+mod recorder;
 mod report;
 mod scenario;
 mod servers;
@@ -251,6 +306,11 @@ fn run(options: &Options) -> Summary {
     if options.parts.d {
         if let Err(e) = memory::part_d(options, &payload, &base, a_bits, &mut summary) {
             summary.error("d", &e);
+        }
+    }
+    if options.parts.e {
+        if let Err(e) = recorder::part_e(options, &payload, &base, &mut summary) {
+            summary.error("e", &e);
         }
     }
     drop(bench_dir);

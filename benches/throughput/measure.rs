@@ -66,6 +66,40 @@ pub(crate) fn proc_cpu_secs(pid: Option<u32>) -> Result<f64, Error> {
     }
 }
 
+/// The CPU time of a process's threads now alive, in seconds, to the nanosecond: the sum of
+/// `se.sum_exec_runtime` (ms) in `/proc/<pid>/task/*/sched`. `None` where the kernel does not
+/// have those files (a debugging interface some kernels leave out). Unlike the clock ticks of
+/// [`proc_cpu_secs`], it can tell a few milliseconds apart; a thread that has exited no longer
+/// counts.
+pub(crate) fn threads_cpu_secs(pid: u32) -> Result<Option<f64>, Error> {
+    if !Path::new(&format!("/proc/{pid}/sched")).exists() {
+        return Ok(None);
+    }
+    let mut total_ms = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let sched = match std::fs::read_to_string(task?.path().join("sched")) {
+            Ok(sched) => sched,
+            // The thread has just exited.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let runtime = sched.lines().find_map(|line| {
+            let value = line.strip_prefix("se.sum_exec_runtime")?;
+            value
+                .trim_start()
+                .strip_prefix(':')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+        match runtime {
+            Some(ms) => total_ms += ms,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(total_ms / 1e3))
+}
+
 /// The soft limit on open files of this process (inherited by the servers).
 pub(crate) fn open_files_limit() -> Result<u64, Error> {
     let limits = std::fs::read_to_string("/proc/self/limits")?;

@@ -1,5 +1,6 @@
 //! The servers, each in a child process: this program re-executed with
-//! `AXUM_BITS_BENCH_SERVER=bits|baseline`.
+//! `AXUM_BITS_BENCH_SERVER=bits|baseline`. With `AXUM_BITS_BENCH_RECORDER=1` the bits server
+//! of part (e) has a Prometheus recorder installed behind a switch ([`Switched`]).
 //!
 //! The process handling is the tests' child-server harness, `tests/common/node.rs`: the parent
 //! starts a child with [`NodeCommand`] and waits for its `LISTENING <addr>` line; the [`Node`]
@@ -22,14 +23,20 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum_bits::BitsLayer;
 use http_body_util::BodyExt as _;
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Metadata, NoopRecorder, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::Error;
@@ -49,6 +56,9 @@ const ROOT_ENV: &str = "AXUM_BITS_BENCH_ROOT";
 const SYNC_DATA_ENV: &str = "AXUM_BITS_BENCH_SYNC_DATA";
 /// `1`: the bits server commits without fsyncs (`sync_on_commit(false)`).
 pub(crate) const NO_COMMIT_SYNC_ENV: &str = "AXUM_BITS_BENCH_NO_COMMIT_SYNC";
+/// `1`: the bits server has a Prometheus recorder installed behind a switch, off at start;
+/// `PUT /recorder/on` and `PUT /recorder/off` turn it on and off, `GET /metrics` renders it.
+pub(crate) const RECORDER_ENV: &str = "AXUM_BITS_BENCH_RECORDER";
 /// Raises the bits server's `max_sessions` and `max_sessions_per_owner` to this.
 pub(crate) const MAX_SESSIONS_ENV: &str = "AXUM_BITS_BENCH_MAX_SESSIONS";
 /// Asks the baseline handler to fsync the file after writing the body.
@@ -92,9 +102,12 @@ pub(crate) fn serve(role: &str) -> Result<(), Error> {
                     let limit: usize = limit.parse()?;
                     builder = builder.max_sessions(limit).max_sessions_per_owner(limit);
                 }
-                Router::new()
-                    .route("/", get(|| async { "axum-bits benchmark server" }))
-                    .layer(builder.build()?)
+                let mut app =
+                    Router::new().route("/", get(|| async { "axum-bits benchmark server" }));
+                if std::env::var_os(RECORDER_ENV).is_some_and(|v| v == "1") {
+                    app = app.merge(recorder_routes()?);
+                }
+                app.layer(builder.build()?)
             }
             "baseline" => Router::new()
                 .route("/{name}", post(baseline_upload))
@@ -106,6 +119,100 @@ pub(crate) fn serve(role: &str) -> Result<(), Error> {
         axum::serve(listener, app).await?;
         Ok(())
     })
+}
+
+/// Installs a Prometheus recorder as the global recorder, behind a [`Switched`] that is off,
+/// and returns the routes that turn it on and off and render it.
+///
+/// The recorder is configured as the crate's documentation advises (its buckets for the
+/// `_seconds` and `_bytes` histograms), the metrics are described, and its upkeep runs every
+/// 5 s on the runtime (the interval `PrometheusBuilder::install` uses), as an application's
+/// would. Must run inside the runtime.
+fn recorder_routes() -> Result<Router, Error> {
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            axum_bits::metrics::DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_bytes".into()),
+            axum_bits::metrics::SIZE_BUCKETS,
+        )?
+        .build_recorder();
+    let handle = prometheus.handle();
+    let on = Arc::new(AtomicBool::new(false));
+    let switched = Switched {
+        on: Arc::clone(&on),
+        inner: prometheus,
+    };
+    metrics::set_global_recorder(switched).map_err(|e| e.to_string())?;
+    axum_bits::metrics::describe();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let switch = |to: bool| {
+        let on = Arc::clone(&on);
+        move || {
+            on.store(to, Ordering::Release);
+            std::future::ready(StatusCode::NO_CONTENT)
+        }
+    };
+    Ok(Router::new()
+        .route("/recorder/on", put(switch(true)))
+        .route("/recorder/off", put(switch(false)))
+        .route("/metrics", get(move || std::future::ready(handle.render()))))
+}
+
+/// A recorder that passes every metric to the Prometheus recorder while `on`, and to
+/// [`NoopRecorder`] (what the facade uses when no recorder is installed) while off.
+///
+/// A global recorder cannot be uninstalled; this lets one server process be measured both
+/// ways. The `metrics` macros ask the recorder for a handle at every record, so the switch
+/// takes effect at the next record. Off, a record costs what it costs with no recorder plus
+/// this call and the load of `on`. Descriptions always go to the Prometheus recorder.
+struct Switched {
+    on: Arc<AtomicBool>,
+    inner: PrometheusRecorder,
+}
+
+impl Switched {
+    fn recorder(&self) -> &dyn Recorder {
+        if self.on.load(Ordering::Acquire) {
+            &self.inner
+        } else {
+            &NoopRecorder
+        }
+    }
+}
+
+impl Recorder for Switched {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.recorder().register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.recorder().register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.recorder().register_histogram(key, metadata)
+    }
 }
 
 /// The baseline: append the body to `root/name`, one frame at a time.

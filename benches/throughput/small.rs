@@ -10,8 +10,8 @@ use crate::cli::Options;
 use crate::report::{Summary, median, mib, spread};
 use crate::scenario::{Scenario, Workload, final_secs, measure};
 
-/// Size of every fragment / POST body in (b).
-const SMALL_FRAGMENT: usize = 64 << 10;
+/// Size of every fragment / POST body in (b) and (e).
+pub(crate) const SMALL_FRAGMENT: usize = 64 << 10;
 
 pub(crate) fn part_b(
     options: &Options,
