@@ -190,6 +190,7 @@ where
     use http::StatusCode;
 
     let live = handle.clone();
+    let recent = std::sync::Arc::new(Recent::default());
     axum::Router::new()
         .route(
             "/livez",
@@ -208,8 +209,9 @@ where
             "/readyz",
             get(move || {
                 let handle = handle.clone();
+                let recent = recent.clone();
                 async move {
-                    let readiness = handle.readiness(&check).await;
+                    let readiness = recent.get(&handle, &check).await;
                     let status = if readiness.ready {
                         StatusCode::OK
                     } else {
@@ -225,4 +227,33 @@ where
                 }
             }),
         )
+}
+
+/// How long `/readyz` reuses a check's outcome.
+#[cfg(feature = "axum")]
+const REUSE: Duration = Duration::from_secs(1);
+
+/// The last readiness check of the `/readyz` route, reused for [`REUSE`]: the route needs no
+/// authentication, and each check writes and deletes a probe part (two requests on object
+/// storage), so a client polling it in a loop must not turn into that much staging work.
+/// Concurrent probes wait for the one check in progress.
+#[cfg(feature = "axum")]
+#[derive(Default)]
+struct Recent(tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>);
+
+#[cfg(feature = "axum")]
+impl Recent {
+    async fn get(&self, handle: &crate::BitsHandle, check: &ReadinessCheck) -> Readiness {
+        let mut last = self.0.lock().await;
+        // The lifecycle is read afresh every time: draining must show at once.
+        let running = handle.shared.lifecycle.state() == State::Running;
+        if let Some((at, readiness)) = last.as_ref() {
+            if running && readiness.ready && at.elapsed() < REUSE {
+                return readiness.clone();
+            }
+        }
+        let readiness = handle.readiness(check).await;
+        *last = Some((std::time::Instant::now(), readiness.clone()));
+        readiness
+    }
 }

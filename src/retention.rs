@@ -19,12 +19,17 @@ pub(crate) fn is_due(shared: &Shared, record: &SessionRecord, now: u64) -> bool 
     if record.is_deferred() {
         return false;
     }
-    let keep = if record.is_open() {
+    is_expired(record, now, duration_ms(keep_time(shared, record)))
+}
+
+/// How long `record` is kept after its last packet: the session timeout while it is open,
+/// the tombstone retention once it ended.
+pub(crate) fn keep_time(shared: &Shared, record: &SessionRecord) -> std::time::Duration {
+    if record.is_open() {
         shared.config.session_timeout
     } else {
         tombstone_retention(shared)
-    };
-    is_expired(record, now, duration_ms(keep))
+    }
 }
 
 /// The tombstone retention, never longer than the session timeout.

@@ -119,7 +119,8 @@ pub struct SessionQuery {
     /// Only sessions whose destination (relative to the upload root, `/`-separated) starts
     /// with this.
     pub destination_prefix: Option<String>,
-    /// Where the page starts: the `next` of the previous page.
+    /// Where the page starts: the `next` of the previous page. A cursor no page handed out
+    /// starts at the first page (the admin router answers it with 400).
     pub cursor: Option<String>,
     /// Sessions per page: default 100, at most 1,000.
     pub limit: Option<usize>,
@@ -275,14 +276,7 @@ pub struct DeferredInfo {
 impl SessionInfo {
     pub(crate) fn of(shared: &Shared, record: &SessionRecord) -> Self {
         let state = SessionState::of(record);
-        let keep = if record.is_open() {
-            shared.config.session_timeout
-        } else {
-            shared
-                .config
-                .tombstone_retention
-                .min(shared.config.session_timeout)
-        };
+        let keep = crate::retention::keep_time(shared, record);
         let expires_ms =
             (!record.is_deferred()).then(|| record.updated_ms.saturating_add(duration_ms(keep)));
         Self {
@@ -429,14 +423,8 @@ pub(crate) async fn sessions(
     query: &SessionQuery,
 ) -> Result<SessionPage, crate::store::StoreError> {
     let now = now_ms();
-    let mut matching: Vec<SessionRecord> = shared
-        .store
-        .list()
-        .await?
-        .into_iter()
-        .filter(|r| shared.is_under_prefix(r) && query.matches(r, now))
-        .collect();
-    matching.sort_by_key(|r| (r.created_ms, r.id));
+    let mut matching = listed(shared).await?;
+    matching.retain(|r| query.matches(r, now));
     let start = match query.cursor.as_deref().and_then(parse_cursor) {
         Some(after) => matching.partition_point(|r| (r.created_ms, r.id) <= after),
         None => 0,
@@ -454,6 +442,19 @@ pub(crate) async fn sessions(
     })
 }
 
+/// The records of `shared`'s prefix, oldest first (by creation, then id: the cursor's order).
+async fn listed(shared: &Shared) -> Result<Vec<SessionRecord>, crate::store::StoreError> {
+    let mut records = shared.store.list().await?;
+    records.retain(|r| shared.is_under_prefix(r));
+    records.sort_by_key(|r| (r.created_ms, r.id));
+    Ok(records)
+}
+
+/// Whether `cursor` is one a page handed out.
+pub(crate) fn is_cursor(cursor: &str) -> bool {
+    parse_cursor(cursor).is_some()
+}
+
 /// A cursor: the sort key of the last session of a page, `created_ms` and id.
 fn cursor_of(record: &SessionRecord) -> String {
     let id = record.id.to_string();
@@ -468,14 +469,7 @@ fn parse_cursor(cursor: &str) -> Option<(u64, SessionId)> {
 /// The status page's data.
 pub(crate) async fn overview(shared: &Shared) -> Result<Overview, crate::store::StoreError> {
     let now = now_ms();
-    let mut records: Vec<SessionRecord> = shared
-        .store
-        .list()
-        .await?
-        .into_iter()
-        .filter(|r| shared.is_under_prefix(r))
-        .collect();
-    records.sort_by_key(|r| (r.created_ms, r.id));
+    let records = listed(shared).await?;
     let mut overview = Overview {
         now_ms: now,
         in_flight: Vec::new(),

@@ -139,7 +139,8 @@ fn parse_query(raw: Option<&str>) -> Result<SessionQuery, String> {
                 query.idle_longer_than = Some(Duration::from_secs(seconds));
             }
             "destination_prefix" => query.destination_prefix = Some(value),
-            "cursor" => query.cursor = Some(value),
+            "cursor" if super::is_cursor(&value) => query.cursor = Some(value),
+            "cursor" => return Err("the cursor is not one a page handed out".to_owned()),
             "limit" => {
                 query.limit = Some(value.parse().map_err(|_| "limit is a number".to_owned())?);
             }
@@ -221,14 +222,17 @@ mod tests {
     #[test]
     fn parses_every_filter() {
         let q = parse_query(Some(
-            "state=receiving&owner=a+b%2Fc&idle_longer_than=60&destination_prefix=dir%2F&cursor=x&limit=5",
+            "state=receiving&owner=a+b%2Fc&idle_longer_than=60&destination_prefix=dir%2F&cursor=17-6f1c2a3e-0b4d-4c5e-8f70-1a2b3c4d5e6f&limit=5",
         ))
         .unwrap();
         assert_eq!(q.state, Some(SessionState::Receiving));
         assert_eq!(q.owner.as_deref(), Some("a b/c"));
         assert_eq!(q.idle_longer_than, Some(Duration::from_secs(60)));
         assert_eq!(q.destination_prefix.as_deref(), Some("dir/"));
-        assert_eq!(q.cursor.as_deref(), Some("x"));
+        assert_eq!(
+            q.cursor.as_deref(),
+            Some("17-6f1c2a3e-0b4d-4c5e-8f70-1a2b3c4d5e6f")
+        );
         assert_eq!(q.limit, Some(5));
         assert_eq!(parse_query(None).unwrap(), SessionQuery::new());
     }
@@ -239,6 +243,7 @@ mod tests {
         assert!(parse_query(Some("idle_longer_than=1h")).is_err());
         assert!(parse_query(Some("limit=-1")).is_err());
         assert!(parse_query(Some("colour=red")).is_err());
+        assert!(parse_query(Some("cursor=x")).is_err());
         assert!(parse_query(Some("owner=%FF")).is_err());
     }
 }
