@@ -152,11 +152,11 @@ impl DeferredCompletions {
 /// Attempts the deferred commit of `id` if it is due. Returns when its next attempt is due if
 /// it is still pending.
 async fn attempt(shared: &Shared, id: SessionId) -> Result<Option<u64>, StoreError> {
-    let Some(guard) = shared.locks.try_lock(id).await? else {
+    let Some(locked) = shared.locks.try_lock(id).await? else {
         // A packet for the session is running; come back soon.
         return Ok(Some(now_ms() + 1_000));
     };
-    let Some(mut session) = shared.load_locked(guard, id).await? else {
+    let Some(mut session) = shared.locked(locked).await else {
         return Ok(None);
     };
     let Some(state) = session.record.deferred.clone() else {

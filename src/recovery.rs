@@ -84,10 +84,10 @@ pub(crate) async fn recover(shared: &Shared) -> Result<RecoveryReport, RecoveryE
     report.sessions = records.len();
 
     for id in parts {
-        let Some(guard) = shared.locks.lock_or_skip(id).await? else {
+        let Some(locked) = shared.locks.lock_or_skip(id).await? else {
             continue;
         };
-        let keep = match shared.load_locked(guard, id).await? {
+        let keep = match shared.locked(locked).await {
             Some(session) => session.record.is_open() || session.record.is_deferred(),
             None => false,
         };
@@ -189,12 +189,12 @@ pub(crate) async fn remove_orphan_replies(
 ) -> Result<usize, RecoveryError> {
     let mut removed = 0;
     for id in ids {
-        let Some(guard) = shared.locks.lock_or_skip(id).await? else {
+        let Some(locked) = shared.locks.lock_or_skip(id).await? else {
             continue;
         };
         let keep = shared
-            .load_locked(guard, id)
-            .await?
+            .locked(locked)
+            .await
             .is_some_and(|s| s.record.is_open() && s.record.outcome.is_some());
         if !keep {
             shared.remove_replies(replies, id).await?;

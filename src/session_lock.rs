@@ -19,8 +19,8 @@ use http::StatusCode;
 
 use crate::keyed_lock::{KeyedGuard, KeyedLock};
 use crate::protocol::{Ack, Hresult};
-use crate::session::SessionId;
-use crate::store::{DynStore, StoreError};
+use crate::session::{SessionId, SessionRecord};
+use crate::store::{DynStore, Leased, StoreError};
 
 /// First pause between attempts to take a lease another node holds; doubles up to
 /// [`MAX_POLL`].
@@ -86,13 +86,15 @@ impl SessionLocks {
         }
     }
 
-    /// Locks session `id`, waiting for a holder in this process and, on a shared store, for up
-    /// to two lease lifetimes for a holder elsewhere (a dead holder's lease lapses within
-    /// one).
-    pub(crate) async fn lock(&self, id: SessionId) -> Result<SessionGuard, LockError> {
+    /// Locks session `id` and loads its record (`None`: there is none), waiting for a holder
+    /// in this process and, on a shared store, for up to two lease lifetimes for a holder
+    /// elsewhere (a dead holder's lease lapses within one). On a shared store, taking the
+    /// lease and loading are one store call.
+    pub(crate) async fn lock(&self, id: SessionId) -> Result<Locked, LockError> {
         let local = self.local.lock(id).await;
         if !self.leased {
-            return Ok(SessionGuard::local(local));
+            let record = self.store.load(id).await?;
+            return Ok((SessionGuard::local(local), record));
         }
         let holder = self.holder();
         let started = Instant::now();
@@ -100,11 +102,11 @@ impl SessionLocks {
         let mut pause = FIRST_POLL;
         let mut waited = false;
         loop {
-            if self.store.acquire_lease(id, &holder, self.ttl).await? {
+            if let Leased::Granted(record) = self.lease_and_load(id, &holder).await? {
                 if waited {
                     crate::metrics::lease_wait(started.elapsed());
                 }
-                return Ok(self.leased_guard(local, id, holder));
+                return Ok((self.leased_guard(local, id, holder), record));
             }
             waited = true;
             let now = Instant::now();
@@ -120,10 +122,7 @@ impl SessionLocks {
     /// [`lock`](Self::lock) for background work (sweeps, recovery, deferred commits): a
     /// session another node kept busy for the whole wait is skipped (`None`), to be seen again
     /// at the next pass.
-    pub(crate) async fn lock_or_skip(
-        &self,
-        id: SessionId,
-    ) -> Result<Option<SessionGuard>, StoreError> {
+    pub(crate) async fn lock_or_skip(&self, id: SessionId) -> Result<Option<Locked>, StoreError> {
         match self.lock(id).await {
             Ok(guard) => Ok(Some(guard)),
             Err(LockError::Busy) => {
@@ -134,20 +133,33 @@ impl SessionLocks {
         }
     }
 
-    /// Locks session `id` if nobody holds it right now, here or on another node.
-    pub(crate) async fn try_lock(&self, id: SessionId) -> Result<Option<SessionGuard>, StoreError> {
+    /// [`lock`](Self::lock) if nobody holds the session right now, here or on another node.
+    pub(crate) async fn try_lock(&self, id: SessionId) -> Result<Option<Locked>, StoreError> {
         let Some(local) = self.local.try_lock(id) else {
             return Ok(None);
         };
         if !self.leased {
-            return Ok(Some(SessionGuard::local(local)));
+            let record = self.store.load(id).await?;
+            return Ok(Some((SessionGuard::local(local), record)));
         }
         let holder = self.holder();
-        if self.store.acquire_lease(id, &holder, self.ttl).await? {
-            Ok(Some(self.leased_guard(local, id, holder)))
-        } else {
-            Ok(None)
+        match self.lease_and_load(id, &holder).await? {
+            Leased::Granted(record) => Ok(Some((self.leased_guard(local, id, holder), record))),
+            Leased::Busy => Ok(None),
         }
+    }
+
+    /// Takes the lease and loads the record. A load that fails after the lease was granted
+    /// gives the lease back, in the background.
+    async fn lease_and_load(&self, id: SessionId, holder: &str) -> Result<Leased, StoreError> {
+        let result = self.store.lease_and_load(id, holder, self.ttl).await;
+        if result.is_err() {
+            // Whether the lease was granted is unknown; a release of one not held is a no-op.
+            let store = self.store.clone();
+            let holder = holder.to_owned();
+            tokio::spawn(async move { drop(store.release_lease(id, &holder).await) });
+        }
+        result
     }
 
     fn holder(&self) -> String {
@@ -173,6 +185,9 @@ impl SessionLocks {
         }
     }
 }
+
+/// A locked session and its record as loaded under the lock (`None`: there is none).
+pub(crate) type Locked = (SessionGuard, Option<SessionRecord>);
 
 /// Keeps a lease alive while its guard lives, for at most [`MAX_HOLD`].
 async fn renew(store: Arc<dyn DynStore>, id: SessionId, holder: String, ttl: Duration) {
@@ -231,6 +246,29 @@ impl SessionGuard {
             local: Some(local),
             lease: None,
         }
+    }
+
+    /// Stores `record` by compare-and-set as the holder's last write and, on a shared store,
+    /// releases the lease in the same store call
+    /// ([`update_and_release`](crate::store::SessionStore::update_and_release)). Afterwards
+    /// the guard keeps only this process's lock; after an error it still holds the lease, and
+    /// [`release`](Self::release) lets it go.
+    pub(crate) async fn update_and_release(
+        &mut self,
+        store: &dyn DynStore,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        let Some(lease) = &self.lease else {
+            return store.update(expected, record).await;
+        };
+        // A renewal must not take the lease again once it is released.
+        lease.renewal.abort();
+        store
+            .update_and_release(expected, record, &lease.holder)
+            .await?;
+        self.lease = None;
+        Ok(())
     }
 
     /// Releases the lease before returning, so that the client's next packet, which may go
@@ -322,7 +360,7 @@ mod tests {
     async fn a_lease_excludes_other_nodes_until_released() {
         let (a, b) = two_nodes(Duration::from_secs(30));
         let id = SessionId::new();
-        let held = a.lock(id).await.unwrap();
+        let (held, _) = a.lock(id).await.unwrap();
         assert!(b.try_lock(id).await.unwrap().is_none());
         held.release().await;
         let taken = b.try_lock(id).await.unwrap().expect("free after release");
@@ -337,7 +375,7 @@ mod tests {
     async fn a_waiter_gets_the_lease_when_it_is_released() {
         let (a, b) = two_nodes(Duration::from_secs(30));
         let id = SessionId::new();
-        let held = a.lock(id).await.unwrap();
+        let (held, _) = a.lock(id).await.unwrap();
         let waiter = tokio::spawn(async move {
             let started = Instant::now();
             let guard = b.lock(id).await.map(|_| ());
@@ -356,7 +394,7 @@ mod tests {
         let ttl = Duration::from_millis(300);
         let (a, b) = two_nodes(ttl);
         let id = SessionId::new();
-        let held = a.lock(id).await.unwrap();
+        let (held, _) = a.lock(id).await.unwrap();
         tokio::time::sleep(ttl * 3).await;
         assert!(
             b.try_lock(id).await.unwrap().is_none(),
@@ -370,7 +408,7 @@ mod tests {
         }
         drop(held);
         let started = Instant::now();
-        let taken = b.lock(id).await.expect("taken over after the ttl");
+        let (taken, _) = b.lock(id).await.expect("taken over after the ttl");
         assert!(started.elapsed() <= ttl * 2, "{:?}", started.elapsed());
         taken.release().await;
     }

@@ -171,8 +171,8 @@ impl Shared {
         &self,
         id: SessionId,
     ) -> Result<Option<LockedSession<'_>>, LockError> {
-        let guard = self.locks.lock(id).await?;
-        Ok(self.load_locked(guard, id).await?)
+        let locked = self.locks.lock(id).await?;
+        Ok(self.locked(locked).await)
     }
 
     /// [`lock_session`](Self::lock_session) for background work: a session another node keeps
@@ -182,7 +182,7 @@ impl Shared {
         id: SessionId,
     ) -> Result<Option<LockedSession<'_>>, StoreError> {
         match self.locks.lock_or_skip(id).await? {
-            Some(guard) => self.load_locked(guard, id).await,
+            Some(locked) => Ok(self.locked(locked).await),
             None => Ok(None),
         }
     }
@@ -194,31 +194,25 @@ impl Shared {
         id: SessionId,
     ) -> Result<Option<LockedSession<'_>>, StoreError> {
         match self.locks.try_lock(id).await? {
-            Some(guard) => self.load_locked(guard, id).await,
+            Some(locked) => Ok(self.locked(locked).await),
             None => Ok(None),
         }
     }
 
-    /// Loads session `id`'s record under `guard`, its lock. A session that is gone, or a
-    /// failed load, releases the lock.
-    pub(crate) async fn load_locked(
+    /// The session a lock and its record make; a session that is gone releases the lock.
+    pub(crate) async fn locked(
         &self,
-        guard: SessionGuard,
-        id: SessionId,
-    ) -> Result<Option<LockedSession<'_>>, StoreError> {
-        match self.store.load(id).await {
-            Ok(Some(record)) => Ok(Some(LockedSession {
+        (guard, record): (SessionGuard, Option<SessionRecord>),
+    ) -> Option<LockedSession<'_>> {
+        match record {
+            Some(record) => Some(LockedSession {
                 shared: self,
                 guard,
                 record,
-            })),
-            Ok(None) => {
+            }),
+            None => {
                 guard.release().await;
-                Ok(None)
-            }
-            Err(error) => {
-                guard.release().await;
-                Err(error)
+                None
             }
         }
     }
@@ -251,18 +245,42 @@ impl<'a> LockedSession<'a> {
         &mut self,
         change: impl FnOnce(&mut SessionRecord),
     ) -> Result<(), StoreError> {
-        let mut next = self.record.clone();
-        change(&mut next);
-        next.revision = self.record.revision + 1;
-        if next.node != self.shared.config.host_id {
-            next.node.clone_from(&self.shared.config.host_id);
-        }
+        let next = self.next(change);
         self.shared
             .store
             .update(self.record.revision, &next)
             .await?;
         self.record = next;
         Ok(())
+    }
+
+    /// [`save`](Self::save) as the packet's last change of the session: on a shared store the
+    /// lease is released in the same store call. The caller then only answers the client and
+    /// [unlocks](Self::unlock); nothing else may touch the session's data or record.
+    pub(crate) async fn save_last(
+        &mut self,
+        change: impl FnOnce(&mut SessionRecord),
+    ) -> Result<(), StoreError> {
+        let next = self.next(|r| {
+            change(r);
+            r.updated_ms = now_ms();
+        });
+        self.guard
+            .update_and_release(self.shared.store.as_ref(), self.record.revision, &next)
+            .await?;
+        self.record = next;
+        Ok(())
+    }
+
+    /// A copy of the record with `change` applied, the revision bumped and this node named.
+    fn next(&self, change: impl FnOnce(&mut SessionRecord)) -> SessionRecord {
+        let mut next = self.record.clone();
+        change(&mut next);
+        next.revision = self.record.revision + 1;
+        if next.node != self.shared.config.host_id {
+            next.node.clone_from(&self.shared.config.host_id);
+        }
+        next
     }
 
     /// [`amend`](Self::amend) for a successful packet: the session timer restarts.

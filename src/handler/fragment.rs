@@ -76,10 +76,16 @@ where
             }
             return Err(refusal.into());
         }
-        // A re-sent fragment is a successful packet: it resets the session timer.
+        // A re-sent fragment is a successful packet: it resets the session timer. Unless
+        // the upload is complete (and its completion is retried below), that is the packet's
+        // last change.
         FragmentDecision::Duplicate => {
             crate::metrics::fragment(fragment.range.len(), fragment.range.len());
-            session.touch().await?;
+            if session.record.phase == Phase::Complete {
+                session.touch().await?;
+            } else {
+                session.save_last(|_| {}).await?;
+            }
         }
         FragmentDecision::Write(write) => {
             crate::metrics::fragment(fragment.range.len(), write.skip);
@@ -167,13 +173,18 @@ where
             return Err(error.into());
         }
     }
-    session
-        .save(|r| {
-            r.advance(write.total, write.end());
-            let (received, total) = (r.received, write.total);
-            shared.queue(r, EventKind::Progress { received, total });
-        })
-        .await?;
+    let advance = |r: &mut crate::session::SessionRecord| {
+        r.advance(write.total, write.end());
+        let (received, total) = (r.received, write.total);
+        shared.queue(r, EventKind::Progress { received, total });
+    };
+    // A fragment in the middle of an upload, with no events to deliver, changes nothing
+    // after this: the lease goes with the record's update (one store call on a farm).
+    if write.completes() || shared.hooks.is_some() {
+        session.save(advance).await?;
+    } else {
+        session.save_last(advance).await?;
+    }
     *received = Some(session.record.received);
     if write.completes() {
         crate::metrics::upload_finished(write.total);

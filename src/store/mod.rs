@@ -268,6 +268,16 @@ use crate::session::{Owner, SessionId, SessionRecord};
 ///   [`release_lease`](Self::release_lease): a lease is exclusive, renewable by its holder,
 ///   and lapses after its ttl. Creates, compare-and-sets and leases are then atomic across
 ///   every process (`store::conformance::races_across` checks that with several instances).
+/// * **Each packet of a shared store's session costs two calls**:
+///   [`lease_and_load`](Self::lease_and_load) at its start and, for a Fragment in the middle
+///   of an upload, [`update_and_release`](Self::update_and_release) at its end. Their
+///   defaults call the four methods above one after another; a store that can should answer
+///   each in one round trip, keeping the rules above: `lease_and_load` reads the record only
+///   once the lease is granted, so it sees every update made under earlier leases, and
+///   `update_and_release` is the same compare-and-set as `update`, after which the lease is
+///   gone if the update succeeded. Handing a session from holder to holder this way never
+///   meets a conflict (`store::conformance::lease_handoffs` checks that, and
+///   `races_across` across instances).
 pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new record: create-if-absent, refusing a taken id
     /// ([`StoreError::AlreadyExists`]) and, for a record that holds its destination, a
@@ -385,6 +395,50 @@ pub trait SessionStore: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Takes or renews the lease on session `id` for `holder`, as
+    /// [`acquire_lease`](Self::acquire_lease) does, and if it is granted, loads the record.
+    ///
+    /// The record must be read after the lease was granted, so that it holds every update
+    /// made under earlier leases (in a database: not from a snapshot taken before the lease
+    /// was waited for). The default calls `acquire_lease`, then [`load`](Self::load): two
+    /// round trips, where a shared store should need one.
+    fn lease_and_load(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
+        async move {
+            if !self.acquire_lease(id, holder, ttl).await? {
+                return Ok(Leased::Busy);
+            }
+            Ok(Leased::Granted(self.load(id).await?))
+        }
+    }
+
+    /// [`update`](Self::update)`(expected, record)` and, if it succeeds,
+    /// [`release_lease`](Self::release_lease)`(record.id, holder)`: the last write of a packet.
+    ///
+    /// `Ok` means the record was replaced and `holder`'s lease is gone (if it still held one).
+    /// An error is the update's (`Conflict`, `NotFound`, `DestinationBusy` or `Backend`), and
+    /// the lease may still be held: the layer then releases it with `release_lease`. The
+    /// default makes the two calls, two round trips, where a shared store should need one; a
+    /// failed release there is logged and left to lapse, as the update has happened.
+    fn update_and_release(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            self.update(expected, record).await?;
+            if let Err(error) = self.release_lease(record.id, holder).await {
+                tracing::warn!(session = %record.id, %error, "cannot release the session's lease");
+            }
+            Ok(())
+        }
+    }
+
     /// Makes every write so far durable and releases the backend's resources. Called once,
     /// at the end of [`BitsHandle::shutdown`](crate::BitsHandle::shutdown); the store may
     /// refuse operations afterwards. The default does nothing.
@@ -457,9 +511,38 @@ impl<S: SessionStore> SessionStore for std::sync::Arc<S> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::release_lease(self, id, holder)
     }
+    fn lease_and_load(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Leased, StoreError>> + Send {
+        S::lease_and_load(self, id, holder, ttl)
+    }
+    fn update_and_release(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::update_and_release(self, expected, record, holder)
+    }
     fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::close(self)
     }
+}
+
+/// What [`SessionStore::lease_and_load`] found.
+// Returned once per packet and taken apart at once: boxing the record would only cost an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Leased {
+    /// The lease is the caller's now, and this is the record as stored after it was granted
+    /// (`None`: there is no record for the id).
+    Granted(Option<SessionRecord>),
+    /// Another holder's lease has not expired; nothing was loaded.
+    Busy,
 }
 
 /// A store operation failed.
@@ -544,6 +627,18 @@ pub(crate) trait DynStore: Send + Sync {
         id: SessionId,
         holder: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn lease_and_load<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>>;
+    fn update_and_release<'a>(
+        &'a self,
+        expected: u64,
+        record: &'a SessionRecord,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
@@ -609,6 +704,28 @@ impl<T: SessionStore> DynStore for T {
         Box::pin(timed(
             "release_lease",
             SessionStore::release_lease(self, id, holder),
+        ))
+    }
+    fn lease_and_load<'a>(
+        &'a self,
+        id: SessionId,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Leased, StoreError>> {
+        Box::pin(timed(
+            "lease_and_load",
+            SessionStore::lease_and_load(self, id, holder, ttl),
+        ))
+    }
+    fn update_and_release<'a>(
+        &'a self,
+        expected: u64,
+        record: &'a SessionRecord,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(timed(
+            "update_and_release",
+            SessionStore::update_and_release(self, expected, record, holder),
         ))
     }
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -8,8 +8,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 
 use super::sql::{self, LeaseSql, Sql};
-use super::{SessionStore, StoreError};
-use crate::session::SessionId;
+use super::{Leased, SessionStore, StoreError};
+use crate::session::{SessionId, SessionRecord};
 
 /// Connections [`PostgresStore::connect`] keeps at most.
 const MAX_CONNECTIONS: u32 = 16;
@@ -34,14 +34,20 @@ const MIGRATE_LOCK: i64 = 0x6269_7473_6d69_6772;
 ///   the same statement that would store it.
 /// * `bits_leases`: one row per held lease: `id`, `holder`, `expires` (`timestamptz`);
 ///   `UNLOGGED`, since a lease needs no durability.
-/// * `bits_schema`: the schema versions applied (now `1`).
+/// * `bits_schema`: the schema versions applied (now `1` and `2`).
+/// * the function `bits_lease_and_load` (schema version 2), which takes a lease and reads the
+///   record in one call.
 ///
 /// # Sharing
 ///
 /// Any number of nodes may use the same tables at once, so the store says it
 /// [is shared](SessionStore::is_shared) and the layer leases sessions. Creates, updates
 /// (compare-and-set on the revision) and leases are single statements, atomic across every
-/// node. Lease expiry is measured with the database server's clock (`clock_timestamp()`), so
+/// node. A Fragment costs two round trips: taking the lease and loading the record is one
+/// call of `bits_lease_and_load` (a function, so that the record is read after the lease was
+/// waited for, not from the statement's snapshot), and the update and the release of the
+/// lease are one statement. After upgrading from a version without the function, run
+/// [`migrate`](Self::migrate) ([`connect`](Self::connect) does). Lease expiry is measured with the database server's clock (`clock_timestamp()`), so
 /// the nodes' clocks need not agree.
 ///
 /// # Example
@@ -66,7 +72,25 @@ const MIGRATE_LOCK: i64 = 0x6269_7473_6d69_6772;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    sql: Arc<Sql>,
+    sql: Arc<Statements>,
+}
+
+/// The statements every SQL store has, and PostgreSQL's own.
+#[derive(Debug)]
+struct Statements {
+    common: Sql,
+    /// `$1` id, `$2` holder, `$3` ttl in milliseconds: `(granted, record)`.
+    lease_and_load: String,
+    /// [`Sql::update`] that also deletes holder `$10`'s lease.
+    update_and_release: String,
+}
+
+impl std::ops::Deref for Statements {
+    type Target = Sql;
+
+    fn deref(&self) -> &Sql {
+        &self.common
+    }
 }
 
 impl PostgresStore {
@@ -143,8 +167,8 @@ impl PostgresStore {
     sql::helper_methods!(Postgres);
 }
 
-fn statements(prefix: &str) -> Sql {
-    Sql::new(prefix, |leases| LeaseSql {
+fn statements(prefix: &str) -> Statements {
+    let mut common = Sql::new(prefix, |leases| LeaseSql {
         // Unlogged: leases live seconds and need no durability, so taking and releasing one
         // (twice per packet) writes no WAL and waits for no fsync. A crash of the server
         // empties the table, which only frees leases early; the records' compare-and-set
@@ -164,7 +188,35 @@ fn statements(prefix: &str) -> Sql {
              SET holder = excluded.holder, expires = excluded.expires \
              WHERE {leases}.holder = excluded.holder OR {leases}.expires <= clock_timestamp()"
         ),
-    })
+    });
+    let sessions = format!("{prefix}sessions");
+    let leases = format!("{prefix}leases");
+    let function = format!("{prefix}lease_and_load");
+    // Each statement of a PL/pgSQL function takes a fresh snapshot, so the record is read as
+    // committed once the lease is granted, even when granting it waited for the previous
+    // holder's last update. (One statement with a CTE would read a snapshot from before.)
+    common.migrate.push(format!(
+        "CREATE OR REPLACE FUNCTION {function}(p_id TEXT, p_holder TEXT, p_ttl_ms BIGINT)          RETURNS TABLE (o_granted BOOLEAN, o_record TEXT) LANGUAGE plpgsql VOLATILE AS $fn$          BEGIN            {acquire};            IF NOT FOUND THEN              RETURN QUERY SELECT FALSE, NULL::TEXT;            ELSE              RETURN QUERY SELECT TRUE, (SELECT s.record FROM {sessions} s WHERE s.id = p_id);            END IF;          END $fn$",
+        acquire = common
+            .acquire_lease
+            .replace("$1", "p_id")
+            .replace("$2", "p_holder")
+            .replace("$3", "p_ttl_ms"),
+    ));
+    common.migrate.push(format!(
+        "INSERT INTO {prefix}schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING"
+    ));
+    // A data-modifying CTE runs whether or not the update matches: the lease goes either
+    // way, which the contract allows after an error.
+    let update_and_release = format!(
+        "WITH released AS (DELETE FROM {leases} WHERE id = $1 AND holder = $10) {}",
+        common.update
+    );
+    Statements {
+        lease_and_load: format!("SELECT o_granted, o_record FROM {function}($1, $2, $3)"),
+        update_and_release,
+        common,
+    }
 }
 
 impl SessionStore for PostgresStore {
@@ -195,6 +247,48 @@ impl SessionStore for PostgresStore {
             .await
             .map_err(StoreError::backend)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn lease_and_load(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Leased, StoreError> {
+        let (granted, json): (bool, Option<String>) = sqlx::query_as(&self.sql.lease_and_load)
+            .bind(id.to_string())
+            .bind(holder)
+            .bind(sql::saturating_i64(ttl.as_millis()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if !granted {
+            return Ok(Leased::Busy);
+        }
+        Ok(Leased::Granted(
+            json.as_deref().map(sql::decode).transpose()?,
+        ))
+    }
+
+    async fn update_and_release(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        let row = sql::Row::new(record)?;
+        let expected = sql::to_i64(expected, "expected revision")?;
+        let statement = &self.sql.update_and_release;
+        if self
+            .write(statement, &row, Some(expected), Some(holder))
+            .await?
+        {
+            Ok(())
+        } else if self.exists(&row.id).await? {
+            Err(StoreError::Conflict)
+        } else {
+            Err(StoreError::NotFound)
+        }
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -275,8 +275,9 @@ pub(super) fn holder_vanished() -> StoreError {
 /// Expands, inside a store's inherent `impl` block, to the private methods that
 /// [`session_store_methods!`] and the store's own `migrate` and `remove` call:
 ///
-/// * `write(statement, row, expected)`: runs [`Sql::insert`] (`expected` is `None`) or
-///   [`Sql::update`] (`Some(revision)`) with `row` bound; whether it changed a row. A write
+/// * `write(statement, row, expected, holder)`: runs [`Sql::insert`] (`expected` is `None`) or
+///   [`Sql::update`] (`Some(revision)`), or a backend's update that also releases `holder`'s
+///   lease, with `row` bound; whether it changed a row. A write
 ///   refused by the unique index on held destinations becomes
 ///   [`StoreError::DestinationBusy`] naming the holder; if the holder has let go by the time
 ///   it is looked up, the write is retried, up to [`BUSY_RETRIES`] times.
@@ -305,10 +306,12 @@ macro_rules! helper_methods {
             statement: &str,
             row: &$crate::store::sql::Row,
             expected: Option<i64>,
+            holder: Option<&str>,
         ) -> Result<bool, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
             for _ in 0..sql::BUSY_RETRIES {
-                // `$1..$8` of `Sql::insert` and `Sql::update`, then `$9` of `Sql::update`.
+                // `$1..$8` of `Sql::insert` and `Sql::update`, then `$9` of `Sql::update`, then
+                // the lease holder `$10` of an update that releases the lease.
                 let mut query = sqlx::query(statement)
                     .bind(&row.id)
                     .bind(row.revision)
@@ -320,6 +323,9 @@ macro_rules! helper_methods {
                     .bind(&row.record);
                 if let Some(expected) = expected {
                     query = query.bind(expected);
+                }
+                if let Some(holder) = holder {
+                    query = query.bind(holder);
                 }
                 match query.execute(&self.pool).await {
                     Ok(done) => return Ok(done.rows_affected() != 0),
@@ -424,7 +430,7 @@ macro_rules! session_store_methods {
         ) -> Result<(), $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
             let row = sql::Row::new(record)?;
-            if self.write(&self.sql.insert, &row, None).await? {
+            if self.write(&self.sql.insert, &row, None, None).await? {
                 Ok(())
             } else {
                 Err(StoreError::AlreadyExists)
@@ -452,7 +458,10 @@ macro_rules! session_store_methods {
             use $crate::store::{StoreError, sql};
             let row = sql::Row::new(record)?;
             let expected = sql::to_i64(expected, "expected revision")?;
-            if self.write(&self.sql.update, &row, Some(expected)).await? {
+            if self
+                .write(&self.sql.update, &row, Some(expected), None)
+                .await?
+            {
                 Ok(())
             } else if self.exists(&row.id).await? {
                 Err(StoreError::Conflict)

@@ -83,11 +83,13 @@ mod records;
 use super::{SessionStore, StoreError};
 use crate::session::{SessionId, SessionRecord};
 
-use races::{compare_and_set_across, creates_across, leases_across};
-pub use races::{concurrent_compare_and_set, concurrent_creates, concurrent_leases, race};
+use races::{compare_and_set_across, creates_across, lease_handoffs_across, leases_across};
+pub use races::{
+    concurrent_compare_and_set, concurrent_creates, concurrent_leases, lease_handoffs, race,
+};
 pub use records::{
-    compare_and_set, counts, create_refuses_a_taken_id, destination_claims, idle_listing, leases,
-    remove, round_trip,
+    compare_and_set, counts, create_refuses_a_taken_id, destination_claims, idle_listing,
+    leased_updates, leases, remove, round_trip,
 };
 
 /// How many tasks race in the concurrent checks.
@@ -107,7 +109,9 @@ pub async fn run<S: SessionStore>(store: Arc<S>) {
     concurrent_compare_and_set(store.clone()).await;
     if store.is_shared() {
         leases(store.as_ref()).await;
-        concurrent_leases(store).await;
+        leased_updates(store.as_ref()).await;
+        concurrent_leases(store.clone()).await;
+        lease_handoffs(store).await;
     }
 }
 
@@ -125,6 +129,7 @@ pub async fn races_across<S: SessionStore>(nodes: &[Arc<S>]) {
     compare_and_set_across(nodes).await;
     if nodes[0].is_shared() {
         leases_across(nodes).await;
+        lease_handoffs_across(nodes).await;
     }
 }
 

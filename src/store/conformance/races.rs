@@ -188,3 +188,61 @@ where
     }
     out
 }
+
+/// Many tasks hand one session from holder to holder as packets do on a shared store: take
+/// the lease and load ([`lease_and_load`](SessionStore::lease_and_load)), advance the record,
+/// update and release ([`update_and_release`](SessionStore::update_and_release)). Since only
+/// the holder writes and each holder loads what the previous one stored, no update ever
+/// conflicts, and none is lost.
+pub async fn lease_handoffs<S: SessionStore>(store: Arc<S>) {
+    lease_handoffs_across(&[store]).await;
+}
+
+/// [`lease_handoffs`] with the tasks spread over `nodes`.
+pub(super) async fn lease_handoffs_across<S: SessionStore>(nodes: &[Arc<S>]) {
+    use crate::store::Leased;
+    const ROUNDS: u64 = 10;
+    let record = fresh_record("handoff.bin");
+    assert_ok(nodes[0].create(&record).await, "create");
+    let id = record.id;
+    race(RACERS, |i| {
+        let store = node(nodes, i);
+        async move {
+            let holder = format!("handoff-{i}");
+            for _ in 0..ROUNDS {
+                let current = loop {
+                    match store
+                        .lease_and_load(id, &holder, Duration::from_secs(60))
+                        .await
+                    {
+                        Ok(Leased::Granted(Some(record))) => break record,
+                        Ok(Leased::Granted(None)) => panic!("the record vanished under a lease"),
+                        Ok(Leased::Busy) => tokio::time::sleep(Duration::from_millis(1)).await,
+                        Err(e) => panic!("lease_and_load in a hand-off race: {e:?}"),
+                    }
+                };
+                let mut next = current.clone();
+                next.revision += 1;
+                next.received += 1;
+                if let Err(e) = store
+                    .update_and_release(current.revision, &next, &holder)
+                    .await
+                {
+                    panic!(
+                        "update_and_release by the lease's holder after lease_and_load: {e:?} \
+                         (a conflict means the record was read from before the lease)"
+                    );
+                }
+            }
+        }
+    })
+    .await;
+    let last = load(node(nodes, 1).as_ref(), id).await;
+    let total = RACERS as u64 * ROUNDS;
+    assert_eq!(
+        (last.revision, last.received),
+        (total, total),
+        "every hand-off's update was kept"
+    );
+    nodes[0].remove(id).await.ok();
+}

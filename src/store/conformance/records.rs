@@ -450,3 +450,109 @@ pub async fn leases(store: &impl SessionStore) {
     release(store, ghost, "node-a").await;
     store.remove(id).await.ok();
 }
+
+/// The two calls of a packet on a shared store: [`lease_and_load`] grants the lease as
+/// `acquire_lease` does and then reads the record, and [`update_and_release`] is the
+/// compare-and-set of `update` after which the holder's lease is gone.
+///
+/// [`lease_and_load`]: SessionStore::lease_and_load
+/// [`update_and_release`]: SessionStore::update_and_release
+pub async fn leased_updates(store: &impl SessionStore) {
+    use crate::store::Leased;
+    let long = Duration::from_secs(60);
+    let record = fresh_record("leased.bin");
+    assert_ok(store.create(&record).await, "create");
+    let id = record.id;
+    let take = |holder: &'static str| async move {
+        store
+            .lease_and_load(id, holder, long)
+            .await
+            .unwrap_or_else(|e| panic!("lease_and_load: {e:?}"))
+    };
+
+    let Leased::Granted(Some(loaded)) = take("node-a").await else {
+        panic!("lease_and_load of a free lease grants it and loads the record");
+    };
+    assert_eq!(loaded.revision, 0, "the record as stored");
+    assert!(
+        matches!(take("node-b").await, Leased::Busy),
+        "a held lease is refused to another holder"
+    );
+    assert!(
+        !lease(store, id, "node-b", long).await,
+        "lease_and_load's lease excludes acquire_lease too"
+    );
+    assert!(
+        matches!(take("node-a").await, Leased::Granted(Some(_))),
+        "the holder may renew its lease with lease_and_load"
+    );
+
+    let mut next = loaded.clone();
+    next.revision = 1;
+    next.received = 10;
+    assert!(
+        matches!(
+            store.update_and_release(5, &next, "node-a").await,
+            Err(StoreError::Conflict)
+        ),
+        "update_and_release with a stale revision is a conflict"
+    );
+    assert_eq!(
+        load(store, id).await.revision,
+        0,
+        "a conflict changes nothing"
+    );
+    // After an error the lease may or may not be held: the layer releases it itself.
+    release(store, id, "node-a").await;
+    assert!(
+        matches!(take("node-a").await, Leased::Granted(Some(_))),
+        "lease taken again"
+    );
+    assert_ok(
+        store.update_and_release(0, &next, "node-a").await,
+        "update_and_release under the lease",
+    );
+    let Leased::Granted(Some(seen)) = take("node-b").await else {
+        panic!("after update_and_release the lease is free for another holder");
+    };
+    assert_eq!(
+        (seen.revision, seen.received),
+        (1, 10),
+        "the next holder loads the update"
+    );
+
+    // The release is the holder's: an update by a holder whose lease lapsed and was taken
+    // over leaves the new holder's lease alone (the compare-and-set still decides the record).
+    let mut late = seen.clone();
+    late.revision = 2;
+    late.received = 20;
+    assert_ok(
+        store.update_and_release(1, &late, "node-a").await,
+        "update_and_release by a holder that lost its lease",
+    );
+    assert!(
+        matches!(take("node-c").await, Leased::Busy),
+        "another holder's update_and_release leaves the lease alone"
+    );
+    release(store, id, "node-b").await;
+
+    let mut gone = late.clone();
+    gone.id = SessionId::new();
+    assert!(
+        matches!(
+            store.update_and_release(2, &gone, "node-a").await,
+            Err(StoreError::NotFound)
+        ),
+        "update_and_release of a record that is not stored"
+    );
+    let ghost = SessionId::new();
+    assert!(
+        matches!(
+            store.lease_and_load(ghost, "node-a", long).await,
+            Ok(Leased::Granted(None))
+        ),
+        "lease_and_load of an id without a record grants the lease and loads nothing"
+    );
+    release(store, ghost, "node-a").await;
+    store.remove(id).await.ok();
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::ScriptInvocation;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{SessionStore, StoreError};
+use super::{Leased, SessionStore, StoreError};
 use crate::session::{Owner, SessionId, SessionRecord};
 use records::{Error, Footprint, Keys, Write, busy_error, decode, member, unexpected};
 use scripts::SCRIPTS;
@@ -193,6 +193,50 @@ impl RedisStore {
         Ok(())
     }
 
+    /// `update`, and with `release` the release of that holder's lease in the same script.
+    async fn update_releasing(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        release: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let write = Write::new(record)?;
+        let script = match release {
+            Some(_) => &SCRIPTS.update_and_release,
+            None => &SCRIPTS.update,
+        };
+        let expected = expected.to_string();
+        let session = self.keys.session(record.id);
+        // Guess that the stored record occupies the index keys this one will; the script
+        // says where it really is if not.
+        let mut old = Footprint {
+            held: Some(record.destination.clone()),
+            counted: record.counted_as().map(|o| o.as_str().to_owned()),
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let mut invocation = script.prepare_invoke();
+            self.write_keys(&mut invocation, &session, record);
+            self.footprint_keys(&mut invocation, &session, &old);
+            write.args(&mut invocation);
+            invocation.arg(&expected);
+            old.args(&mut invocation);
+            if let Some(holder) = release {
+                invocation.key(self.keys.lease(record.id)).arg(holder);
+            }
+            match self.reply(&invocation).await?.as_slice() {
+                [ok] if ok == "ok" => return Ok(()),
+                [missing] if missing == "missing" => return Err(StoreError::NotFound),
+                [conflict] if conflict == "conflict" => return Err(StoreError::Conflict),
+                [busy, holder] if busy == "busy" => return Err(busy_error(holder)),
+                [moved, held, counted] if moved == "moved" => {
+                    old = Footprint::decode(held, counted);
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        Err(StoreError::backend(Error::Moving))
+    }
+
     fn connection(&self) -> ConnectionManager {
         self.manager.clone()
     }
@@ -311,34 +355,43 @@ impl SessionStore for RedisStore {
     }
 
     async fn update(&self, expected: u64, record: &SessionRecord) -> Result<(), StoreError> {
-        let write = Write::new(record)?;
-        let expected = expected.to_string();
-        let session = self.keys.session(record.id);
-        // Guess that the stored record occupies the index keys this one will; the script
-        // says where it really is if not.
-        let mut old = Footprint {
-            held: Some(record.destination.clone()),
-            counted: record.counted_as().map(|o| o.as_str().to_owned()),
-        };
-        for _ in 0..MAX_ATTEMPTS {
-            let mut invocation = SCRIPTS.update.prepare_invoke();
-            self.write_keys(&mut invocation, &session, record);
-            self.footprint_keys(&mut invocation, &session, &old);
-            write.args(&mut invocation);
-            invocation.arg(&expected);
-            old.args(&mut invocation);
-            match self.reply(&invocation).await?.as_slice() {
-                [ok] if ok == "ok" => return Ok(()),
-                [missing] if missing == "missing" => return Err(StoreError::NotFound),
-                [conflict] if conflict == "conflict" => return Err(StoreError::Conflict),
-                [busy, holder] if busy == "busy" => return Err(busy_error(holder)),
-                [moved, held, counted] if moved == "moved" => {
-                    old = Footprint::decode(held, counted);
-                }
-                other => return Err(unexpected(other)),
+        self.update_releasing(expected, record, None).await
+    }
+
+    async fn lease_and_load(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Leased, StoreError> {
+        let ttl_ms = ttl.as_millis().clamp(1, MAX_LEASE_MS);
+        let key = self.keys.session(id);
+        let reply: Vec<redis::Value> = SCRIPTS
+            .lease_and_load
+            .key(self.keys.lease(id))
+            .key(&key)
+            .arg(holder)
+            .arg(ttl_ms.to_string())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(StoreError::backend)?;
+        match reply.as_slice() {
+            [redis::Value::Int(0)] => Ok(Leased::Busy),
+            [redis::Value::Int(1)] => Ok(Leased::Granted(None)),
+            [redis::Value::Int(1), redis::Value::BulkString(json)] => {
+                Ok(Leased::Granted(Some(decode(id, &key, json)?)))
             }
+            other => Err(unexpected(&[format!("{other:?}")])),
         }
-        Err(StoreError::backend(Error::Moving))
+    }
+
+    async fn update_and_release(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        self.update_releasing(expected, record, Some(holder)).await
     }
 
     async fn remove(&self, id: SessionId) -> Result<bool, StoreError> {

@@ -10,9 +10,11 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::new);
 pub(super) struct Scripts {
     pub(super) create: Script,
     pub(super) update: Script,
+    pub(super) update_and_release: Script,
     pub(super) remove: Script,
     pub(super) acquire: Script,
     pub(super) release: Script,
+    pub(super) lease_and_load: Script,
     pub(super) schema: Script,
 }
 
@@ -20,21 +22,27 @@ impl Scripts {
     pub(super) fn new() -> Self {
         Self {
             create: Script::new(&format!("{PUT}{CREATE}")),
-            update: Script::new(&format!("{FOOTPRINT}{PUT}{UPDATE}")),
+            update: Script::new(&format!("{FOOTPRINT}{PUT}{UPDATE}{UPDATED}")),
+            update_and_release: Script::new(&format!(
+                "{FOOTPRINT}{PUT}{UPDATE}{UPDATED_AND_RELEASED}"
+            )),
             remove: Script::new(&format!("{FOOTPRINT}{REMOVE}")),
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
+            lease_and_load: Script::new(LEASE_AND_LOAD),
             schema: Script::new(SCHEMA),
         }
     }
 
-    pub(super) fn all(&self) -> [&Script; 6] {
+    pub(super) fn all(&self) -> [&Script; 8] {
         [
             &self.create,
             &self.update,
+            &self.update_and_release,
             &self.remove,
             &self.acquire,
             &self.release,
+            &self.lease_and_load,
             &self.schema,
         ]
     }
@@ -51,7 +59,8 @@ impl Scripts {
 // ARGV[1] id, ARGV[2] JSON, ARGV[3] revision, ARGV[4] destination, ARGV[5] holds ('1'/'0'),
 // ARGV[6] open ('1'/'0'), ARGV[7] owner ('=name' or ''), ARGV[8] updated_ms; update adds
 // ARGV[9] the expected revision, and update and remove the believed footprint: the held
-// destination and the counted owner, each '=value' or ''.
+// destination and the counted owner, each '=value' or ''. Update-and-release adds KEYS[8] the
+// lease and ARGV[12] its holder.
 
 /// Reads the stored index fields and checks them against the footprint the caller passed.
 /// Returns the record's fields, or a reply to return at once.
@@ -111,6 +120,17 @@ end
 if stored.counted ~= '' then redis.call('SREM', KEYS[7], ARGV[1]) end
 redis.call('SREM', KEYS[3], ARGV[1])
 put()
+";
+
+/// The end of the update script.
+const UPDATED: &str = r"
+return {'ok'}
+";
+
+/// The end of the update-and-release script: the update was made, and the lease goes if
+/// ARGV[12] still holds it.
+const UPDATED_AND_RELEASED: &str = r"
+if redis.call('GET', KEYS[8]) == ARGV[12] then redis.call('DEL', KEYS[8]) end
 return {'ok'}
 ";
 
@@ -136,6 +156,18 @@ local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
+";
+
+/// KEYS[1] the lease, KEYS[2] the session hash; ARGV[1] the holder, ARGV[2] the ttl in
+/// milliseconds. `{0}` if another holder has the lease; `{1}` and the record's JSON, if
+/// there is a record, once it is granted.
+pub(super) const LEASE_AND_LOAD: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return {0} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local json = redis.call('HGET', KEYS[2], 'json')
+if json then return {1, json} end
+return {1}
 ";
 
 /// KEYS[1] the lease; ARGV[1] the holder.
