@@ -143,6 +143,10 @@ where
     next
 }
 
+/// How long a body may pause before the part is told ([`DynPart::idle`]): longer than the
+/// gaps between the chunks of a client that keeps sending, shorter than those of a slow one.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
 /// Stops between two frames once `stop` resolves.
 ///
@@ -165,8 +169,34 @@ where
     let mut stop = pin!(stop);
     let mut clock = Clock::start(pace);
     let mut written = 0u64;
+    // Whether `part` may hold bytes not yet written out.
+    let mut buffered = false;
     loop {
-        let frame = match next_frame(&mut body, &mut clock, &mut stop).await {
+        let mut paused = None;
+        let next = {
+            let mut next = pin!(next_frame(&mut body, &mut clock, &mut stop));
+            tokio::select! {
+                biased;
+                next = next.as_mut() => next,
+                // The body paused: write out what the part buffers and free its memory, so that
+                // a slow client costs no buffer while it is away.
+                () = tokio::time::sleep(LINGER), if buffered => {
+                    buffered = false;
+                    match part.idle().await {
+                        Ok(()) => next.await,
+                        Err(e) => {
+                            paused = Some(e);
+                            Next::End
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(e) = paused {
+            drain(body, len - written, pace, stop).await;
+            return (written, Err(e.into()));
+        }
+        let frame = match next {
             Next::Frame(frame) => frame,
             Next::End => break,
             Next::Idle => return (written, Err(BodyError::Idle(pace.idle))),
@@ -196,6 +226,7 @@ where
             return (written, Err(e.into()));
         }
         written += n;
+        buffered = true;
     }
     let missing = skip + (len - written);
     if missing > 0 {
@@ -231,5 +262,127 @@ where
             Next::Frame(_) => {}
             Next::Idle | Next::TooSlow | Next::Stopped | Next::Failed(_) => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::BoxFuture;
+
+    /// A part that logs what it is asked to do.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<String>>>);
+
+    impl DynPart for Log {
+        fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("write {}", chunk.len()));
+            Box::pin(async { Ok(()) })
+        }
+        fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn idle(&mut self) -> BoxFuture<'_, Result<(), StagingError>> {
+            self.0.lock().unwrap().push("idle".into());
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn pace() -> Pace {
+        Pace {
+            idle: Duration::from_secs(5),
+            min_rate: 0,
+            grace: Duration::from_secs(5),
+        }
+    }
+
+    /// `chunks` chunks of `len` bytes, with `gap` before each but the first.
+    struct Paced {
+        chunks: usize,
+        len: usize,
+        gap: Duration,
+        sent: usize,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Body for Paced {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            if self.sent == self.chunks {
+                return std::task::Poll::Ready(None);
+            }
+            if self.sent > 0 && !self.gap.is_zero() {
+                let gap = self.gap;
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+                std::task::ready!(sleep.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            self.sent += 1;
+            let chunk = Bytes::from(vec![0; self.len]);
+            std::task::Poll::Ready(Some(Ok(Frame::data(chunk))))
+        }
+    }
+
+    fn body(chunks: usize, len: usize, gap: Duration) -> Paced {
+        Paced {
+            chunks,
+            len,
+            gap,
+            sent: 0,
+            sleep: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_pauses_lets_the_part_write_out_each_time() {
+        let log = Log::default();
+        let mut part = log.clone();
+        let (written, result) = copy_fragment(
+            body(3, 100, Duration::from_millis(30)),
+            0,
+            300,
+            &mut part,
+            pace(),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(written, 300);
+        result.unwrap();
+        assert_eq!(
+            *log.0.lock().unwrap(),
+            ["write 100", "idle", "write 100", "idle", "write 100"],
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_coming_is_not_interrupted() {
+        let log = Log::default();
+        let mut part = log.clone();
+        let (written, result) = copy_fragment(
+            body(4, 100, Duration::ZERO),
+            0,
+            400,
+            &mut part,
+            pace(),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(written, 400);
+        result.unwrap();
+        assert!(!log.0.lock().unwrap().contains(&"idle".to_owned()));
     }
 }

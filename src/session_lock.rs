@@ -390,6 +390,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_last_update_releases_the_lease_and_the_next_holder_sees_it() {
+        let (a, b) = two_nodes(Duration::from_secs(30));
+        let record = crate::store::tests::record("handoff.bin");
+        let id = record.id;
+        a.store.create(&record).await.unwrap();
+        let (mut held, loaded) = a.lock(id).await.unwrap();
+        let mut next = loaded.expect("the record is loaded with the lock");
+        next.revision = 1;
+        next.received = 7;
+        held.update_and_release(a.store.as_ref(), 0, &next)
+            .await
+            .unwrap();
+        let (taken, seen) = b
+            .try_lock(id)
+            .await
+            .unwrap()
+            .expect("the lease went with the update");
+        assert_eq!(seen.map(|r| r.received), Some(7));
+        assert!(held.lease.is_none(), "the guard keeps only the local lock");
+        // The first holder's unlock makes no store call that could end the second's lease.
+        held.release().await;
+        assert!(a.try_lock(id).await.unwrap().is_none(), "b still holds it");
+        taken.release().await;
+    }
+
+    #[tokio::test]
     async fn a_live_holder_renews_and_a_dead_one_lapses() {
         let ttl = Duration::from_millis(300);
         let (a, b) = two_nodes(ttl);

@@ -117,6 +117,21 @@ pub(crate) fn part_c(
             );
         }
     }
+    // 100 MiB for 1,000 slow clients, in proportion for other counts (at least 16 MiB, as
+    // an idle server takes about 5).
+    let rss_limit = (100.0 * c.sessions as f64 / 1000.0).max(16.0);
+    summary.target(
+        format!("(c) server peak RSS, {label}"),
+        format!("{:.1} MiB", mib(bits.peak_rss_kib)),
+        &format!("<= {rss_limit:.0} MiB"),
+        mib(bits.peak_rss_kib) <= rss_limit,
+    );
+    if let Some((synced, _)) = &context {
+        summary.context(
+            "(c) baseline server peak RSS, fsync after the last POST".into(),
+            format!("{:.1} MiB", mib(synced.peak_rss_kib)),
+        );
+    }
     let wanted = c.sessions.div_ceil(10) * 9;
     summary.target(
         "(c) peak sessions open at once".into(),

@@ -61,7 +61,7 @@ pub(crate) const NO_COMMIT_SYNC_ENV: &str = "AXUM_BITS_BENCH_NO_COMMIT_SYNC";
 pub(crate) const RECORDER_ENV: &str = "AXUM_BITS_BENCH_RECORDER";
 /// Raises the bits server's `max_sessions` and `max_sessions_per_owner` to this.
 pub(crate) const MAX_SESSIONS_ENV: &str = "AXUM_BITS_BENCH_MAX_SESSIONS";
-/// Asks the baseline handler to fsync the file after writing the body.
+/// Asks the baseline handler to fsync the file and its folder after writing the body.
 pub(crate) const FSYNC_HEADER: &str = "x-bench-fsync";
 
 // ------------------------------------------------------------------------------------------
@@ -100,7 +100,10 @@ pub(crate) fn serve(role: &str) -> Result<(), Error> {
                     .sync_on_commit(!no_commit_sync);
                 if let Ok(limit) = std::env::var(MAX_SESSIONS_ENV) {
                     let limit: usize = limit.parse()?;
-                    builder = builder.max_sessions(limit).max_sessions_per_owner(limit);
+                    builder = builder
+                        .max_sessions(limit)
+                        .max_sessions_per_owner(limit)
+                        .max_sessions_per_peer(limit);
                 }
                 let mut app =
                     Router::new().route("/", get(|| async { "axum-bits benchmark server" }));
@@ -241,7 +244,12 @@ async fn baseline_upload(
     }
     file.flush().await.map_err(internal)?;
     if headers.contains_key(FSYNC_HEADER) {
+        // What a committed file needs to survive a power loss: its data, and its name.
         file.sync_all().await.map_err(internal)?;
+        let folder = tokio::fs::File::open(root.as_path())
+            .await
+            .map_err(internal)?;
+        folder.sync_all().await.map_err(internal)?;
     }
     Ok(StatusCode::OK)
 }

@@ -1,6 +1,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
@@ -43,6 +44,7 @@ use crate::session::SessionId;
 pub struct LocalStaging {
     inner: Arc<Inner>,
     writeback: Arc<Writeback>,
+    budget: Arc<Budget>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,8 +61,56 @@ struct Inner {
     buffer_size: usize,
 }
 
-/// Write buffer per fragment in flight; two of them alternate.
+/// Write buffer per fragment in flight; two of them alternate. A body that pauses has its
+/// buffer written out and freed at once ([`PartWriter::idle`]), so only fragments whose data
+/// keeps coming hold buffers this large, and all of them together hold at most
+/// [`DEFAULT_MAX_BUFFERED`].
 const DEFAULT_BUFFER: usize = 256 * 1024;
+
+/// What the write buffers of all parts in flight may hold together, by default.
+const DEFAULT_MAX_BUFFERED: usize = 16 << 20;
+
+/// The bytes of write buffers the parts of one staging may still take. Past it a part writes
+/// each chunk as it came, without copying it (more, smaller writes, but no more memory).
+#[derive(Debug)]
+struct Budget {
+    left: AtomicIsize,
+}
+
+impl Budget {
+    fn new(bytes: usize) -> Self {
+        Self {
+            left: isize::try_from(bytes).unwrap_or(isize::MAX).into(),
+        }
+    }
+
+    /// Takes `bytes` if that many are left.
+    fn take(&self, bytes: usize) -> bool {
+        let Ok(bytes) = isize::try_from(bytes) else {
+            return false;
+        };
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= bytes).then_some(left - bytes)
+            })
+            .is_ok()
+    }
+
+    /// Takes `bytes` whether or not they are left (an allocator that rounded up).
+    fn charge(&self, bytes: usize) {
+        self.left.fetch_sub(
+            isize::try_from(bytes).unwrap_or(isize::MAX),
+            Ordering::AcqRel,
+        );
+    }
+
+    fn give(&self, bytes: usize) {
+        self.left.fetch_add(
+            isize::try_from(bytes).unwrap_or(isize::MAX),
+            Ordering::AcqRel,
+        );
+    }
+}
 
 /// Unsynced bytes of one part after which its writeback to disk starts in the background.
 const WRITEBACK_EVERY: u64 = 32 << 20;
@@ -149,7 +199,20 @@ impl LocalStaging {
                 buffer_size: DEFAULT_BUFFER,
             }),
             writeback: Arc::default(),
+            budget: Arc::new(Budget::new(DEFAULT_MAX_BUFFERED)),
         })
+    }
+
+    /// How many bytes the write buffers of all fragments in flight may hold together (default
+    /// 16 MiB). Each fragment buffers up to 512 KiB while its data keeps coming, so that the
+    /// disk sees large writes; a fragment whose body pauses writes out and frees its buffer at
+    /// once. Once the buffers hold this much, further data is written as it arrives, without a
+    /// copy: many fast uploads at once then cost more, smaller writes instead of memory.
+    pub fn max_buffered(self, bytes: usize) -> Self {
+        Self {
+            budget: Arc::new(Budget::new(bytes)),
+            ..self
+        }
     }
 
     /// Creates missing folders of a destination at commit time instead of refusing the upload
@@ -190,6 +253,7 @@ impl LocalStaging {
         Self {
             inner: Arc::new(inner),
             writeback: self.writeback,
+            budget: self.budget,
         }
     }
 
@@ -406,6 +470,8 @@ impl Staging for LocalStaging {
             // Grown as data arrives: a small fragment never costs the whole buffer.
             buffer: Vec::new(),
             spare: None,
+            budget: self.budget.clone(),
+            reserved: 0,
             capacity: self.inner.buffer_size,
             in_flight: None,
             sync_data: self.inner.sync_data,
@@ -498,22 +564,71 @@ pub struct LocalPart {
     offset: u64,
     buffer: Vec<u8>,
     spare: Option<Vec<u8>>,
+    /// Where the buffers' bytes are counted, and how many of them these buffers hold.
+    budget: Arc<Budget>,
+    reserved: usize,
     capacity: usize,
     in_flight: Option<Flush>,
     sync_data: bool,
 }
 
-/// A buffer being written; gives back the file and the emptied buffer.
-type Flush = JoinHandle<Result<(Arc<std::fs::File>, Vec<u8>), StagingError>>;
+/// A write in flight; gives back the file and the emptied buffer, if it wrote one.
+type Flush = JoinHandle<Result<(Arc<std::fs::File>, Option<Vec<u8>>), StagingError>>;
+
+impl Drop for LocalPart {
+    fn drop(&mut self) {
+        self.budget.give(self.reserved);
+    }
+}
 
 impl LocalPart {
     async fn wait(&mut self) -> Result<(), StagingError> {
         if let Some(task) = self.in_flight.take() {
-            let (file, mut buffer) = task.await.map_err(io::Error::other)??;
-            buffer.clear();
-            self.spare = Some(buffer);
+            let (file, buffer) = task.await.map_err(io::Error::other)??;
+            if let Some(mut buffer) = buffer {
+                buffer.clear();
+                self.spare = Some(buffer);
+            }
             self.file = Some(file);
         }
+        Ok(())
+    }
+
+    /// Grows the buffer to hold `needed` bytes, if the budget allows.
+    fn grow(&mut self, needed: usize) -> bool {
+        // Double up to the buffer size, no further.
+        let grown = needed.next_power_of_two().clamp(needed, self.capacity);
+        let before = self.buffer.capacity();
+        let asked = grown.saturating_sub(before);
+        if !self.budget.take(asked) {
+            return false;
+        }
+        self.buffer.reserve_exact(grown - self.buffer.len());
+        let got = self.buffer.capacity() - before;
+        if got > asked {
+            self.budget.charge(got - asked);
+        } else {
+            self.budget.give(asked - got);
+        }
+        self.reserved += got;
+        true
+    }
+
+    /// Writes `chunk` as it is, after what is in flight.
+    async fn write_through(&mut self, chunk: Bytes) -> Result<(), StagingError> {
+        self.wait().await?;
+        let (file, parts, offset, id) =
+            (self.file.clone(), self.parts.clone(), self.offset, self.id);
+        self.offset += chunk.len() as u64;
+        self.written += chunk.len() as u64;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let file = match file {
+                Some(file) => file,
+                None => Arc::new(open_at(&parts, id, offset)?),
+            };
+            write_all_at(&file, &chunk, offset)?;
+            Ok((file, None))
+        }));
         Ok(())
     }
 
@@ -534,7 +649,7 @@ impl LocalPart {
                 None => Arc::new(open_at(&parts, id, offset)?),
             };
             write_all_at(&file, &data, offset)?;
-            Ok((file, data))
+            Ok((file, Some(data)))
         }));
         Ok(())
     }
@@ -559,10 +674,11 @@ impl PartWriter for LocalPart {
             let room = self.capacity - self.buffer.len();
             let take = room.min(chunk.len());
             let needed = self.buffer.len() + take;
-            if self.buffer.capacity() < needed {
-                // Double up to the buffer size, no further.
-                let grown = needed.next_power_of_two().clamp(needed, self.capacity);
-                self.buffer.reserve_exact(grown - self.buffer.len());
+            if self.buffer.capacity() < needed && !self.grow(needed) {
+                // The buffers of all parts hold their share: what is buffered goes first,
+                // then the chunk as it came.
+                self.flush().await?;
+                return self.write_through(chunk).await;
             }
             self.buffer.extend_from_slice(&chunk.split_to(take));
             if self.buffer.len() >= self.capacity {
@@ -576,7 +692,7 @@ impl PartWriter for LocalPart {
         self.flush().await?;
         self.wait().await?;
         // Nothing was written: nothing to make durable.
-        let Some(file) = self.file else {
+        let Some(file) = self.file.take() else {
             return Ok(());
         };
         if self.sync_data {
@@ -584,6 +700,17 @@ impl PartWriter for LocalPart {
         } else if let Some(writeback) = &self.writeback {
             writeback.wrote(self.id, self.written, &file);
         }
+        Ok(())
+    }
+
+    /// Writes out what is buffered and frees both buffers: a paused body then holds no
+    /// memory here until its next chunk.
+    async fn idle(&mut self) -> Result<(), StagingError> {
+        self.flush().await?;
+        self.wait().await?;
+        self.buffer = Vec::new();
+        self.spare = None;
+        self.budget.give(std::mem::take(&mut self.reserved));
         Ok(())
     }
 }
@@ -682,6 +809,66 @@ mod tests {
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), data);
         staging.commit(other, &d, 3, true).await.unwrap();
         assert_eq!(std::fs::read(root.path().join("out.bin")).unwrap(), b"new");
+    }
+
+    #[tokio::test]
+    async fn an_idle_part_writes_out_its_buffer_and_frees_it() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+        let mut part = staging.open(id, 0).await.unwrap();
+        part.write(Bytes::from(vec![3; 20_000])).await.unwrap();
+        assert_eq!(part.buffer.len(), 20_000, "a small write is buffered");
+        part.idle().await.unwrap();
+        assert_eq!(
+            std::fs::read(staging.part(id)).unwrap(),
+            vec![3; 20_000],
+            "idle writes the buffer out before finish"
+        );
+        assert_eq!(part.buffer.capacity(), 0, "and gives its memory back");
+        assert!(part.spare.is_none());
+        part.write(Bytes::from_static(b"tail")).await.unwrap();
+        part.finish().await.unwrap();
+        let on_disk = std::fs::read(staging.part(id)).unwrap();
+        assert_eq!(on_disk.len(), 20_004);
+        assert_eq!(&on_disk[20_000..], b"tail");
+    }
+
+    #[tokio::test]
+    async fn the_buffers_of_all_parts_stay_within_the_budget() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path())
+            .unwrap()
+            .max_buffered(300 << 10);
+        let left = || staging.budget.left.load(Ordering::Acquire);
+        let (a, b) = (SessionId::new(), SessionId::new());
+        let mut first = staging.open(a, 0).await.unwrap();
+        first.write(Bytes::from(vec![1; 200 << 10])).await.unwrap();
+        assert_eq!(first.buffer.len(), 200 << 10, "buffered within the budget");
+        assert_eq!(left(), (300 - 256) << 10, "its buffer is counted");
+        let mut second = staging.open(b, 0).await.unwrap();
+        second.write(Bytes::from(vec![2; 64 << 10])).await.unwrap();
+        assert_eq!(
+            second.buffer.capacity(),
+            0,
+            "past the budget a chunk is written as it came"
+        );
+        second.write(Bytes::from(vec![3; 1000])).await.unwrap();
+        second.finish().await.unwrap();
+        first.finish().await.unwrap();
+        assert_eq!(left(), 300 << 10, "finished parts give their buffers back");
+        let mut expected = vec![2; 64 << 10];
+        expected.extend([3; 1000]);
+        assert_eq!(std::fs::read(staging.part(b)).unwrap(), expected);
+        assert_eq!(std::fs::read(staging.part(a)).unwrap(), vec![1; 200 << 10]);
+
+        // An idle part gives its buffer back at once.
+        let mut third = staging.open(a, 200 << 10).await.unwrap();
+        third.write(Bytes::from(vec![4; 10_000])).await.unwrap();
+        assert!(left() < 300 << 10);
+        third.idle().await.unwrap();
+        assert_eq!(left(), 300 << 10);
+        third.finish().await.unwrap();
     }
 
     #[tokio::test]

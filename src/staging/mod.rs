@@ -228,6 +228,15 @@ pub trait PartWriter: Send + 'static {
     /// Writes out everything buffered. After `Ok`, every byte passed to `write` is in the part
     /// and would be found there by a restarted process.
     fn finish(self) -> impl Future<Output = Result<(), StagingError>> + Send;
+
+    /// The request body has paused (no data for a moment): a chance to write out what is
+    /// buffered and give back the buffer's memory, so that a slow client does not keep a
+    /// buffer filled. Nothing is promised about durability until [`finish`](Self::finish).
+    /// The default does nothing (a writer that must buffer, such as one that uploads parts of
+    /// a minimum size, keeps its buffer).
+    fn idle(&mut self) -> impl Future<Output = Result<(), StagingError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// A staging operation failed.
@@ -376,6 +385,7 @@ pub(crate) trait DynStaging: Send + Sync {
 pub(crate) trait DynPart: Send {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>>;
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>>;
+    fn idle(&mut self) -> BoxFuture<'_, Result<(), StagingError>>;
 }
 
 impl<P: PartWriter> DynPart for P {
@@ -384,6 +394,9 @@ impl<P: PartWriter> DynPart for P {
     }
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
         Box::pin(PartWriter::finish(*self))
+    }
+    fn idle(&mut self) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(PartWriter::idle(self))
     }
 }
 

@@ -164,8 +164,13 @@
 //! `BG_E_SESSION_NOT_FOUND` from another node and starts the file again; without it, it never
 //! falls back.
 //!
-//! **What a store costs.** A packet on a shared store costs four round trips (load, take the
-//! lease, update, release). `cargo bench --bench farm --features sqlite,postgres,redis`
+//! **What a store costs.** A Fragment in the middle of an upload costs a shared store two
+//! round trips when the store answers
+//! [`lease_and_load`](SessionStore::lease_and_load) and
+//! [`update_and_release`](SessionStore::update_and_release) in one each, as `PostgresStore`
+//! and `RedisStore` do (a store that keeps the defaults costs four). With
+//! [hooks](crate::BitsLayerBuilder::hooks) the Fragment's event delivery adds one, and the last
+//! Fragment, Create-Session and Close-Session take a few more. `cargo bench --bench farm --features sqlite,postgres,redis`
 //! measures fragments per second for every store on one node and two; `benches/README.md` in
 //! the repository has the last recorded numbers. On machines of their own, nodes add CPU, and
 //! the store is the shared bottleneck.
