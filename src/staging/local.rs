@@ -67,6 +67,10 @@ struct Inner {
 /// [`DEFAULT_MAX_BUFFERED`].
 const DEFAULT_BUFFER: usize = 256 * 1024;
 
+/// A paused body's part writes out what it holds once it holds this much; less waits for
+/// more data (or the end of the fragment), so that a slow client costs few small writes.
+const IDLE_WRITE_MIN: usize = 64 * 1024;
+
 /// What the write buffers of all parts in flight may hold together, by default.
 const DEFAULT_MAX_BUFFERED: usize = 16 << 20;
 
@@ -472,6 +476,7 @@ impl Staging for LocalStaging {
             spare: None,
             budget: self.budget.clone(),
             reserved: 0,
+            thrifty: false,
             capacity: self.inner.buffer_size,
             in_flight: None,
             sync_data: self.inner.sync_data,
@@ -567,6 +572,8 @@ pub struct LocalPart {
     /// Where the buffers' bytes are counted, and how many of them these buffers hold.
     budget: Arc<Budget>,
     reserved: usize,
+    /// Set once the body paused: a written buffer is freed rather than kept as the spare.
+    thrifty: bool,
     capacity: usize,
     in_flight: Option<Flush>,
     sync_data: bool,
@@ -586,12 +593,23 @@ impl LocalPart {
         if let Some(task) = self.in_flight.take() {
             let (file, buffer) = task.await.map_err(io::Error::other)??;
             if let Some(mut buffer) = buffer {
-                buffer.clear();
-                self.spare = Some(buffer);
+                if self.thrifty {
+                    self.release(buffer.capacity());
+                } else {
+                    buffer.clear();
+                    self.spare = Some(buffer);
+                }
             }
             self.file = Some(file);
         }
         Ok(())
+    }
+
+    /// Gives back a freed buffer's bytes to the budget.
+    fn release(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.reserved);
+        self.reserved -= bytes;
+        self.budget.give(bytes);
     }
 
     /// Grows the buffer to hold `needed` bytes, if the budget allows.
@@ -706,11 +724,15 @@ impl PartWriter for LocalPart {
     /// Writes out what is buffered and frees both buffers: a paused body then holds no
     /// memory here until its next chunk.
     async fn idle(&mut self) -> Result<(), StagingError> {
+        if self.buffer.len() < IDLE_WRITE_MIN {
+            return Ok(());
+        }
+        // The write goes on while the body is read again; the buffers are freed, not kept.
+        if let Some(spare) = self.spare.take() {
+            self.release(spare.capacity());
+        }
+        self.thrifty = true;
         self.flush().await?;
-        self.wait().await?;
-        self.buffer = Vec::new();
-        self.spare = None;
-        self.budget.give(std::mem::take(&mut self.reserved));
         Ok(())
     }
 }
@@ -815,23 +837,48 @@ mod tests {
     async fn an_idle_part_writes_out_its_buffer_and_frees_it() {
         let root = tempfile::tempdir().unwrap();
         let staging = LocalStaging::new(root.path()).unwrap();
+        let left = || staging.budget.left.load(Ordering::Acquire);
         let id = SessionId::new();
         let mut part = staging.open(id, 0).await.unwrap();
+        // Less than IDLE_WRITE_MIN waits for more.
         part.write(Bytes::from(vec![3; 20_000])).await.unwrap();
-        assert_eq!(part.buffer.len(), 20_000, "a small write is buffered");
         part.idle().await.unwrap();
         assert_eq!(
-            std::fs::read(staging.part(id)).unwrap(),
-            vec![3; 20_000],
-            "idle writes the buffer out before finish"
+            part.buffer.len(),
+            20_000,
+            "a small pause keeps a small buffer"
         );
-        assert_eq!(part.buffer.capacity(), 0, "and gives its memory back");
+        part.write(Bytes::from(vec![3; 80_000])).await.unwrap();
+        let held = part.buffer.capacity();
+        assert!(held >= 100_000);
+        part.idle().await.unwrap();
+        assert_eq!(
+            part.buffer.capacity(),
+            0,
+            "idle hands the buffer to the write"
+        );
         assert!(part.spare.is_none());
+        part.wait().await.unwrap();
+        assert_eq!(
+            std::fs::read(staging.part(id)).unwrap(),
+            vec![3; 100_000],
+            "idle wrote the buffer out before finish"
+        );
+        assert!(
+            part.spare.is_none(),
+            "and the written buffer is freed, not kept"
+        );
+        assert_eq!(
+            left(),
+            DEFAULT_MAX_BUFFERED as isize,
+            "its bytes are back in the budget"
+        );
         part.write(Bytes::from_static(b"tail")).await.unwrap();
         part.finish().await.unwrap();
         let on_disk = std::fs::read(staging.part(id)).unwrap();
-        assert_eq!(on_disk.len(), 20_004);
-        assert_eq!(&on_disk[20_000..], b"tail");
+        assert_eq!(on_disk.len(), 100_004);
+        assert_eq!(&on_disk[100_000..], b"tail");
+        assert_eq!(left(), DEFAULT_MAX_BUFFERED as isize);
     }
 
     #[tokio::test]
@@ -861,14 +908,12 @@ mod tests {
         expected.extend([3; 1000]);
         assert_eq!(std::fs::read(staging.part(b)).unwrap(), expected);
         assert_eq!(std::fs::read(staging.part(a)).unwrap(), vec![1; 200 << 10]);
-
-        // An idle part gives its buffer back at once.
-        let mut third = staging.open(a, 200 << 10).await.unwrap();
-        third.write(Bytes::from(vec![4; 10_000])).await.unwrap();
+        // A part dropped unfinished gives its buffer back too.
+        let mut dropped = staging.open(a, 200 << 10).await.unwrap();
+        dropped.write(Bytes::from(vec![4; 10_000])).await.unwrap();
         assert!(left() < 300 << 10);
-        third.idle().await.unwrap();
+        drop(dropped);
         assert_eq!(left(), 300 << 10);
-        third.finish().await.unwrap();
     }
 
     #[tokio::test]
