@@ -232,3 +232,140 @@ async fn disk_full_is_a_transient_500_and_loses_nothing() {
     client.close("/d.bin", &sid).await.assert_ok();
     assert_eq!(std::fs::read(tmp.path().join("d.bin")).unwrap(), bytes);
 }
+
+/// A shared store that logs every call the layer makes (each would be a round trip on a
+/// database), answering from a `MemoryStore`.
+#[derive(Clone, Default)]
+struct Logged {
+    inner: Arc<axum_bits::store::MemoryStore>,
+    calls: Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl Logged {
+    fn log(&self, call: &'static str) {
+        self.calls.lock().unwrap().push(call);
+    }
+    fn take(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+impl SessionStore for Logged {
+    async fn create(
+        &self,
+        r: &axum_bits::session::SessionRecord,
+    ) -> Result<(), axum_bits::store::StoreError> {
+        self.log("create");
+        self.inner.create(r).await
+    }
+    async fn load(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<axum_bits::session::SessionRecord>, axum_bits::store::StoreError> {
+        self.log("load");
+        self.inner.load(id).await
+    }
+    async fn update(
+        &self,
+        expected: u64,
+        r: &axum_bits::session::SessionRecord,
+    ) -> Result<(), axum_bits::store::StoreError> {
+        self.log("update");
+        self.inner.update(expected, r).await
+    }
+    async fn remove(&self, id: SessionId) -> Result<bool, axum_bits::store::StoreError> {
+        self.log("remove");
+        self.inner.remove(id).await
+    }
+    async fn list(
+        &self,
+    ) -> Result<Vec<axum_bits::session::SessionRecord>, axum_bits::store::StoreError> {
+        self.log("list");
+        self.inner.list().await
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    async fn acquire_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, axum_bits::store::StoreError> {
+        self.log("acquire_lease");
+        self.inner.acquire_lease(id, holder, ttl).await
+    }
+    async fn release_lease(
+        &self,
+        id: SessionId,
+        holder: &str,
+    ) -> Result<(), axum_bits::store::StoreError> {
+        self.log("release_lease");
+        self.inner.release_lease(id, holder).await
+    }
+    // As a database store does: one call (one round trip) each.
+    async fn lease_and_load(
+        &self,
+        id: SessionId,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<axum_bits::store::Leased, axum_bits::store::StoreError> {
+        self.log("lease_and_load");
+        self.inner.lease_and_load(id, holder, ttl).await
+    }
+    async fn update_and_release(
+        &self,
+        expected: u64,
+        r: &axum_bits::session::SessionRecord,
+        holder: &str,
+    ) -> Result<(), axum_bits::store::StoreError> {
+        self.log("update_and_release");
+        self.inner.update_and_release(expected, r, holder).await
+    }
+}
+
+#[tokio::test]
+async fn a_fragment_in_the_middle_costs_a_shared_store_two_calls() {
+    let store = Logged::default();
+    let server = TestServer::start({
+        let store = store.clone();
+        move |b| b.store(store)
+    })
+    .await;
+    let client = server.client();
+    let file = data(3000, 18);
+    let sid = client.create_ok("/two-calls.bin").await;
+    client
+        .fragment("/two-calls.bin", &sid, 0, &file[..1000], 3000)
+        .await
+        .assert_ok();
+    store.take();
+    let mid = client
+        .fragment("/two-calls.bin", &sid, 1000, &file[1000..2000], 3000)
+        .await;
+    mid.assert_ok();
+    assert_eq!(mid.received(), Some(2000));
+    assert_eq!(
+        store.take(),
+        ["lease_and_load", "update_and_release"],
+        "a mid-upload Fragment: the lease and the record in one call, the update and the \
+         release in another"
+    );
+    // A re-sent fragment too.
+    client
+        .fragment("/two-calls.bin", &sid, 1000, &file[1000..2000], 3000)
+        .await
+        .assert_ok();
+    assert_eq!(store.take(), ["lease_and_load", "update_and_release"]);
+    // The next packet finds the lease free at once and the record as stored.
+    client
+        .fragment("/two-calls.bin", &sid, 2000, &file[2000..], 3000)
+        .await
+        .assert_ok();
+    client.close("/two-calls.bin", &sid).await.assert_ok();
+    assert_eq!(
+        std::fs::read(server.root.join("two-calls.bin")).unwrap(),
+        file
+    );
+    server.stop().await;
+}
