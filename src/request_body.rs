@@ -3,6 +3,7 @@
 //! trickles.
 
 use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Buf;
@@ -171,22 +172,31 @@ where
     let mut written = 0u64;
     // Whether `part` may hold bytes not yet written out.
     let mut buffered = false;
+    // One timer for the pauses, armed only when the body has nothing ready.
+    let mut linger = pin!(tokio::time::sleep(LINGER));
     loop {
         let mut paused = None;
         let next = {
             let mut next = pin!(next_frame(&mut body, &mut clock, &mut stop));
-            tokio::select! {
-                biased;
-                next = next.as_mut() => next,
-                // The body paused: write out what the part buffers and free its memory, so that
-                // a slow client costs no buffer while it is away.
-                () = tokio::time::sleep(LINGER), if buffered => {
-                    buffered = false;
-                    match part.idle().await {
-                        Ok(()) => next.await,
-                        Err(e) => {
-                            paused = Some(e);
-                            Next::End
+            match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+                Poll::Ready(next) => next,
+                Poll::Pending if !buffered => next.await,
+                Poll::Pending => {
+                    linger.as_mut().reset(Instant::now() + LINGER);
+                    tokio::select! {
+                        biased;
+                        next = next.as_mut() => next,
+                        // The body paused: the part may write out what it buffers and free
+                        // its memory, so that a slow client holds little while it is away.
+                        () = linger.as_mut() => {
+                            buffered = false;
+                            match part.idle().await {
+                                Ok(()) => next.await,
+                                Err(e) => {
+                                    paused = Some(e);
+                                    Next::End
+                                }
+                            }
                         }
                     }
                 }
