@@ -62,9 +62,9 @@ struct Inner {
 }
 
 /// Write buffer per fragment in flight; two of them alternate. A body that pauses has its
-/// buffer written out and freed at once ([`PartWriter::idle`]), so only fragments whose data
-/// keeps coming hold buffers this large, and all of them together hold at most
-/// [`DEFAULT_MAX_BUFFERED`].
+/// buffer written out and freed once it holds [`IDLE_WRITE_MIN`] ([`PartWriter::idle`]), so
+/// only fragments whose data keeps coming hold buffers this large, and all of them together
+/// hold at most [`DEFAULT_MAX_BUFFERED`].
 const DEFAULT_BUFFER: usize = 256 * 1024;
 
 /// A paused body's part writes out what it holds once it holds this much; less waits for
@@ -209,8 +209,8 @@ impl LocalStaging {
 
     /// How many bytes the write buffers of all fragments in flight may hold together (default
     /// 16 MiB). Each fragment buffers up to 512 KiB while its data keeps coming, so that the
-    /// disk sees large writes; a fragment whose body pauses writes out and frees its buffer at
-    /// once. Once the buffers hold this much, further data is written as it arrives, without a
+    /// disk sees large writes; a fragment whose body pauses writes out and frees its buffer
+    /// once it holds 64 KiB. Once the buffers hold this much, further data is written as it arrives, without a
     /// copy: many fast uploads at once then cost more, smaller writes instead of memory.
     pub fn max_buffered(self, bytes: usize) -> Self {
         Self {
@@ -721,8 +721,9 @@ impl PartWriter for LocalPart {
         Ok(())
     }
 
-    /// Writes out what is buffered and frees both buffers: a paused body then holds no
-    /// memory here until its next chunk.
+    /// Once 64 KiB or more are buffered, writes them out and frees both buffers (the write
+    /// runs on while the body is read again): a slow client then holds at most about that
+    /// much here, in few writes.
     async fn idle(&mut self) -> Result<(), StagingError> {
         if self.buffer.len() < IDLE_WRITE_MIN {
             return Ok(());
