@@ -61,7 +61,9 @@
 //! 512) to the bits server, in fragments per second = fragments / (Create-Session .. Close-Session
 //! Ack), against as many sequential 64 KiB POSTs to the baseline, in POSTs per second = POSTs /
 //! (first sent .. last answered). Target: bits / baseline >= 0.85; the server CPU per
-//! fragment against the baseline's per POST is reported next to it. Extra row: the same number
+//! fragment against the baseline's per POST is reported next to it, and, for context, the
+//! sequential upload to a bits server with `sync_on_commit(false)` (no write-back while the
+//! part grows, no fsync at the commit; the baseline makes no fsync either). Extra row: the same number
 //! of requests split over 8 concurrent uploads / POST streams (`--b-streams`), each on its own
 //! connection, rate = all requests / wall time. "srv CPU us/req" is the server process's CPU
 //! time divided by the requests.

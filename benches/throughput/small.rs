@@ -50,6 +50,9 @@ pub(crate) fn part_b(
     // microseconds per request.
     let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
     let mut cpu: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
+    // For context, the sequential upload with `sync_on_commit(false)`: how much of the gap is
+    // the commit's durability (the write-back while the part grows, and the final fsync).
+    let mut no_sync: Vec<f64> = Vec::new();
     for run in 1..=options.runs {
         for (shape, &streams) in shapes.iter().enumerate() {
             let work = Workload {
@@ -57,12 +60,19 @@ pub(crate) fn part_b(
                 per_stream: n / streams as u64,
                 streams,
             };
-            let mut pair = [0.0; 2];
-            let mut cpu_pair = [0.0; 2];
-            for ((slot, cpu_slot), scenario) in pair
-                .iter_mut()
-                .zip(cpu_pair.iter_mut())
-                .zip([Scenario::Bits, Scenario::Baseline])
+            let mut pair = [0.0; 3];
+            let mut cpu_pair = [0.0; 3];
+            let scenarios: &[Scenario] = if streams == 1 {
+                &[
+                    Scenario::Bits,
+                    Scenario::Baseline,
+                    Scenario::BitsNoCommitSync,
+                ]
+            } else {
+                &[Scenario::Bits, Scenario::Baseline]
+            };
+            for ((slot, cpu_slot), &scenario) in
+                pair.iter_mut().zip(cpu_pair.iter_mut()).zip(scenarios)
             {
                 let m = measure(scenario, &work, base, options.warm_up.then_some(payload))?;
                 let requests = work.requests() as f64;
@@ -89,6 +99,9 @@ pub(crate) fn part_b(
             );
             rates[shape].push((pair[0], pair[1]));
             cpu[shape].push((cpu_pair[0], cpu_pair[1]));
+            if streams == 1 {
+                no_sync.push(pair[2] / pair[1]);
+            }
         }
     }
     if options.runs > 1 {
@@ -129,6 +142,10 @@ pub(crate) fn part_b(
             median(&plain_cpu),
             (median(&bits_cpu) / median(&plain_cpu) - 1.0) * 100.0
         ),
+    );
+    summary.context(
+        "(b) the same with sync_on_commit(false)".into(),
+        format!("{:.2}", median(&no_sync)),
     );
     Ok(())
 }
