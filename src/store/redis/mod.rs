@@ -68,7 +68,9 @@ const MAX_LEASE_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// so a refusal changes nothing. The scripts keep the indexes in step with the index fields
 /// stored next to each record, never with a copy the caller read, so a stale caller cannot
 /// corrupt them. Leases are taken and released by scripts too, and expire by the server's
-/// clock, so the nodes' clocks need not agree.
+/// clock, so the nodes' clocks need not agree. A Fragment costs two round trips: one script
+/// takes the lease and reads the record ([`SessionStore::lease_and_load`]), another updates
+/// the record and releases the lease ([`SessionStore::update_and_release`]).
 ///
 /// A command that times out may still have been carried out: the caller then gets an error,
 /// and its next update of that record a [`StoreError::Conflict`].
