@@ -582,6 +582,30 @@ pub struct LocalPart {
 /// A write in flight; gives back the file and the emptied buffer, if it wrote one.
 type Flush = JoinHandle<Result<(Arc<std::fs::File>, Option<Vec<u8>>), StagingError>>;
 
+/// What a write sends: a buffer, to be reused, or a chunk as it came.
+enum Payload {
+    Buffer(Vec<u8>),
+    Chunk(Bytes),
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Self::Buffer(buffer) => buffer,
+            Self::Chunk(chunk) => chunk,
+        }
+    }
+}
+
+impl Payload {
+    fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            Self::Buffer(buffer) => Some(buffer),
+            Self::Chunk(_) => None,
+        }
+    }
+}
+
 impl Drop for LocalPart {
     fn drop(&mut self) {
         self.budget.give(self.reserved);
@@ -635,18 +659,7 @@ impl LocalPart {
     /// Writes `chunk` as it is, after what is in flight.
     async fn write_through(&mut self, chunk: Bytes) -> Result<(), StagingError> {
         self.wait().await?;
-        let (file, parts, offset, id) =
-            (self.file.clone(), self.parts.clone(), self.offset, self.id);
-        self.offset += chunk.len() as u64;
-        self.written += chunk.len() as u64;
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let file = match file {
-                Some(file) => file,
-                None => Arc::new(open_at(&parts, id, offset)?),
-            };
-            write_all_at(&file, &chunk, offset)?;
-            Ok((file, None))
-        }));
+        self.start_write(Payload::Chunk(chunk));
         Ok(())
     }
 
@@ -657,19 +670,26 @@ impl LocalPart {
         }
         let next = self.spare.take().unwrap_or_default();
         let data = std::mem::replace(&mut self.buffer, next);
-        let (file, parts, offset) = (self.file.clone(), self.parts.clone(), self.offset);
-        let id = self.id;
-        self.offset += data.len() as u64;
-        self.written += data.len() as u64;
+        self.start_write(Payload::Buffer(data));
+        Ok(())
+    }
+
+    /// Starts writing `data` at the offset, on the blocking pool; nothing may be in flight.
+    /// The first write opens the file and checks that it holds the bytes below the offset.
+    fn start_write(&mut self, data: Payload) {
+        let (file, parts, offset, id) =
+            (self.file.clone(), self.parts.clone(), self.offset, self.id);
+        let len = data.as_ref().len() as u64;
+        self.offset += len;
+        self.written += len;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let file = match file {
                 Some(file) => file,
                 None => Arc::new(open_at(&parts, id, offset)?),
             };
-            write_all_at(&file, &data, offset)?;
-            Ok((file, Some(data)))
+            write_all_at(&file, data.as_ref(), offset)?;
+            Ok((file, data.into_buffer()))
         }));
-        Ok(())
     }
 }
 

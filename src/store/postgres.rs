@@ -276,19 +276,9 @@ impl SessionStore for PostgresStore {
         record: &SessionRecord,
         holder: &str,
     ) -> Result<(), StoreError> {
-        let row = sql::Row::new(record)?;
-        let expected = sql::to_i64(expected, "expected revision")?;
         let statement = &self.sql.update_and_release;
-        if self
-            .write(statement, &row, Some(expected), Some(holder))
-            .await?
-        {
-            Ok(())
-        } else if self.exists(&row.id).await? {
-            Err(StoreError::Conflict)
-        } else {
-            Err(StoreError::NotFound)
-        }
+        self.compare_and_set(statement, expected, record, Some(holder))
+            .await
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -281,6 +281,8 @@ pub(super) fn holder_vanished() -> StoreError {
 ///   refused by the unique index on held destinations becomes
 ///   [`StoreError::DestinationBusy`] naming the holder; if the holder has let go by the time
 ///   it is looked up, the write is retried, up to [`BUSY_RETRIES`] times.
+/// * `compare_and_set(statement, expected, record, holder)`: `write` of an update statement,
+///   then `Conflict` or `NotFound` when it changed no row.
 /// * `holder(destination)`: the session holding `destination`, if any.
 /// * `exists(id)`: whether a session `id` is stored.
 /// * `migrate_in(tx)`: runs [`Sql::migrate`] in `tx` and commits it.
@@ -338,6 +340,28 @@ macro_rules! helper_methods {
                 }
             }
             Err(sql::holder_vanished())
+        }
+
+        /// Runs an update `statement` (`$9` the expected revision, `$10` a lease holder if
+        /// `holder` is given) as a compare-and-set: `Conflict` if the revision differs,
+        /// `NotFound` if there is no record.
+        async fn compare_and_set(
+            &self,
+            statement: &str,
+            expected: u64,
+            record: &$crate::session::SessionRecord,
+            holder: Option<&str>,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::{StoreError, sql};
+            let row = sql::Row::new(record)?;
+            let expected = sql::to_i64(expected, "expected revision")?;
+            if self.write(statement, &row, Some(expected), holder).await? {
+                Ok(())
+            } else if self.exists(&row.id).await? {
+                Err(StoreError::Conflict)
+            } else {
+                Err(StoreError::NotFound)
+            }
         }
 
         async fn holder(
@@ -455,19 +479,8 @@ macro_rules! session_store_methods {
             expected: u64,
             record: &$crate::session::SessionRecord,
         ) -> Result<(), $crate::store::StoreError> {
-            use $crate::store::{StoreError, sql};
-            let row = sql::Row::new(record)?;
-            let expected = sql::to_i64(expected, "expected revision")?;
-            if self
-                .write(&self.sql.update, &row, Some(expected), None)
-                .await?
-            {
-                Ok(())
-            } else if self.exists(&row.id).await? {
-                Err(StoreError::Conflict)
-            } else {
-                Err(StoreError::NotFound)
-            }
+            self.compare_and_set(&self.sql.update, expected, record, None)
+                .await
         }
 
         async fn list(
