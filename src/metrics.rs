@@ -301,9 +301,14 @@ pub(crate) async fn store<T, E>(
 ) -> Result<T, E> {
     let start = Instant::now();
     let result = call.await;
-    histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome(&result))
-        .record(start.elapsed().as_secs_f64());
+    store_call(operation, &result, start.elapsed());
     result
+}
+
+/// Records a store call that took `elapsed`.
+pub(crate) fn store_call<T, E>(operation: &'static str, result: &Result<T, E>, elapsed: Duration) {
+    histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome(result))
+        .record(elapsed.as_secs_f64());
 }
 
 pub(crate) fn lease_wait(elapsed: Duration) {

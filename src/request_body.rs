@@ -303,6 +303,9 @@ mod tests {
             self.0.lock().unwrap().push("idle".into());
             Box::pin(async { Ok(()) })
         }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
     }
 
     fn pace() -> Pace {

@@ -19,8 +19,8 @@ use crate::protocol::Ack;
 use crate::replies::Replies;
 use crate::session::{Event, EventKind, Owner, SessionId, SessionRecord, enqueue, now_ms};
 use crate::session_lock::{LockError, SessionGuard, SessionLocks};
-use crate::staging::{DynStaging, StagingError};
-use crate::store::{DynStore, StoreError};
+use crate::staging::{DynStaging, LastWrite, StagingError};
+use crate::store::{DynStore, FileStore, StoreError};
 
 /// State shared by every clone of the layer and its services.
 pub(crate) struct Shared {
@@ -270,6 +270,35 @@ impl<'a> LockedSession<'a> {
             .await?;
         self.record = next;
         Ok(())
+    }
+
+    /// The store, if it is a [`FileStore`] (which holds no leases): then
+    /// [`save_after`](Self::save_after) writes a part's last bytes and the record in one
+    /// blocking call.
+    pub(crate) fn file_store(&self) -> Option<&'a FileStore> {
+        self.shared.store.as_file_store()
+    }
+
+    /// [`save`](Self::save) on `files`, this session's store, with a part's last write run
+    /// first in the same blocking call ([`FileStore::update_after`]): the record is written
+    /// only once the bytes are in the part. A failed last write is the outer error.
+    pub(crate) async fn save_after(
+        &mut self,
+        files: &FileStore,
+        last: LastWrite,
+        change: impl FnOnce(&mut SessionRecord),
+    ) -> Result<Result<(), StoreError>, StagingError> {
+        let next = self.next(|r| {
+            change(r);
+            r.updated_ms = now_ms();
+        });
+        let updated = files
+            .update_after(self.record.revision, &next, last)
+            .await?;
+        if updated.is_ok() {
+            self.record = next;
+        }
+        Ok(updated)
     }
 
     /// A copy of the record with `change` applied, the revision bumped and this node named.

@@ -7,10 +7,11 @@ use super::{Failure, complete, finish, open_session};
 use crate::BoxError;
 use crate::protocol::{Ack, Fragment};
 use crate::request_body::{BodyError, copy_fragment};
+use crate::session::SessionRecord;
 use crate::session::machine::{self, FragmentDecision, Limits, Refusal, Write};
 use crate::session::{EventKind, Owner, Phase};
 use crate::shared::{LockedSession, Shared};
-use crate::staging::StagingError;
+use crate::staging::{LocalPart, StagingError};
 
 pub(super) async fn handle_fragment<B>(
     shared: &Shared,
@@ -146,6 +147,35 @@ where
             "fragment stopped by shutdown; what arrived is kept"
         );
     }
+    if copied.is_ok() {
+        // A whole fragment in a local part, on a file store: the part's last write and the
+        // record's update go to the blocking pool together, one trip per fragment, not two.
+        if let (Some(local), Some(files)) = (
+            part.as_any_mut().downcast_mut::<LocalPart>(),
+            session.file_store(),
+        ) {
+            let saved = match local.take_last_write().await {
+                Ok(Some(last)) => {
+                    session
+                        .save_after(files, last, advance(shared, &write))
+                        .await
+                }
+                Ok(None) => Ok(session.save(advance(shared, &write)).await),
+                Err(e) => Err(e),
+            };
+            return match saved {
+                Err(StagingError::PartShort { held }) => {
+                    rewind_to_part(session, held, received).await
+                }
+                Err(e) => Err(e.into()),
+                Ok(saved) => {
+                    saved?;
+                    advanced(session, &write, received);
+                    Ok(())
+                }
+            };
+        }
+    }
     let flushed = part.finish().await;
     if let (Err(BodyError::Staging(StagingError::PartShort { held })), _)
     | (_, Err(StagingError::PartShort { held })) = (&copied, &flushed)
@@ -173,24 +203,33 @@ where
             return Err(error.into());
         }
     }
-    let advance = |r: &mut crate::session::SessionRecord| {
-        r.advance(write.total, write.end());
-        let (received, total) = (r.received, write.total);
-        shared.queue(r, EventKind::Progress { received, total });
-    };
     // A fragment in the middle of an upload, with no events to deliver, changes nothing
     // after this: the lease goes with the record's update (one store call on a farm).
     if write.completes() || shared.hooks.is_some() {
-        session.save(advance).await?;
+        session.save(advance(shared, &write)).await?;
     } else {
-        session.save_last(advance).await?;
+        session.save_last(advance(shared, &write)).await?;
     }
+    advanced(session, &write, received);
+    Ok(())
+}
+
+/// The record's change for a fragment whose bytes are all in the part.
+fn advance<'w>(shared: &'w Shared, write: &'w Write) -> impl FnOnce(&mut SessionRecord) + 'w {
+    move |r| {
+        r.advance(write.total, write.end());
+        let (received, total) = (r.received, write.total);
+        shared.queue(r, EventKind::Progress { received, total });
+    }
+}
+
+/// After the record took a fragment: what the Ack reports, and the upload's end.
+fn advanced(session: &LockedSession<'_>, write: &Write, received: &mut Option<u64>) {
     *received = Some(session.record.received);
     if write.completes() {
         crate::metrics::upload_finished(write.total);
         tracing::info!(bytes = write.total, "all bytes received");
     }
-    Ok(())
 }
 
 /// The part holds fewer bytes than the record says (a power loss without fsync, or a part

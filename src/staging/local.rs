@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use super::dir::{Dir, Entry, Kind, Open, is_refused_link, session_files};
-use super::{PartWriter, Staging, StagingError};
+use super::{LastWrite, PartWriter, Staging, StagingError};
 use crate::destination::Destination;
 use crate::session::SessionId;
 
@@ -693,6 +693,54 @@ impl LocalPart {
     }
 }
 
+impl LocalPart {
+    /// Does all of [`finish`](PartWriter::finish) that need not block: waits for the write in
+    /// flight, and returns what is left for a blocking thread (the buffered bytes and, with
+    /// `sync_data`, the fsync), or `None` if nothing is. Whoever runs it may run work of its
+    /// own after it in the same blocking call (the layer writes the session's record there:
+    /// one trip to the blocking pool per fragment, not two); once it returned `Ok`, the part
+    /// is as `finish` leaves it. This part then holds nothing, and its `finish` does nothing.
+    pub(crate) async fn take_last_write(&mut self) -> Result<Option<LastWrite>, StagingError> {
+        self.wait().await?;
+        let buffer = std::mem::take(&mut self.buffer);
+        let file = self.file.take();
+        if buffer.is_empty() {
+            // Nothing was written: nothing to make durable.
+            let Some(opened) = &file else {
+                return Ok(None);
+            };
+            if !self.sync_data {
+                if let Some(writeback) = &self.writeback {
+                    writeback.wrote(self.id, self.written, opened);
+                }
+                return Ok(None);
+            }
+        }
+        let (parts, id, offset, sync_data) =
+            (self.parts.clone(), self.id, self.offset, self.sync_data);
+        let len = buffer.len() as u64;
+        self.offset += len;
+        self.written += len;
+        let (written, writeback) = (self.written, self.writeback.clone());
+        // The buffer's bytes stay counted in the budget until the part is dropped.
+        Ok(Some(Box::new(move || {
+            let file = match file {
+                Some(file) => file,
+                None => Arc::new(open_at(&parts, id, offset)?),
+            };
+            if !buffer.is_empty() {
+                write_all_at(&file, &buffer, offset)?;
+            }
+            if sync_data {
+                file.sync_data()?;
+            } else if let Some(writeback) = writeback {
+                writeback.wrote(id, written, &file);
+            }
+            Ok(())
+        })))
+    }
+}
+
 /// Opens (or creates) the part for writing at `offset`; fails with
 /// [`StagingError::PartShort`] if it holds fewer bytes than that.
 fn open_at(parts: &Dir, id: SessionId, offset: u64) -> Result<std::fs::File, StagingError> {
@@ -727,18 +775,10 @@ impl PartWriter for LocalPart {
     }
 
     async fn finish(mut self) -> Result<(), StagingError> {
-        self.flush().await?;
-        self.wait().await?;
-        // Nothing was written: nothing to make durable.
-        let Some(file) = self.file.take() else {
-            return Ok(());
-        };
-        if self.sync_data {
-            blocking(move || Ok(file.sync_data()?)).await?;
-        } else if let Some(writeback) = &self.writeback {
-            writeback.wrote(self.id, self.written, &file);
+        match self.take_last_write().await? {
+            Some(last) => blocking(last).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Once 64 KiB or more are buffered, writes them out and frees both buffers (the write

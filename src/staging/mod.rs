@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use http::StatusCode;
 
+pub(crate) use local::LocalPart;
 pub use local::LocalStaging;
 #[cfg(feature = "s3")]
 #[cfg_attr(docsrs, doc(cfg(feature = "s3")))]
@@ -386,7 +387,15 @@ pub(crate) trait DynPart: Send {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>>;
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>>;
     fn idle(&mut self) -> BoxFuture<'_, Result<(), StagingError>>;
+    /// The part as its own type, for the layer's fast path of [`LocalPart`]s
+    /// ([`LocalPart::take_last_write`]).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
+
+/// A part's last write, taken out to run on a blocking thread with other work after it (see
+/// [`LocalPart::take_last_write`]). After `Ok`, the part is as [`PartWriter::finish`] leaves
+/// it.
+pub(crate) type LastWrite = Box<dyn FnOnce() -> Result<(), StagingError> + Send>;
 
 impl<P: PartWriter> DynPart for P {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>> {
@@ -397,6 +406,9 @@ impl<P: PartWriter> DynPart for P {
     }
     fn idle(&mut self) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(PartWriter::idle(self))
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

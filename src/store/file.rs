@@ -8,6 +8,7 @@ use super::local_leases::LocalLeases;
 use super::{SessionStore, StoreError};
 use crate::keyed_lock::KeyedLock;
 use crate::session::{Owner, SessionId, SessionRecord};
+use crate::staging::{LastWrite, StagingError};
 
 /// Keeps one JSON file per session in a directory, so open sessions survive a restart.
 ///
@@ -104,20 +105,86 @@ impl FileStore {
     /// Writes `record` to its file. `replace` says the file exists (an update), so that it
     /// may be overwritten in place.
     async fn write(&self, record: &SessionRecord, replace: bool) -> Result<(), StoreError> {
+        let write = self.record_write(record, replace)?;
+        blocking(write).await?;
+        self.wrote(record.id);
+        Ok(())
+    }
+
+    /// The blocking work of writing `record` to its file.
+    fn record_write(
+        &self,
+        record: &SessionRecord,
+        replace: bool,
+    ) -> Result<impl FnOnce() -> io::Result<()> + Send + 'static, StoreError> {
         let mut json = serde_json::to_vec(record).map_err(StoreError::backend)?;
         let path = self.path(record.id);
         let fsync = self.fsync;
-        blocking(move || {
+        Ok(move || {
             if replace && !fsync && overwrite_in_place(&path, &mut json)? {
                 return Ok(());
             }
             write_atomically(&path, &json, fsync)
         })
-        .await?;
-        if !fsync {
-            self.unsynced().insert(record.id);
+    }
+
+    /// Notes that the record of `id` was written.
+    fn wrote(&self, id: SessionId) {
+        if !self.fsync {
+            self.unsynced().insert(id);
         }
-        Ok(())
+    }
+
+    /// [`update`](SessionStore::update), with `before` run first in the same blocking call:
+    /// the layer's fast path for a fragment staged in a local part, whose last write goes
+    /// there ([`LocalPart::take_last_write`](crate::staging::LocalPart::take_last_write)).
+    ///
+    /// The record is written only after `before` succeeded; if it fails, its error is
+    /// returned and the record is left as it was. If the compare-and-set fails, `before` still
+    /// runs (on its own) and the update's error is returned inside `Ok`, as if the two had run
+    /// one after the other.
+    ///
+    /// The store's `update` metric counts this call, `before`'s time included.
+    pub(crate) async fn update_after(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        before: LastWrite,
+    ) -> Result<Result<(), StoreError>, StagingError> {
+        let start = std::time::Instant::now();
+        let updated = self.update_after_untimed(expected, record, before).await;
+        if let Ok(updated) = &updated {
+            crate::metrics::store_call("update", updated, start.elapsed());
+        }
+        updated
+    }
+
+    async fn update_after_untimed(
+        &self,
+        expected: u64,
+        record: &SessionRecord,
+        before: LastWrite,
+    ) -> Result<Result<(), StoreError>, StagingError> {
+        let _guard = self.inner.locks.lock(record.id).await;
+        let checked = self.index().check_update(expected, record);
+        let write = match checked.and_then(|()| self.record_write(record, true)) {
+            Ok(write) => write,
+            Err(error) => {
+                crate::fs::blocking(before).await?;
+                return Ok(Err(error));
+            }
+        };
+        let written = crate::fs::blocking(move || {
+            before()?;
+            Ok::<_, StagingError>(write())
+        })
+        .await?;
+        if let Err(error) = written {
+            return Ok(Err(StoreError::backend(error)));
+        }
+        self.wrote(record.id);
+        self.index().put(record.clone());
+        Ok(Ok(()))
     }
 
     fn unsynced(&self) -> MutexGuard<'_, HashSet<SessionId>> {

@@ -645,6 +645,16 @@ pub(crate) trait DynStore: Send + Sync {
         holder: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// The store as its own type, for the layer's fast path of a [`FileStore`]
+    /// ([`FileStore::update_after`]).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl dyn DynStore {
+    /// The store, if it is a [`FileStore`].
+    pub(crate) fn as_file_store(&self) -> Option<&FileStore> {
+        self.as_any().downcast_ref()
+    }
 }
 
 pub(crate) use crate::BoxFuture;
@@ -735,6 +745,9 @@ impl<T: SessionStore> DynStore for T {
     }
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(SessionStore::close(self))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
