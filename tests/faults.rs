@@ -733,6 +733,81 @@ async fn record_update_failing_after_the_write_is_transient_and_the_retry_comple
     assert!(parts(&server.root).is_empty());
 }
 
+/// The record of `sid` in the default store's folder, as a restarted server would read it.
+#[cfg(unix)]
+fn record_on_disk(root: &Path, sid: &str) -> SessionRecord {
+    let id = SessionId::parse(sid).expect("a session id");
+    let path = root
+        .join(".bits")
+        .join("sessions")
+        .join(format!("{id}.json"));
+    serde_json::from_slice(&std::fs::read(path).expect("the session's record")).expect("JSON")
+}
+
+/// With the default store and staging, a fragment's last write and its record's update run
+/// in one blocking call (`FileStore::update_after`): the record must come after the bytes,
+/// and not at all when they could not be written.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fragment_whose_bytes_cannot_be_written_leaves_the_record_where_it_was() {
+    const FRAGMENT: usize = 64 << 10;
+    let server = TestServer::start(|b| b).await;
+    let root = server.root.clone();
+    let client = server.client();
+    let sent = data(3 * FRAGMENT, 7);
+    let total = sent.len() as u64;
+    let sid = client.create_ok("/ordered.bin").await;
+    client
+        .fragment("/ordered.bin", &sid, 0, &sent[..FRAGMENT], total)
+        .await
+        .assert_ok();
+    assert_eq!(record_on_disk(&root, &sid).received, FRAGMENT as u64);
+
+    // A link takes the part's place: the next fragment's bytes cannot go in.
+    let part = part_of(&root, &sid);
+    let aside = root.join("aside.part");
+    std::fs::rename(&part, &aside).unwrap();
+    std::os::unix::fs::symlink(&aside, &part).unwrap();
+    let reply = client
+        .fragment(
+            "/ordered.bin",
+            &sid,
+            FRAGMENT as u64,
+            &sent[FRAGMENT..2 * FRAGMENT],
+            total,
+        )
+        .await;
+    reply.assert_error(403, "0x80070005");
+    assert!(
+        reply.received().is_none_or(|r| r == FRAGMENT as u64),
+        "{reply:?}"
+    );
+    assert_eq!(
+        record_on_disk(&root, &sid).received,
+        FRAGMENT as u64,
+        "the record moved past the bytes the part holds"
+    );
+    assert_eq!(std::fs::metadata(&aside).unwrap().len(), FRAGMENT as u64);
+
+    // The part is back: the client resends from the server's offset and completes.
+    std::fs::remove_file(&part).unwrap();
+    std::fs::rename(&aside, &part).unwrap();
+    resume(
+        &client,
+        "/ordered.bin",
+        &sid,
+        &sent,
+        FRAGMENT as u64,
+        FRAGMENT,
+    )
+    .await;
+    assert_eq!(record_on_disk(&root, &sid).received, total);
+    client.close("/ordered.bin", &sid).await.assert_ok();
+    assert_file(&root.join("ordered.bin"), &sent);
+    assert!(parts(&root).is_empty());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn commit_record_failing_after_the_move_is_transient_and_the_retry_confirms_it() {
     let (server, fault, _) = flaky_server().await;

@@ -943,6 +943,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_last_write_taken_out_of_a_part_writes_when_run_and_finishes_it() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = LocalStaging::new(root.path()).unwrap();
+        let id = SessionId::new();
+
+        // Nothing written: nothing to run, and no file.
+        let mut part = staging.open(id, 0).await.unwrap();
+        assert!(part.take_last_write().await.unwrap().is_none());
+        part.finish().await.unwrap();
+        assert!(!staging.part(id).exists());
+
+        // Buffered bytes are written by the job, not before, and finish has nothing left.
+        let mut part = staging.open(id, 0).await.unwrap();
+        part.write(Bytes::from_static(b"hello ")).await.unwrap();
+        let last = part.take_last_write().await.unwrap().expect("a last write");
+        assert!(
+            !staging.part(id).exists(),
+            "nothing is written before the job runs"
+        );
+        last().unwrap();
+        assert_eq!(std::fs::read(staging.part(id)).unwrap(), b"hello ");
+        part.finish().await.unwrap();
+        assert_eq!(std::fs::read(staging.part(id)).unwrap(), b"hello ");
+
+        // After a write in flight, the job writes the rest behind it.
+        let mut part = staging.open(id, 6).await.unwrap();
+        part.write(Bytes::from(vec![b'w'; 300_000])).await.unwrap();
+        part.write(Bytes::from_static(b"!")).await.unwrap();
+        let last = part.take_last_write().await.unwrap().expect("a last write");
+        tokio::task::spawn_blocking(last).await.unwrap().unwrap();
+        let held = std::fs::read(staging.part(id)).unwrap();
+        assert_eq!(held.len(), 300_007);
+        assert_eq!(
+            (&held[..6], held[6], &held[300_006..]),
+            (&b"hello "[..], b'w', &b"!"[..])
+        );
+        drop(part);
+
+        // A part shorter than the offset: the job refuses it with its length.
+        let mut part = staging.open(id, 400_000).await.unwrap();
+        part.write(Bytes::from_static(b"gap")).await.unwrap();
+        let last = part.take_last_write().await.unwrap().expect("a last write");
+        assert!(matches!(
+            last(),
+            Err(StagingError::PartShort { held: 300_007 })
+        ));
+        drop(part);
+        assert_eq!(
+            staging.budget.left.load(Ordering::Acquire),
+            DEFAULT_MAX_BUFFERED as isize,
+            "every buffer's bytes are back in the budget"
+        );
+    }
+
+    #[tokio::test]
     async fn the_buffers_of_all_parts_stay_within_the_budget() {
         let root = tempfile::tempdir().unwrap();
         let staging = LocalStaging::new(root.path())

@@ -377,6 +377,8 @@ fn write_atomically(path: &Path, contents: &[u8], fsync: bool) -> io::Result<()>
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
     use crate::store::tests::record;
 
@@ -412,6 +414,75 @@ mod tests {
         ));
         assert!(store.remove(r.id).await.unwrap());
         assert!(!dir.path().join(format!("{}.json", r.id)).exists());
+    }
+
+    /// The record in `store`'s file for `id`, as a reopened store would read it.
+    fn on_disk(store: &FileStore, id: SessionId) -> SessionRecord {
+        read_record(&store.path(id)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn update_after_writes_the_record_only_after_the_work_before_it_succeeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut r = record("after/write.bin");
+        store.create(&r).await.unwrap();
+        let old = r.clone();
+
+        // The work before sees the old record on disk: the new one is written after it.
+        let (check, id) = (store.clone(), r.id);
+        let saw = std::sync::Arc::new(Mutex::new(None));
+        let seen = saw.clone();
+        r.revision = 1;
+        r.received = 4096;
+        store
+            .update_after(
+                0,
+                &r,
+                Box::new(move || {
+                    *seen.lock().unwrap() = Some(on_disk(&check, id));
+                    Ok(())
+                }),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(saw.lock().unwrap().take(), Some(old));
+        assert_eq!(on_disk(&store, r.id), r);
+        assert_eq!(store.load(r.id).await.unwrap(), Some(r.clone()));
+        assert!(store.unsynced().contains(&r.id), "left for close to fsync");
+
+        // It fails: its error comes back and the record stays, on disk and in the index.
+        let mut next = r.clone();
+        next.revision = 2;
+        next.received = 8192;
+        let failed = store
+            .update_after(1, &next, Box::new(|| Err(StagingError::Forbidden)))
+            .await;
+        assert!(matches!(failed, Err(StagingError::Forbidden)), "{failed:?}");
+        assert_eq!(on_disk(&store, r.id), r);
+        assert_eq!(store.load(r.id).await.unwrap(), Some(r.clone()));
+
+        // A stale revision: the work still runs, and the update's conflict comes back.
+        let ran = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let conflict = store
+            .update_after(
+                0,
+                &next,
+                Box::new(move || {
+                    flag.store(true, Ordering::SeqCst);
+                    Ok(())
+                }),
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(conflict, Err(StoreError::Conflict)),
+            "{conflict:?}"
+        );
+        assert!(ran.load(Ordering::SeqCst), "the work before ran");
+        assert_eq!(on_disk(&store, r.id), r);
     }
 
     /// Bumps the revision and updates, returning the length of the record's JSON.
