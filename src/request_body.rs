@@ -148,6 +148,11 @@ where
 /// gaps between the chunks of a client that keeps sending, shorter than those of a slow one.
 const LINGER: Duration = Duration::from_millis(2);
 
+/// How many bytes the part must have been handed since it was last told of a pause before a
+/// pause is timed at all: less is not worth writing out on its own (the local part waits for
+/// as much), and a body that never gets this far, such as a 64 KiB fragment's, costs no timer.
+pub(crate) const IDLE_AFTER: u64 = 64 << 10;
+
 /// Reads `skip + len` bytes from `body`, drops the first `skip` and writes the rest to `part`.
 /// Stops between two frames once `stop` resolves.
 ///
@@ -170,8 +175,8 @@ where
     let mut stop = pin!(stop);
     let mut clock = Clock::start(pace);
     let mut written = 0u64;
-    // Whether `part` may hold bytes not yet written out.
-    let mut buffered = false;
+    // Bytes handed to `part` since it was last told of a pause.
+    let mut unsignalled = 0u64;
     // One timer for the pauses, armed only when the body has nothing ready.
     let mut linger = pin!(tokio::time::sleep(LINGER));
     loop {
@@ -180,7 +185,8 @@ where
             let mut next = pin!(next_frame(&mut body, &mut clock, &mut stop));
             match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
                 Poll::Ready(next) => next,
-                Poll::Pending if !buffered => next.await,
+                // Too little to write out, or only the end of the body is still to come.
+                Poll::Pending if unsignalled < IDLE_AFTER || written == len => next.await,
                 Poll::Pending => {
                     linger.as_mut().reset(Instant::now() + LINGER);
                     tokio::select! {
@@ -189,7 +195,7 @@ where
                         // The body paused: the part may write out what it buffers and free
                         // its memory, so that a slow client holds little while it is away.
                         () = linger.as_mut() => {
-                            buffered = false;
+                            unsignalled = 0;
                             match part.idle().await {
                                 Ok(()) => next.await,
                                 Err(e) => {
@@ -236,7 +242,7 @@ where
             return (written, Err(e.into()));
         }
         written += n;
-        buffered = true;
+        unsignalled += n;
     }
     let missing = skip + (len - written);
     if missing > 0 {
@@ -365,19 +371,29 @@ mod tests {
         let log = Log::default();
         let mut part = log.clone();
         let (written, result) = copy_fragment(
-            body(3, 100, Duration::from_millis(30)),
+            body(5, 40_000, Duration::from_millis(30)),
             0,
-            300,
+            200_000,
             &mut part,
             pace(),
             std::future::pending(),
         )
         .await;
-        assert_eq!(written, 300);
+        assert_eq!(written, 200_000);
         result.unwrap();
+        // Told once it has been handed IDLE_AFTER since the last time, not after the last
+        // chunk (only the body's end is to come).
         assert_eq!(
             *log.0.lock().unwrap(),
-            ["write 100", "idle", "write 100", "idle", "write 100"],
+            [
+                "write 40000",
+                "write 40000",
+                "idle",
+                "write 40000",
+                "write 40000",
+                "idle",
+                "write 40000"
+            ],
         );
     }
 
@@ -386,15 +402,15 @@ mod tests {
         let log = Log::default();
         let mut part = log.clone();
         let (written, result) = copy_fragment(
-            body(4, 100, Duration::ZERO),
+            body(4, 40_000, Duration::ZERO),
             0,
-            400,
+            160_000,
             &mut part,
             pace(),
             std::future::pending(),
         )
         .await;
-        assert_eq!(written, 400);
+        assert_eq!(written, 160_000);
         result.unwrap();
         assert!(!log.0.lock().unwrap().contains(&"idle".to_owned()));
     }

@@ -4,7 +4,7 @@
 //! headers a byte at a time ("slow-loris") holds a connection, a task and a file descriptor
 //! for as long as it likes, and enough of them starve the server. [`serve`] is the same loop
 //! with the limits a server on the open network needs: a header read timeout, a cap on open
-//! connections, and graceful shutdown. Fragment bodies are bounded by the layer's own
+//! connections, bounded read buffers, and graceful shutdown. Fragment bodies are bounded by the layer's own
 //! [`body_idle_timeout`](crate::BitsLayerBuilder::body_idle_timeout).
 //!
 //! Windows clients speak HTTP/1.1 to BITS servers, so this loop serves HTTP/1.1 only. Use any
@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -48,9 +49,14 @@ pub fn serve<S>(listener: TcpListener, service: S) -> Serve<S> {
         service,
         header_read_timeout: Duration::from_secs(30),
         max_connections: 10_000,
+        full_read_buffers: 64,
+        small_read_buffer: 16 << 10,
         shutdown_timeout: Duration::from_secs(60),
     }
 }
+
+/// The least read buffer hyper accepts.
+const MIN_READ_BUFFER: usize = 8 << 10;
 
 /// A configured accept loop; see [`serve`].
 #[must_use = "a server does nothing until it is run"]
@@ -60,6 +66,8 @@ pub struct Serve<S> {
     service: S,
     header_read_timeout: Duration,
     max_connections: usize,
+    full_read_buffers: usize,
+    small_read_buffer: usize,
     shutdown_timeout: Duration,
 }
 
@@ -76,6 +84,31 @@ impl<S> Serve<S> {
     /// closes. Default: 10,000.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Bounds what the connections' read buffers hold between them. A connection reads into a
+    /// buffer that grows while reads fill it, up to hyper's default of about 400 KiB, and
+    /// stays that large while the connection is open: what a fast upload wants, and what
+    /// makes thousands of slow ones cost hundreds of MiB. So at most `full` connections at a
+    /// time may grow theirs that far; a connection accepted while `full` others may gets at
+    /// most `small` bytes (at least 8 KiB), which also bounds its request head (hyper answers a
+    /// longer one with 431). Default: 64 and 16 KiB, the head limit of Windows' own HTTP
+    /// server, ample for BITS, whose header values are at most 4 KB.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// // Every connection reads into at most 32 KiB.
+    /// axum_bits::serve(listener, axum::Router::new())
+    ///     .read_buffers(0, 32 << 10)
+    ///     .run(std::future::pending())
+    ///     .await
+    /// # }
+    /// ```
+    pub fn read_buffers(mut self, full: usize, small: usize) -> Self {
+        self.full_read_buffers = full;
+        self.small_read_buffer = small.max(MIN_READ_BUFFER);
         self
     }
 
@@ -104,14 +137,18 @@ impl<S> Serve<S> {
             service,
             header_read_timeout,
             max_connections,
+            full_read_buffers,
+            small_read_buffer,
             shutdown_timeout,
         } = self;
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(max_connections));
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
+        let full_buffers = Arc::new(FullBuffers(AtomicUsize::new(full_read_buffers)));
+        let mut full = hyper::server::conn::http1::Builder::new();
+        full.timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
+        let mut small = full.clone();
+        small.max_buf_size(small_read_buffer);
         tokio::pin!(signal);
         loop {
             let accepted = tokio::select! {
@@ -128,6 +165,8 @@ impl<S> Serve<S> {
                 inner: service.clone(),
                 peer,
             };
+            let full_buffer = full_buffers.take();
+            let builder = if full_buffer.is_some() { &full } else { &small };
             let connection =
                 builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             let connection = graceful.watch(connection);
@@ -135,7 +174,7 @@ impl<S> Serve<S> {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "connection ended with an error");
                 }
-                drop(slot);
+                drop((slot, full_buffer));
             });
         }
         drop(listener);
@@ -171,6 +210,28 @@ async fn accept(
             tokio::time::sleep(Duration::from_millis(50)).await;
             None
         }
+    }
+}
+
+/// How many more connections may have a full read buffer.
+struct FullBuffers(AtomicUsize);
+
+impl FullBuffers {
+    /// One of the full buffers, if one is left; given back when dropped.
+    fn take(self: &Arc<Self>) -> Option<FullBuffer> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| FullBuffer(self.clone()))
+    }
+}
+
+/// A connection's claim on a full read buffer.
+struct FullBuffer(Arc<FullBuffers>);
+
+impl Drop for FullBuffer {
+    fn drop(&mut self) {
+        self.0.0.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -130,3 +130,64 @@ async fn shutdown_composes_with_the_accept_loop() {
     // The listener is closed; the session waits on disk for the next process.
     assert!(TcpStream::connect(served.addr).await.is_err());
 }
+
+/// Sends `GET /` with a header of `pad` bytes on a fresh connection; the response status, or
+/// `None` if the server closed the connection without one.
+async fn get_with_header(addr: SocketAddr, pad: usize) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(pad)
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return None;
+    }
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// Waits until `addr` answers a request with a `pad`-byte header with `status`, for at most
+/// five seconds (a closed connection gives its slot back as the server notices).
+async fn until_status(addr: SocketAddr, pad: usize, status: Option<u16>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = get_with_header(addr, pad).await;
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {got:?}, expected {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn read_buffers_are_full_only_for_the_first_connections_and_come_back() {
+    // A request head longer than the small buffer shows which buffer a connection got.
+    const HEAD: usize = 20 << 10;
+    let served = start(|s| s.read_buffers(1, 8 << 10)).await;
+    // With the full buffer free, a connection takes it and reads the long head.
+    assert_eq!(get_with_header(served.addr, HEAD).await, Some(200));
+
+    // A connection holds the full buffer: the next one gets the small buffer and its long
+    // head is refused, while a short head is served.
+    let holder = TcpStream::connect(served.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = get_with_header(served.addr, HEAD).await;
+    assert!(matches!(refused, Some(431) | None), "{refused:?}");
+    assert_eq!(get_with_header(served.addr, 100).await, Some(200));
+
+    // Once it is closed the full buffer comes back.
+    drop(holder);
+    until_status(served.addr, HEAD, Some(200)).await;
+
+    // No full buffers at all: every connection gets the small one.
+    let small = start(|s| s.read_buffers(0, 8 << 10)).await;
+    let refused = get_with_header(small.addr, HEAD).await;
+    assert!(matches!(refused, Some(431) | None), "{refused:?}");
+    assert_eq!(get_with_header(small.addr, 100).await, Some(200));
+}

@@ -69,7 +69,7 @@ const DEFAULT_BUFFER: usize = 256 * 1024;
 
 /// A paused body's part writes out what it holds once it holds this much; less waits for
 /// more data (or the end of the fragment), so that a slow client costs few small writes.
-const IDLE_WRITE_MIN: usize = 64 * 1024;
+const IDLE_WRITE_MIN: usize = crate::request_body::IDLE_AFTER as usize;
 
 /// What the write buffers of all parts in flight may hold together, by default.
 const DEFAULT_MAX_BUFFERED: usize = 16 << 20;

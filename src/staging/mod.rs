@@ -232,7 +232,9 @@ pub trait PartWriter: Send + 'static {
 
     /// The request body has paused (no data for a moment): a chance to write out what is
     /// buffered and give back the buffer's memory, so that a slow client does not keep a
-    /// buffer filled. Nothing is promised about durability until [`finish`](Self::finish).
+    /// buffer filled. Called only once the writer was handed 64 KiB or more since the last
+    /// call (or since it was opened), and never after the fragment's last byte. Nothing is
+    /// promised about durability until [`finish`](Self::finish).
     /// The default does nothing (a writer that must buffer, such as one that uploads parts of
     /// a minimum size, keeps its buffer).
     fn idle(&mut self) -> impl Future<Output = Result<(), StagingError>> + Send {
