@@ -332,7 +332,8 @@ async fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "BITS upload server ready"
     );
     let stopping = handle.clone();
-    // Like axum::serve, plus a header read timeout and a connection cap (slow-loris).
+    // Like axum::serve, plus a header read timeout and a connection cap (slow-loris), and
+    // read buffers bounded for thousands of slow clients.
     axum_bits::serve(listener, app)
         .header_read_timeout(Duration::from_secs(20))
         .shutdown_timeout(SHUTDOWN_GRACE + Duration::from_secs(5))

@@ -106,7 +106,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `serve` (default) | [`serve`]: an HTTP/1.1 accept loop with a header read timeout, a connection cap and graceful shutdown |
+//! | `serve` (default) | [`serve`]: an HTTP/1.1 accept loop with a header read timeout, a connection cap, bounded read buffers and graceful shutdown |
 //! | `axum` (default) | the client's address from axum's `ConnectInfo<SocketAddr>`, for the per-peer limits on anonymous sessions, and [`serve`] providing it; [`admin::router`] and [`health::routes`] |
 //! | `metrics` (default) | [`metrics`]: packets, sessions, bytes, commits, store latency and sweeps through the `metrics` facade; the application installs the exporter |
 //! | `sqlite` | `store::SqliteStore`, and `sqlx` re-exported |
