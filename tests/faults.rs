@@ -21,7 +21,7 @@ use axum_bits::staging::{LocalStaging, PartWriter, Staging, StagingError};
 use axum_bits::store::{FileStore, MemoryStore, SessionStore, StoreError};
 use axum_bits::{Owner, SessionId};
 use bytes::Bytes;
-use common::{BitsClient, RawResponse, Reply, TestServer, data, fragment_head, parts};
+use common::{BitsClient, Captured, RawResponse, Reply, TestServer, data, fragment_head, parts};
 
 /// `HRESULT_FROM_WIN32(ERROR_DISK_FULL)`: transient for the client.
 const DISK_FULL: &str = "0x80070070";
@@ -806,6 +806,41 @@ async fn a_fragment_whose_bytes_cannot_be_written_leaves_the_record_where_it_was
     assert_file(&root.join("ordered.bin"), &sent);
     assert!(parts(&root).is_empty());
     server.stop().await;
+}
+
+/// The one-trip path is taken where it should be: on the default store and staging every
+/// whole fragment writes its last bytes and its record in one blocking call; on any other
+/// store (here a `MemoryStore`) none does. Proves the downcasts in the fragment handler
+/// still find the default types.
+#[tokio::test]
+async fn default_store_and_staging_write_a_fragment_and_its_record_in_one_blocking_call() {
+    const ONE_TRIP: &str = "part and record written in one blocking call";
+    const FRAGMENT: usize = 64 << 10;
+    let sent = data(3 * FRAGMENT, 11);
+    let logs = Captured::default();
+    let _guard = logs.install("axum_bits=trace");
+
+    let server = TestServer::start(|b| b).await;
+    let client = server.client();
+    client.upload("/one-trip.bin", &sent, FRAGMENT).await;
+    assert_file(&server.root.join("one-trip.bin"), &sent);
+    server.stop().await;
+    let text = logs.text();
+    assert_eq!(text.matches(ONE_TRIP).count(), 3, "{text}");
+
+    let before = logs.text().len();
+    let server = TestServer::start(|b| b.store(MemoryStore::new())).await;
+    let client = server.client();
+    client.upload("/two-trips.bin", &sent, FRAGMENT).await;
+    assert_file(&server.root.join("two-trips.bin"), &sent);
+    server.stop().await;
+    let text = logs.text();
+    let after = &text[before..];
+    assert!(
+        after.contains("packet=\"fragment\""),
+        "no Fragment logged: {after}"
+    );
+    assert_eq!(after.matches(ONE_TRIP).count(), 0, "{after}");
 }
 
 #[tokio::test]

@@ -19,7 +19,9 @@ use axum_bits::completion::{
 use axum_bits::hooks::{CancelReason, Event, EventKind, HookError, Hooks, Veto};
 use axum_bits::session::DeferredStatus;
 use axum_bits::{BitsLayer, BitsLayerBuilder, CompletionPolicy, Notification, Owner, SessionId};
-use common::{BitsClient, PROTOCOL, RawResponse, Reply, TestServer, data, leftovers, parts};
+use common::{
+    BitsClient, Captured, PROTOCOL, RawResponse, Reply, TestServer, data, leftovers, parts,
+};
 use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------------
@@ -1095,33 +1097,11 @@ async fn on_upload_committed_reports_a_plain_upload_with_its_file_in_place() {
     assert!(keys.iter().any(|k| k.ends_with("/completed")), "{keys:?}");
 }
 
-/// A log writer the test can read back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn an_upload_the_upload_reply_handler_neither_copies_nor_answers_is_a_warning() {
     let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .finish();
     // The test runtime is single-threaded: the server's tasks log on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = logs.install("warn");
     let server = TestServer::start(|b| {
         b.upload_reply_handler(|upload: CompletedUpload| async move {
             if upload.destination.ends_with("answered.bin") {
@@ -1137,12 +1117,12 @@ async fn an_upload_the_upload_reply_handler_neither_copies_nor_answers_is_a_warn
 
     let (_, last) = upload3(&client, "/drop/answered.bin", &bytes).await;
     last.assert_ok();
-    let quiet = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let quiet = logs.text();
     assert!(!quiet.contains("neither copied"), "{quiet}");
 
     let (_, last) = upload3(&client, "/drop/silent.bin", &bytes).await;
     last.assert_ok();
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let line = text
         .lines()
         .find(|l| l.contains("neither copied"))

@@ -32,6 +32,44 @@ pub async fn owner_from_header(
     next.run(request).await
 }
 
+/// A log writer a test can read back: [`install`](Self::install) makes it the current
+/// thread's subscriber (a `#[tokio::test]` runtime is single-threaded, so the server's tasks
+/// log there too).
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Captures what `filter` (an `EnvFilter` directive, e.g. `"axum_bits=trace"`) lets
+    /// through, until the guard drops.
+    pub fn install(&self, filter: &str) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || logs.clone())
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut held) = self.0.lock() {
+            held.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The one upload protocol GUID.
 pub const PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
 
