@@ -15,6 +15,11 @@
 //! owns (memory, file) run on one node only. PostgreSQL and Redis come from
 //! `AXUM_BITS_TEST_POSTGRES_URL` and `AXUM_BITS_TEST_REDIS_URL`; a store whose feature is off
 //! or whose URL is unset is skipped with a note.
+//!
+//! A second table runs the store calls of a Fragment alone, without HTTP or the layer: on a
+//! shared store `lease_and_load` then `update_and_release`, on the others `load` then
+//! `update`, one session, one call at a time. It is the ceiling of one upload on that store,
+//! and the difference to the first table's one-upload row is what the layer and HTTP cost.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,8 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum_bits::BitsLayer;
-use axum_bits::store::{FileStore, MemoryStore};
+use axum_bits::session::SessionRecord;
+use axum_bits::store::{FileStore, Leased, MemoryStore, SessionStore};
+use axum_bits::{BitsLayer, SessionId};
 use bytes::Bytes;
 
 const FRAGMENT: usize = 64 << 10;
@@ -90,6 +96,31 @@ async fn main() -> Result<(), Error> {
             }
         }
     }
+    println!();
+    println!(
+        "a Fragment's store calls alone, one session, one call at a time, {:.0} s per row",
+        options.seconds
+    );
+    println!(
+        "{:<10} {:>12} {:>14}",
+        "store", "fragments/s", "µs/fragment"
+    );
+    for kind in ["memory", "file", "sqlite", "postgres", "redis"] {
+        let dir = tempfile::tempdir()?;
+        let calls = Use::Calls {
+            seconds: options.seconds,
+        };
+        match with_store(calls, kind, dir.path(), &prefix()).await {
+            Ok(Some(Used::Calls(per_s))) => {
+                println!("{kind:<10} {per_s:>12.0} {:>14.1}", 1e6 / per_s);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                println!("{kind:<10} failed: {e}");
+                return Err(e);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -118,10 +149,12 @@ async fn measure(kind: &str, nodes: usize, options: &Options) -> Result<Option<R
     let mut urls = Vec::new();
     for _ in 0..nodes {
         let builder = BitsLayer::builder(&root).max_sessions(10_000);
-        let Some(builder) = with_store(builder, kind, &root, &prefix).await? else {
+        let Some(Used::Layer(builder)) =
+            with_store(Use::Layer(Box::new(builder)), kind, &root, &prefix).await?
+        else {
             return Ok(None);
         };
-        let layer = builder.build()?;
+        let layer = (*builder).build()?;
         let app = Router::new().layer(layer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         urls.push(format!("http://{}", listener.local_addr()?));
@@ -161,12 +194,79 @@ async fn measure(kind: &str, nodes: usize, options: &Options) -> Result<Option<R
     }))
 }
 
+/// What [`with_store`] does with the store it opens.
+enum Use {
+    /// Gives it to the layer being built.
+    Layer(Box<axum_bits::BitsLayerBuilder>),
+    /// Runs a Fragment's store calls on it for so many seconds.
+    Calls { seconds: f64 },
+}
+
+/// What [`with_store`] made of its [`Use`].
+enum Used {
+    Layer(Box<axum_bits::BitsLayerBuilder>),
+    /// Fragments' store calls per second.
+    Calls(f64),
+}
+
+impl Use {
+    async fn with(self, store: impl SessionStore) -> Result<Used, Error> {
+        match self {
+            Self::Layer(builder) => Ok(Used::Layer(Box::new(builder.store(store)))),
+            Self::Calls { seconds } => Ok(Used::Calls(fragment_calls(&store, seconds).await?)),
+        }
+    }
+}
+
+/// A Fragment's store calls, one after another on one session, for `seconds`: per second.
+async fn fragment_calls(store: &impl SessionStore, seconds: f64) -> Result<f64, Error> {
+    const HOLDER: &str = "bench-node";
+    const TTL: Duration = Duration::from_secs(30);
+    let id = SessionId::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut record = SessionRecord::new(id, "calls.bin".into(), "/calls.bin".into(), None, now_ms);
+    record.total = Some(FRAGMENT as u64 * FRAGMENTS_PER_UPLOAD);
+    store.create(&record).await?;
+    let shared = store.is_shared();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut done = 0u64;
+    while Instant::now() < deadline {
+        let current = if shared {
+            match store.lease_and_load(id, HOLDER, TTL).await? {
+                Leased::Granted(Some(current)) => current,
+                Leased::Granted(None) => return Err("the record is gone".into()),
+                Leased::Busy => return Err("the lease is held".into()),
+            }
+        } else {
+            store.load(id).await?.ok_or("the record is gone")?
+        };
+        let mut next = current.clone();
+        next.revision += 1;
+        next.received =
+            (next.received + FRAGMENT as u64) % (FRAGMENT as u64 * FRAGMENTS_PER_UPLOAD);
+        if shared {
+            store
+                .update_and_release(current.revision, &next, HOLDER)
+                .await?;
+        } else {
+            store.update(current.revision, &next).await?;
+        }
+        done += 1;
+    }
+    let per_s = done as f64 / started.elapsed().as_secs_f64();
+    store.remove(id).await?;
+    Ok(per_s)
+}
+
 async fn with_store(
-    builder: axum_bits::BitsLayerBuilder,
+    what: Use,
     kind: &str,
     root: &Path,
     prefix: &str,
-) -> Result<Option<axum_bits::BitsLayerBuilder>, Error> {
+) -> Result<Option<Used>, Error> {
     // Unused when every shared store is compiled out.
     let _ = prefix;
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -175,9 +275,10 @@ async fn with_store(
         Ok(None)
     };
     match kind {
-        "memory" => Ok(Some(builder.store(MemoryStore::new()))),
+        "memory" => Ok(Some(what.with(MemoryStore::new()).await?)),
         "file" => Ok(Some(
-            builder.store(FileStore::open(root.join(".bits/sessions"))?),
+            what.with(FileStore::open(root.join(".bits/sessions"))?)
+                .await?,
         )),
         "sqlite" => {
             #[cfg(feature = "sqlite")]
@@ -187,7 +288,7 @@ async fn with_store(
                     .await?
                     .with_table_prefix(prefix)?;
                 store.migrate().await?;
-                Ok(Some(builder.store(store)))
+                Ok(Some(what.with(store).await?))
             }
             #[cfg(not(feature = "sqlite"))]
             skip("built without the sqlite feature")
@@ -202,7 +303,7 @@ async fn with_store(
                     .await?
                     .with_table_prefix(prefix)?;
                 store.migrate().await?;
-                Ok(Some(builder.store(store)))
+                Ok(Some(what.with(store).await?))
             }
             #[cfg(not(feature = "postgres"))]
             {
@@ -220,7 +321,7 @@ async fn with_store(
                     .await?
                     .with_key_prefix(prefix.trim_end_matches('_'))?;
                 store.migrate().await?;
-                Ok(Some(builder.store(store)))
+                Ok(Some(what.with(store).await?))
             }
             #[cfg(not(feature = "redis"))]
             {
