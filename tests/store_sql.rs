@@ -234,11 +234,16 @@ mod sqlite {
 #[cfg(feature = "postgres")]
 mod postgres {
     use std::future::Future;
+    use std::net::SocketAddr;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use axum_bits::store::{PostgresStore, SessionStore, StoreError, conformance};
-    use sqlx::postgres::PgPoolOptions;
+    use axum_bits::session::SessionRecord;
+    use axum_bits::store::{Leased, PostgresStore, SessionStore, StoreError, conformance};
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     const URL_VAR: &str = "AXUM_BITS_TEST_POSTGRES_URL";
 
@@ -306,6 +311,245 @@ mod postgres {
             eprintln!("postgres conformance: {:?}", started.elapsed());
         })
         .await;
+    }
+
+    /// What the clients of a [`counting_proxy`] sent, over all its connections.
+    #[derive(Default)]
+    struct Seen {
+        /// Syncs that closed a batch with an Execute: statements run.
+        statements: AtomicU64,
+        /// Syncs with nothing before them: pings.
+        pings: AtomicU64,
+    }
+
+    impl Seen {
+        fn counts(&self) -> (u64, u64) {
+            (
+                self.statements.load(Ordering::SeqCst),
+                self.pings.load(Ordering::SeqCst),
+            )
+        }
+
+        /// Waits until the counts stop moving (the pool pings a connection given back in a
+        /// task of its own), then returns them.
+        async fn settled(&self) -> (u64, u64) {
+            let mut last = self.counts();
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = self.counts();
+                if now == last {
+                    return now;
+                }
+                last = now;
+            }
+            panic!("the proxy's counts never settled: {last:?}");
+        }
+    }
+
+    /// A TCP proxy in front of `upstream` that reads the frontend messages of each of its
+    /// connections (the startup message, then type byte and length) and counts statements
+    /// and pings (a Sync alone). The connection must not ask for TLS.
+    async fn counting_proxy(upstream: String) -> (SocketAddr, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (mut client_reads, mut client_writes) = client.into_split();
+                let (mut server_reads, mut server_writes) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_reads, &mut client_writes).await;
+                });
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut started = false;
+                    let mut batch = Vec::new();
+                    let mut chunk = vec![0; 64 << 10];
+                    loop {
+                        let n = match client_reads.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if server_writes.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        pending.extend_from_slice(&chunk[..n]);
+                        loop {
+                            // The startup message has a length and no type byte.
+                            let head = if started { 1 } else { 0 };
+                            let Some(len) = pending.get(head..head + 4) else {
+                                break;
+                            };
+                            let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
+                            if pending.len() < head + len {
+                                break;
+                            }
+                            if started {
+                                match pending[0] {
+                                    b'S' if batch.is_empty() => {
+                                        counts.pings.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    b'S' => {
+                                        if batch.contains(&b'E') {
+                                            counts.statements.fetch_add(1, Ordering::SeqCst);
+                                        }
+                                        batch.clear();
+                                    }
+                                    kind => batch.push(kind),
+                                }
+                            }
+                            started = true;
+                            pending.drain(..head + len);
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A Fragment's store calls on `record`: take the lease and load, then update and release.
+    async fn fragment_calls(store: &PostgresStore, record: SessionRecord) -> SessionRecord {
+        let ttl = Duration::from_secs(30);
+        let Leased::Granted(Some(current)) = store
+            .lease_and_load(record.id, "node-a", ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("lease_and_load refused its own session");
+        };
+        assert_eq!(current, record);
+        let mut next = current.clone();
+        next.revision += 1;
+        next.received += 64 << 10;
+        store
+            .update_and_release(current.revision, &next, "node-a")
+            .await
+            .unwrap();
+        next
+    }
+
+    /// On the wire, a Fragment's two store calls are two statements and no ping before
+    /// either: sqlx pings a pooled connection before each use unless told not to, which
+    /// would make each call two round trips; `PostgresStore::pool_options` pings only a
+    /// connection idle for 10 s. The pool's ping of a connection given back runs after the
+    /// call has returned: one per call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_fragment_calls_are_two_statements_without_a_ping_before_them() {
+        with_tables(|url, prefix| async move {
+            let options: PgConnectOptions = url.parse().unwrap();
+            let upstream = format!("{}:{}", options.get_host(), options.get_port());
+            let (proxy, seen) = counting_proxy(upstream).await;
+            let options = options
+                .host("127.0.0.1")
+                .port(proxy.port())
+                .ssl_mode(PgSslMode::Disable);
+            let pool = PostgresStore::pool_options()
+                .connect_with(options)
+                .await
+                .unwrap();
+            let store = PostgresStore::from_pool(pool)
+                .with_table_prefix(&prefix)
+                .unwrap();
+            store.migrate().await.unwrap();
+            let mut record = conformance::fresh_record("counted.bin");
+            store.create(&record).await.unwrap();
+            // Warm up: the statements get prepared on the connections the pool hands out.
+            for _ in 0..20 {
+                record = fragment_calls(&store, record).await;
+            }
+            let (statements, pings) = seen.settled().await;
+            assert!(statements >= 40, "the proxy saw {statements} statements");
+
+            const FRAGMENTS: u64 = 50;
+            for _ in 0..FRAGMENTS {
+                record = fragment_calls(&store, record).await;
+            }
+            let (after, pinged) = seen.settled().await;
+            assert_eq!(
+                after - statements,
+                2 * FRAGMENTS,
+                "two statements per Fragment"
+            );
+            assert_eq!(
+                pinged - pings,
+                2 * FRAGMENTS,
+                "one ping per call, when the pool takes its connection back, none before"
+            );
+            assert_eq!(store.load(record.id).await.unwrap(), Some(record));
+        })
+        .await;
+    }
+
+    /// Without a ping before each use, a connection the server cut off (a restart, a
+    /// fail-over, `pg_terminate_backend`) fails the statement that next takes it; the store
+    /// tries again on another connection, so no call fails: a failed call would be a
+    /// transient error to the client, which then waits out its retry delay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_connections_cut_by_the_server_fail_no_call() {
+        with_tables(|url, prefix| async move {
+            let options: PgConnectOptions = url.parse().unwrap();
+            let pool = PostgresStore::pool_options()
+                .connect_with(options.application_name(&prefix))
+                .await
+                .unwrap();
+            let store = PostgresStore::from_pool(pool.clone())
+                .with_table_prefix(&prefix)
+                .unwrap();
+            store.migrate().await.unwrap();
+            let mut record = conformance::fresh_record("cut.bin");
+            store.create(&record).await.unwrap();
+            let admin = sqlx::PgPool::connect(&url).await.unwrap();
+            for round in 0..3 {
+                // Several connections in the pool, all idle, all cut.
+                drop(hold_connections(&pool, 4).await);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let pooled = pool.size();
+                assert!(pooled >= 4, "{pooled} connections");
+                let cut: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                )
+                .bind(&prefix)
+                .fetch_all(&admin)
+                .await
+                .unwrap();
+                assert_eq!(cut.len() as u32, pooled, "every pooled connection cut");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+
+                // Round 0 reads first, the others write first.
+                if round == 0 {
+                    let loaded =
+                        tokio::time::timeout(Duration::from_secs(15), store.load(record.id))
+                            .await
+                            .expect("a call on a cut connection must not hang");
+                    assert_eq!(loaded.unwrap(), Some(record.clone()), "round {round}");
+                }
+                for _ in 0..5 {
+                    record = fragment_calls(&store, record).await;
+                }
+                assert_eq!(store.load(record.id).await.unwrap(), Some(record.clone()));
+            }
+            admin.close().await;
+        })
+        .await;
+    }
+
+    /// Takes `n` connections from `pool` at once (so that it opens that many).
+    async fn hold_connections(
+        pool: &sqlx::PgPool,
+        n: usize,
+    ) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(pool.acquire().await.unwrap());
+        }
+        held
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,7 @@
 //! own way), how `migrate` and `remove` begin their transactions, and `close`.
 
 use std::fmt;
+use std::future::Future;
 
 use super::StoreError;
 use crate::session::{SessionId, SessionRecord};
@@ -264,6 +265,52 @@ pub(super) fn saturating_i64(value: u128) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// Whether `error` says the statement's connection was gone: the server ended it (SQLSTATE
+/// class `57P`: shut down, terminated, crashed), a connection exception (class `08`), or the
+/// socket failed.
+pub(super) fn is_cut(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+        _ => false,
+    }
+}
+
+/// Runs `statement`, and again while it fails because its connection turned out to be cut
+/// ([`is_cut`]), at most once per connection `pool` holds, plus one.
+///
+/// The pools ping a connection before use only when it has been idle a while
+/// (`PostgresStore::pool_options`), so a connection the server ended in between (a restart,
+/// a fail-over, `pg_terminate_backend`) fails the statement that next takes it, at once, with
+/// the server's goodbye; the pool drops it, and the next try takes another or opens a fresh
+/// one. Without this, the client would see a transient error and wait out its retry delay
+/// (ten minutes by default) for each pooled connection that was cut. Trying again is safe
+/// for every statement the stores send: each is a read, an idempotent write or a
+/// compare-and-set, so one that did run before its answer was lost ends like a lost race (a
+/// `Conflict`, an `AlreadyExists`), never in a second change. A server that is down fails
+/// the fresh connection's opening, which is not a cut, so this does not wait longer than
+/// one acquire.
+pub(super) async fn retry_if_cut<DB: sqlx::Database, T, Fut>(
+    pool: &sqlx::Pool<DB>,
+    mut statement: impl FnMut() -> Fut,
+) -> Result<T, sqlx::Error>
+where
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = pool.size() + 1;
+    loop {
+        match statement().await {
+            Err(error) if is_cut(&error) && tries > 1 => {
+                tries -= 1;
+                tracing::debug!(%error, "store connection cut; trying another");
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The error for a destination whose holder kept vanishing between a failed write and the
 /// look-up of the holder.
 pub(super) fn holder_vanished() -> StoreError {
@@ -314,22 +361,25 @@ macro_rules! helper_methods {
             for _ in 0..sql::BUSY_RETRIES {
                 // `$1..$8` of `Sql::insert` and `Sql::update`, then `$9` of `Sql::update`, then
                 // the lease holder `$10` of an update that releases the lease.
-                let mut query = sqlx::query(statement)
-                    .bind(&row.id)
-                    .bind(row.revision)
-                    .bind(&row.destination)
-                    .bind(row.holds_destination)
-                    .bind(row.is_open)
-                    .bind(&row.owner)
-                    .bind(row.updated_ms)
-                    .bind(&row.record);
-                if let Some(expected) = expected {
-                    query = query.bind(expected);
-                }
-                if let Some(holder) = holder {
-                    query = query.bind(holder);
-                }
-                match query.execute(&self.pool).await {
+                let run = move || {
+                    let mut query = sqlx::query(statement)
+                        .bind(&row.id)
+                        .bind(row.revision)
+                        .bind(&row.destination)
+                        .bind(row.holds_destination)
+                        .bind(row.is_open)
+                        .bind(&row.owner)
+                        .bind(row.updated_ms)
+                        .bind(&row.record);
+                    if let Some(expected) = expected {
+                        query = query.bind(expected);
+                    }
+                    if let Some(holder) = holder {
+                        query = query.bind(holder);
+                    }
+                    query.execute(&self.pool)
+                };
+                match sql::retry_if_cut(&self.pool, run).await {
                     Ok(done) => return Ok(done.rows_affected() != 0),
                     Err(error) if self.sql.is_busy_destination(&error) => {
                         if let Some(holder) = self.holder(&row.destination).await? {
@@ -369,21 +419,25 @@ macro_rules! helper_methods {
             destination: &str,
         ) -> Result<Option<$crate::session::SessionId>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let id: Option<String> = sqlx::query_scalar(&self.sql.holder)
-                .bind(destination)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let id: Option<String> = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_scalar(&self.sql.holder)
+                    .bind(destination)
+                    .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             id.as_deref().map(sql::parse_id).transpose()
         }
 
         async fn exists(&self, id: &str) -> Result<bool, $crate::store::StoreError> {
             use $crate::store::StoreError;
-            let found = sqlx::query(&self.sql.exists)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let found = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query(&self.sql.exists)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             Ok(found.is_some())
         }
 
@@ -466,11 +520,13 @@ macro_rules! session_store_methods {
             id: $crate::session::SessionId,
         ) -> Result<Option<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let json: Option<String> = sqlx::query_scalar(&self.sql.load)
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let json: Option<String> = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_scalar(&self.sql.load)
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             json.as_deref().map(sql::decode).transpose()
         }
 
@@ -487,19 +543,21 @@ macro_rules! session_store_methods {
             &self,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = sqlx::query_as(&self.sql.list)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_as(&self.sql.list).fetch_all(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             Ok(sql::decode_listed(rows))
         }
 
         async fn count_open(&self) -> Result<usize, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let count = sqlx::query_scalar(&self.sql.count_open)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let count = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_scalar(&self.sql.count_open).fetch_one(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             sql::to_count(count)
         }
 
@@ -508,11 +566,13 @@ macro_rules! session_store_methods {
             owner: &$crate::session::Owner,
         ) -> Result<usize, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let count = sqlx::query_scalar(&self.sql.count_open_for)
-                .bind(owner.as_str())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let count = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_scalar(&self.sql.count_open_for)
+                    .bind(owner.as_str())
+                    .fetch_one(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             sql::to_count(count)
         }
 
@@ -521,11 +581,13 @@ macro_rules! session_store_methods {
             cutoff_ms: u64,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = sqlx::query_as(&self.sql.list_idle)
-                .bind(sql::saturating_i64(cutoff_ms.into()))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_as(&self.sql.list_idle)
+                    .bind(sql::saturating_i64(cutoff_ms.into()))
+                    .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             Ok(sql::decode_listed(rows))
         }
 
@@ -533,10 +595,11 @@ macro_rules! session_store_methods {
             &self,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = sqlx::query_as(&self.sql.list_ended)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query_as(&self.sql.list_ended).fetch_all(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             Ok(sql::decode_listed(rows))
         }
 
@@ -546,12 +609,14 @@ macro_rules! session_store_methods {
             holder: &str,
         ) -> Result<(), $crate::store::StoreError> {
             use $crate::store::StoreError;
-            sqlx::query(&self.sql.release_lease)
-                .bind(id.to_string())
-                .bind(holder)
-                .execute(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+            $crate::store::sql::retry_if_cut(&self.pool, move || {
+                sqlx::query(&self.sql.release_lease)
+                    .bind(id.to_string())
+                    .bind(holder)
+                    .execute(&self.pool)
+            })
+            .await
+            .map_err(StoreError::backend)?;
             Ok(())
         }
     };

@@ -156,8 +156,11 @@ impl SqliteStore {
 async fn connect(options: SqliteConnectOptions) -> Result<SqlitePool, sqlx::Error> {
     let deadline = Instant::now() + BUSY_TIMEOUT;
     loop {
+        // A connection to a local file cannot be cut off: no ping before each use (sqlx's
+        // default), which would cost a trip to the connection's thread per store call.
         let connected = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await;
         match connected {
@@ -224,14 +227,16 @@ impl SessionStore for SqliteStore {
     ) -> Result<bool, StoreError> {
         let now = sql::saturating_i64(crate::session::now_ms().into());
         let expires = now.saturating_add(sql::saturating_i64(ttl.as_millis()));
-        let done = sqlx::query(&self.sql.acquire_lease)
-            .bind(id.to_string())
-            .bind(holder)
-            .bind(expires)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
+        let done = sql::retry_if_cut(&self.pool, move || {
+            sqlx::query(&self.sql.acquire_lease)
+                .bind(id.to_string())
+                .bind(holder)
+                .bind(expires)
+                .bind(now)
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::backend)?;
         Ok(done.rows_affected() == 1)
     }
 
