@@ -154,7 +154,7 @@ async fn measure(kind: &str, nodes: usize, options: &Options) -> Result<Option<R
         else {
             return Ok(None);
         };
-        let layer = (*builder).build()?;
+        let layer = builder.build()?;
         let app = Router::new().layer(layer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         urls.push(format!("http://{}", listener.local_addr()?));

@@ -814,7 +814,7 @@ async fn a_fragment_whose_bytes_cannot_be_written_leaves_the_record_where_it_was
 /// still find the default types.
 #[tokio::test]
 async fn default_store_and_staging_write_a_fragment_and_its_record_in_one_blocking_call() {
-    const ONE_TRIP: &str = "part and record written in one blocking call";
+    const ONE_TRIP: &str = "last write and record update in one blocking call";
     const FRAGMENT: usize = 64 << 10;
     let sent = data(3 * FRAGMENT, 11);
     let logs = Captured::default();

@@ -346,6 +346,50 @@ mod postgres {
         }
     }
 
+    /// The frontend messages of one connection, as they arrive: the startup message (a
+    /// length, no type byte), then each a type byte and a length.
+    #[derive(Default)]
+    struct Frontend {
+        pending: Vec<u8>,
+        started: bool,
+        /// The types of the messages since the last Sync.
+        batch: Vec<u8>,
+    }
+
+    impl Frontend {
+        fn feed(&mut self, bytes: &[u8], counts: &Seen) {
+            self.pending.extend_from_slice(bytes);
+            loop {
+                let head = usize::from(self.started);
+                let Some(len) = self.pending.get(head..head + 4) else {
+                    return;
+                };
+                let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
+                if self.pending.len() < head + len {
+                    return;
+                }
+                if self.started {
+                    self.count(self.pending[0], counts);
+                }
+                self.started = true;
+                self.pending.drain(..head + len);
+            }
+        }
+
+        fn count(&mut self, kind: u8, counts: &Seen) {
+            if kind != b'S' {
+                self.batch.push(kind);
+                return;
+            }
+            if self.batch.is_empty() {
+                counts.pings.fetch_add(1, Ordering::SeqCst);
+            } else if self.batch.contains(&b'E') {
+                counts.statements.fetch_add(1, Ordering::SeqCst);
+            }
+            self.batch.clear();
+        }
+    }
+
     /// A TCP proxy in front of `upstream` that reads the frontend messages of each of its
     /// connections (the startup message, then type byte and length) and counts statements
     /// and pings (a Sync alone). The connection must not ask for TLS.
@@ -366,46 +410,13 @@ mod postgres {
                 });
                 let counts = counts.clone();
                 tokio::spawn(async move {
-                    let mut pending = Vec::new();
-                    let mut started = false;
-                    let mut batch = Vec::new();
+                    let mut frontend = Frontend::default();
                     let mut chunk = vec![0; 64 << 10];
-                    loop {
-                        let n = match client_reads.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
+                    while let Ok(n @ 1..) = client_reads.read(&mut chunk).await {
                         if server_writes.write_all(&chunk[..n]).await.is_err() {
                             return;
                         }
-                        pending.extend_from_slice(&chunk[..n]);
-                        loop {
-                            // The startup message has a length and no type byte.
-                            let head = if started { 1 } else { 0 };
-                            let Some(len) = pending.get(head..head + 4) else {
-                                break;
-                            };
-                            let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
-                            if pending.len() < head + len {
-                                break;
-                            }
-                            if started {
-                                match pending[0] {
-                                    b'S' if batch.is_empty() => {
-                                        counts.pings.fetch_add(1, Ordering::SeqCst);
-                                    }
-                                    b'S' => {
-                                        if batch.contains(&b'E') {
-                                            counts.statements.fetch_add(1, Ordering::SeqCst);
-                                        }
-                                        batch.clear();
-                                    }
-                                    kind => batch.push(kind),
-                                }
-                            }
-                            started = true;
-                            pending.drain(..head + len);
-                        }
+                        frontend.feed(&chunk[..n], &counts);
                     }
                 });
             }
@@ -434,6 +445,35 @@ mod postgres {
         next
     }
 
+    /// A store from `PostgresStore::pool_options` behind a [`counting_proxy`], on tables
+    /// with `prefix`, and a session it has run 20 Fragments' calls on, so that the statements
+    /// are prepared on the connections the pool hands out.
+    async fn counted_store(url: &str, prefix: &str) -> (PostgresStore, Arc<Seen>, SessionRecord) {
+        let options: PgConnectOptions = url.parse().unwrap();
+        let upstream = format!("{}:{}", options.get_host(), options.get_port());
+        let (proxy, seen) = counting_proxy(upstream).await;
+        let options = options
+            .host("127.0.0.1")
+            .port(proxy.port())
+            .ssl_mode(PgSslMode::Disable);
+        let pool = PostgresStore::pool_options()
+            .connect_with(options)
+            .await
+            .unwrap();
+        let store = PostgresStore::from_pool(pool)
+            .with_table_prefix(prefix)
+            .unwrap();
+        store.migrate().await.unwrap();
+        let mut record = conformance::fresh_record("counted.bin");
+        store.create(&record).await.unwrap();
+        for _ in 0..20 {
+            record = fragment_calls(&store, record).await;
+        }
+        let (statements, _) = seen.settled().await;
+        assert!(statements >= 40, "the proxy saw {statements} statements");
+        (store, seen, record)
+    }
+
     /// On the wire, a Fragment's two store calls are two statements and no ping before
     /// either: sqlx pings a pooled connection before each use unless told not to, which
     /// would make each call two round trips; `PostgresStore::pool_options` pings only a
@@ -442,29 +482,8 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_fragment_calls_are_two_statements_without_a_ping_before_them() {
         with_tables(|url, prefix| async move {
-            let options: PgConnectOptions = url.parse().unwrap();
-            let upstream = format!("{}:{}", options.get_host(), options.get_port());
-            let (proxy, seen) = counting_proxy(upstream).await;
-            let options = options
-                .host("127.0.0.1")
-                .port(proxy.port())
-                .ssl_mode(PgSslMode::Disable);
-            let pool = PostgresStore::pool_options()
-                .connect_with(options)
-                .await
-                .unwrap();
-            let store = PostgresStore::from_pool(pool)
-                .with_table_prefix(&prefix)
-                .unwrap();
-            store.migrate().await.unwrap();
-            let mut record = conformance::fresh_record("counted.bin");
-            store.create(&record).await.unwrap();
-            // Warm up: the statements get prepared on the connections the pool hands out.
-            for _ in 0..20 {
-                record = fragment_calls(&store, record).await;
-            }
+            let (store, seen, mut record) = counted_store(&url, &prefix).await;
             let (statements, pings) = seen.settled().await;
-            assert!(statements >= 40, "the proxy saw {statements} statements");
 
             const FRAGMENTS: u64 = 50;
             for _ in 0..FRAGMENTS {
@@ -481,6 +500,25 @@ mod postgres {
                 2 * FRAGMENTS,
                 "one ping per call, when the pool takes its connection back, none before"
             );
+            assert_eq!(store.load(record.id).await.unwrap(), Some(record));
+        })
+        .await;
+    }
+
+    /// A connection idle for 10 s or more is pinged before it is used again (a firewall or
+    /// a NAT may have dropped it without a word, which no error would reveal in time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_connection_idle_for_10_s_is_pinged_before_use() {
+        with_tables(|url, prefix| async move {
+            let (store, seen, record) = counted_store(&url, &prefix).await;
+            let (statements, pings) = seen.settled().await;
+            tokio::time::sleep(Duration::from_millis(10_500)).await;
+            let record = fragment_calls(&store, record).await;
+            let (after, pinged) = seen.settled().await;
+            assert_eq!(after - statements, 2, "two statements");
+            // Two when the pool takes the connections back, and one at least before the first
+            // call (the second may take the connection the first gave back a moment ago).
+            assert!(pinged - pings >= 3, "{} pings", pinged - pings);
             assert_eq!(store.load(record.id).await.unwrap(), Some(record));
         })
         .await;

@@ -156,7 +156,7 @@ where
         ) {
             let saved = match local.take_last_write().await {
                 Ok(Some(last)) => {
-                    tracing::trace!("part and record written in one blocking call");
+                    tracing::trace!("last write and record update in one blocking call");
                     session
                         .save_after(files, last, advance(shared, &write))
                         .await

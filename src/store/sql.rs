@@ -291,7 +291,8 @@ pub(super) fn is_cut(error: &sqlx::Error) -> bool {
 /// compare-and-set, so one that did run before its answer was lost ends like a lost race (a
 /// `Conflict`, an `AlreadyExists`), never in a second change. A server that is down fails
 /// the fresh connection's opening, which is not a cut, so this does not wait longer than
-/// one acquire.
+/// one acquire. The transactions of `migrate` and `remove` are not retried: a cut there is
+/// a `Backend` error, as before.
 pub(super) async fn retry_if_cut<DB: sqlx::Database, T, Fut>(
     pool: &sqlx::Pool<DB>,
     mut statement: impl FnMut() -> Fut,
@@ -419,7 +420,7 @@ macro_rules! helper_methods {
             destination: &str,
         ) -> Result<Option<$crate::session::SessionId>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let id: Option<String> = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let id: Option<String> = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_scalar(&self.sql.holder)
                     .bind(destination)
                     .fetch_optional(&self.pool)
@@ -430,8 +431,8 @@ macro_rules! helper_methods {
         }
 
         async fn exists(&self, id: &str) -> Result<bool, $crate::store::StoreError> {
-            use $crate::store::StoreError;
-            let found = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            use $crate::store::{StoreError, sql};
+            let found = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query(&self.sql.exists)
                     .bind(id)
                     .fetch_optional(&self.pool)
@@ -520,7 +521,7 @@ macro_rules! session_store_methods {
             id: $crate::session::SessionId,
         ) -> Result<Option<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let json: Option<String> = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let json: Option<String> = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_scalar(&self.sql.load)
                     .bind(id.to_string())
                     .fetch_optional(&self.pool)
@@ -543,7 +544,7 @@ macro_rules! session_store_methods {
             &self,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let rows = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_as(&self.sql.list).fetch_all(&self.pool)
             })
             .await
@@ -553,7 +554,7 @@ macro_rules! session_store_methods {
 
         async fn count_open(&self) -> Result<usize, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let count = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let count = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_scalar(&self.sql.count_open).fetch_one(&self.pool)
             })
             .await
@@ -566,7 +567,7 @@ macro_rules! session_store_methods {
             owner: &$crate::session::Owner,
         ) -> Result<usize, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let count = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let count = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_scalar(&self.sql.count_open_for)
                     .bind(owner.as_str())
                     .fetch_one(&self.pool)
@@ -581,7 +582,7 @@ macro_rules! session_store_methods {
             cutoff_ms: u64,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let rows = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_as(&self.sql.list_idle)
                     .bind(sql::saturating_i64(cutoff_ms.into()))
                     .fetch_all(&self.pool)
@@ -595,7 +596,7 @@ macro_rules! session_store_methods {
             &self,
         ) -> Result<Vec<$crate::session::SessionRecord>, $crate::store::StoreError> {
             use $crate::store::{StoreError, sql};
-            let rows = $crate::store::sql::retry_if_cut(&self.pool, move || {
+            let rows = sql::retry_if_cut(&self.pool, move || {
                 sqlx::query_as(&self.sql.list_ended).fetch_all(&self.pool)
             })
             .await
@@ -608,8 +609,8 @@ macro_rules! session_store_methods {
             id: $crate::session::SessionId,
             holder: &str,
         ) -> Result<(), $crate::store::StoreError> {
-            use $crate::store::StoreError;
-            $crate::store::sql::retry_if_cut(&self.pool, move || {
+            use $crate::store::{StoreError, sql};
+            sql::retry_if_cut(&self.pool, move || {
                 sqlx::query(&self.sql.release_lease)
                     .bind(id.to_string())
                     .bind(holder)
